@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: instance directories and real Linux users."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.users import TestUser, ensure_user, remove_user
+
+TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
+
+
+@pytest.fixture
+def instance_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Fresh config, data and runtime dirs, exported through the AIMX_* variables."""
+    dirs = {name: tmp_path / name for name in ("config", "data", "run")}
+    for path in dirs.values():
+        path.mkdir()
+        path.chmod(0o755)
+    monkeypatch.setenv("AIMX_CONFIG_DIR", str(dirs["config"]))
+    monkeypatch.setenv("AIMX_DATA_DIR", str(dirs["data"]))
+    monkeypatch.setenv("AIMX_RUNTIME_DIR", str(dirs["run"]))
+    # tmp_path's parents must be traversable by the unprivileged test users.
+    for parent in (tmp_path, *tmp_path.parents):
+        if str(parent) in ("/", "/tmp"):
+            break
+        if os.geteuid() == 0:
+            parent.chmod(parent.stat().st_mode | 0o011)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def test_users() -> dict[str, TestUser]:
+    """Two real unprivileged users, ``alice`` and ``bob`` (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates Linux users with useradd")
+    users = {short: ensure_user(name) for short, name in
+             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
+    yield users
+    for name in TEST_USER_NAMES:
+        remove_user(name)

@@ -1,0 +1,10 @@
+"""twistd plugin: ``twistd aimx`` runs the aimx mail daemon."""
+
+from twisted.application.service import ServiceMaker
+
+aimx = ServiceMaker(
+    "aimx",
+    "aimx.service",
+    "aimx mail server for AI agents (SMTP inbound, socket API, hooks, sending)",
+    "aimx",
+)
