@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.users import TestUser, ensure_user, remove_user
+from tests.support.users import TestUser, ensure_user
 
 TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
 
@@ -36,8 +36,7 @@ def test_users() -> dict[str, TestUser]:
     """Two real unprivileged users, ``alice`` and ``bob`` (root only)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates Linux users with useradd")
-    users = {short: ensure_user(name) for short, name in
-             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
-    yield users
-    for name in TEST_USER_NAMES:
-        remove_user(name)
+    # The users are kept after the run: removing them would race with another test run
+    # on the same host, and ensure_user() reuses them next time.
+    return {short: ensure_user(name) for short, name in
+            zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}

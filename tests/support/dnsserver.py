@@ -52,7 +52,8 @@ def _serve(zone_path: str, port: int) -> None:
             if "DROP" in kinds:
                 return defer.Deferred()  # never answers
             if "SERVFAIL" in kinds:
-                return defer.fail(error.DNSServerError(name))
+                # Any failure that is not a DomainError is answered as SERVFAIL.
+                return defer.fail(RuntimeError(f"configured SERVFAIL for {key}"))
             answers = []
             for kind, value in entries:
                 if dns.QUERY_TYPES.get(type_) != kind and not (
@@ -81,7 +82,8 @@ def _payload(dns, kind: str, value: str):  # noqa: ANN001
         return dns.Record_AAAA(value, ttl=60)
     if kind == "MX":
         pref, host = value.split(None, 1)
-        return dns.Record_MX(int(pref), host.rstrip(".") or ".", ttl=60)
+        # A null MX (RFC 7505) is "0 ." and has the root as its exchange.
+        return dns.Record_MX(int(pref), host.rstrip(".").encode(), ttl=60)
     if kind == "TXT":
         # Long TXT values are split into 255-byte strings, as real zones publish them.
         raw = value.encode()
