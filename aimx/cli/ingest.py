@@ -1,0 +1,59 @@
+"""``aimx ingest <rcpt>`` (hidden): store a raw message from stdin as if SMTP delivered it.
+
+Used by tests and by operators piping mail in from elsewhere. There is no
+SMTP peer and no envelope sender, routing uses the local part only (no
+domain check), and ``on_receive`` hooks run before the command returns.
+It takes the same per-mailbox locks as the daemon, so both can run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aimx import paths
+from aimx.cli.main import CommandError
+from aimx.logs import setup_logging
+
+
+def add_parser(subparsers, parents):  # noqa: ANN001, ANN201
+    # No ``help=``: argparse then leaves the command out of every listing
+    # (``help=argparse.SUPPRESS`` would print "==SUPPRESS==" on Python 3.11).
+    parser = subparsers.add_parser(
+        "ingest",
+        parents=parents,
+        description="Store a raw email read from stdin for <rcpt>, as an SMTP delivery would",
+    )
+    parser.add_argument("rcpt", help="recipient address, used verbatim as delivered_to")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so building the parser (every aimx command) stays cheap.
+    from aimx import config as aimx_config
+    from aimx import ingest, storage
+
+    # Warnings (e.g. an owner that does not resolve) go to stderr; stdout stays clean.
+    setup_logging(sys.stderr, level=logging.WARNING)
+    try:
+        config = aimx_config.load_config(
+            data_dir_override=paths.data_dir_override(getattr(args, "data_dir", None))
+        )
+    except aimx_config.ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    raw = sys.stdin.buffer.read()
+    store = storage.MailStore(config.data_dir)
+    try:
+        analysis = ingest.analyse(config, raw)
+        result = ingest.deliver(config, store, analysis, args.rcpt)
+    except ingest.IngestError as exc:
+        raise CommandError(str(exc)) from exc
+    if result.status == "stored":
+        # --- on_receive hooks -------------------------------------------------
+        # Fire the mailbox's on_receive hooks for result.path / result.fields here
+        # and wait for them (CLI ingest runs hooks synchronously, spec 20 §4.1).
+        # Hook failures never change the exit status. Wired when aimx.hooks lands.
+        # ----------------------------------------------------------------------
+        pass
+    return 0

@@ -1,0 +1,634 @@
+"""Storage: naming, sanitiser, modes, atomic publish, locks, dedup, listing, MARK, README."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+
+from aimx import storage
+from aimx.storage import MailStore, StorageError
+from tests.support.users import ensure_user
+
+UTC = datetime.UTC
+WHEN = datetime.datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
+OWNER = "nobody"  # exists on every Linux box; chown to it is real when we are root
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+@attrs.frozen
+class Att:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def fields(subject: str = "Hello", message_id: str = "m1@example.com",
+           received_at: datetime.datetime = WHEN, **extra: object) -> dict:
+    base = {
+        "message_id": message_id,
+        "thread_id": "5e8ba5eb6cc1fd88",
+        "from": "Sender <sender@example.com>",
+        "to": "alice@test.com",
+        "delivered_to": "alice@test.com",
+        "subject": subject,
+        "date": "2025-03-14T15:09:20Z",
+        "received_at": received_at.isoformat(),
+        "size_bytes": 123,
+        "dkim": "none",
+        "spf": "none",
+        "dmarc": "none",
+        "trusted": "none",
+        "mailbox": "alice",
+        "read": False,
+    }
+    base.update(extra)
+    return base
+
+
+def frontmatter_of(path: Path) -> dict:
+    text = path.read_text()
+    lines = text.split("\n")
+    assert lines[0] == "+++"
+    end = lines.index("+++", 1)
+    return tomllib.loads("\n".join(lines[1:end]))
+
+
+def body_of(path: Path) -> str:
+    text = path.read_text()
+    lines = text.split("\n")
+    end = lines.index("+++", 1)
+    return "\n".join(lines[end + 1:])
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def store(data: Path) -> MailStore:
+    return MailStore(data)
+
+
+# ---------------------------------------------------------------------------
+# Naming
+
+
+@pytest.mark.parametrize(("subject", "slug"), [
+    ("Hello World", "hello-world"),
+    ("Invoice #123 for 2025", "invoice-123-for-2025"),
+    ("This is a very long subject that should be truncated", "this-is-a-very-long"),
+    ("abcdefghijklmnopqrs tuv", "abcdefghijklmnopqrs"),
+    ("!!!???@@@", "no-subject"),
+    ("", "no-subject"),
+    ("   ", "no-subject"),
+    (None, "no-subject"),
+    ("He\u0301llo", "h\u00e9llo"),
+    ("Héllo Wörld!", "héllo-wörld"),
+    ("C+++ tips", "c-tips"),
+    ("日本語のメール", "日本語のメール"),
+])
+def test_slugify(subject: str | None, slug: str) -> None:
+    assert storage.slugify(subject) == slug
+
+
+def test_stem_prefix_is_utc() -> None:
+    assert storage.stem_prefix(WHEN) == "2025-03-14-150926"
+    plus_two = WHEN.astimezone(datetime.timezone(datetime.timedelta(hours=2)))
+    assert storage.stem_prefix(plus_two) == "2025-03-14-150926"
+
+
+@pytest.mark.parametrize(("name", "index", "expected"), [
+    ("../../../etc/cron.d/evil", 0, "evil"),
+    ("bad\0name.txt", 0, "bad_name.txt"),
+    ("report\r\nline2.pdf", 0, "report_line2.pdf"),
+    ("a\\b\\c.pdf", 0, "a_b_c.pdf"),
+    ("a////b\\\\c.pdf", 0, "b_c.pdf"),
+    ("-rf", 0, "rf"),
+    ("safe\u202efdp.pdf", 0, "safe_fdp.pdf"),
+    ("inv\u200doice.pdf", 0, "inv_oice.pdf"),
+    ("cafe\u0301.pdf", 0, "caf\u00e9.pdf"),
+    ("\0\0\r\n\x01\x02", 3, "attachment-3"),
+    ("", 0, "attachment-0"),
+    (None, 2, "attachment-2"),
+    ("..", 1, "attachment-1"),
+    ("  my report (final).pdf  ", 0, "my report (final).pdf"),
+    ("x\x7f\x85\ufeffy", 0, "x_y"),
+])
+def test_sanitize_attachment_name(name: str | None, index: int, expected: str) -> None:
+    assert storage.sanitize_attachment_name(name, index) == expected
+
+
+def test_sanitize_caps_at_200_bytes_on_a_character_boundary() -> None:
+    assert storage.sanitize_attachment_name("a" * 500, 0) == "a" * 200
+    cut = storage.sanitize_attachment_name("é" * 150, 0)  # 2 bytes each
+    assert len(cut.encode()) == 200 and cut == "é" * 100
+    cut = storage.sanitize_attachment_name("a" + "é" * 150, 0)
+    assert len(cut.encode()) == 199 and cut == "a" + "é" * 99
+    assert storage.sanitize_attachment_name("a" * 199 + "-" * 10 + "b", 0) == "a" * 199
+
+
+def test_unique_attachment_names() -> None:
+    assert storage.unique_attachment_names(["notes.txt", "notes.txt", "notes.txt"]) == [
+        "notes.txt", "notes-1.txt", "notes-2.txt"]
+    assert storage.unique_attachment_names(["archive.tar.gz", "archive.tar.gz"]) == [
+        "archive.tar.gz", "archive.tar-1.gz"]
+    assert storage.unique_attachment_names(["name", "name"]) == ["name", "name-1"]
+    assert storage.unique_attachment_names(["a.txt", "a-1.txt", "a.txt"]) == [
+        "a.txt", "a-1.txt", "a-2.txt"]
+    assert storage.unique_attachment_names(["s.md", "x"], reserved=["s.md"]) == ["s-1.md", "x"]
+
+
+@pytest.mark.parametrize(("email_id", "ok"), [
+    ("2025-01-01-000000-x", True), ("", False), ("../x", False), ("a/b", False),
+    ("a\\b", False), ("a\0b", False), ("a..b", False),
+])
+def test_check_email_id(email_id: str, ok: bool) -> None:
+    assert storage.check_email_id(email_id) is ok
+
+
+# ---------------------------------------------------------------------------
+# Publishing, names and modes
+
+
+def test_flat_publish_layout_modes_and_content(store: MailStore, data: Path) -> None:
+    old = os.umask(0o077)  # as the daemon runs
+    try:
+        stored = store.publish_inbound("alice", OWNER, fields(), "Hi there\n", [], WHEN)
+    finally:
+        os.umask(old)
+    assert stored.id == "2025-03-14-150926-hello"
+    assert stored.path == data / "inbox" / "alice" / "2025-03-14-150926-hello.md"
+    fm = frontmatter_of(stored.path)
+    assert fm["id"] == stored.id
+    assert list(fm) == ["id", *fields().keys()]
+    assert body_of(stored.path) == "\nHi there\n"
+    assert mode(data / "inbox") == 0o755
+    assert mode(data / "inbox" / "alice") == 0o700
+    assert mode(stored.path) == 0o600
+    assert sorted(os.listdir(data / "inbox" / "alice")) == [stored.path.name]
+    if os.geteuid() == 0:
+        nobody = os.lstat(stored.path)
+        assert (nobody.st_uid, nobody.st_gid) == (65534, 65534)
+
+
+def test_missing_data_dir_is_created_readable(tmp_path: Path) -> None:
+    data = tmp_path / "var" / "lib" / "aimx"
+    old = os.umask(0o077)
+    try:
+        MailStore(data).publish_sent("alice", OWNER, fields(), "x\n", WHEN)
+        assert storage.write_readme(data) is True
+    finally:
+        os.umask(old)
+    assert mode(data) == 0o755 and mode(data / "sent") == 0o755
+    assert mode(data / "README.md") == 0o644
+    assert not (data / "inbox").exists()  # only what was needed
+
+
+def test_bundle_publish_layout_names_and_modes(store: MailStore, data: Path) -> None:
+    atts = [Att("notes.txt", "text/plain", b"note one\n"),
+            Att("notes.txt", "Text/Plain; charset=utf-8", b"note two\n"),
+            Att("../../evil.sh", "application/x-sh", b"#!/bin/sh\n"),
+            Att("", "", b"\x00\x01")]
+    stored = store.publish_inbound("alice", OWNER, fields(), "See attached.\n", atts, WHEN)
+    bundle = data / "inbox" / "alice" / stored.id
+    assert stored.path == bundle / f"{stored.id}.md"
+    assert sorted(os.listdir(bundle)) == sorted(
+        [f"{stored.id}.md", "notes.txt", "notes-1.txt", "evil.sh", "attachment-3"])
+    assert (bundle / "notes-1.txt").read_bytes() == b"note two\n"
+    assert not (data / "evil.sh").exists() and not (data / "inbox" / "evil.sh").exists()
+    fm = frontmatter_of(stored.path)
+    assert list(fm)[-1] == "attachments"
+    assert fm["attachments"] == [
+        {"filename": "notes.txt", "content_type": "text/plain", "size": 9, "path": "notes.txt"},
+        {"filename": "notes-1.txt", "content_type": "text/plain", "size": 9,
+         "path": "notes-1.txt"},
+        {"filename": "evil.sh", "content_type": "application/x-sh", "size": 10,
+         "path": "evil.sh"},
+        {"filename": "attachment-3", "content_type": "application/octet-stream", "size": 2,
+         "path": "attachment-3"},
+    ]
+    assert mode(bundle) == 0o700
+    for name in os.listdir(bundle):
+        assert mode(bundle / name) == 0o600, name
+
+
+def test_attachment_named_like_the_email_does_not_replace_it(store: MailStore) -> None:
+    stem = "2025-03-14-150926-hello"
+    atts = [Att(f"{stem}.md", "text/markdown", b"not the email")]
+    stored = store.publish_inbound("alice", OWNER, fields(), "body\n", atts, WHEN)
+    assert stored.id == stem
+    fm = frontmatter_of(stored.path)
+    assert fm["id"] == stem
+    assert fm["attachments"][0]["filename"] == f"{stem}-1.md"
+    assert (stored.path.parent / f"{stem}-1.md").read_bytes() == b"not the email"
+
+
+def test_collisions_count_up_and_flat_and_bundle_never_share_a_name(
+        store: MailStore, data: Path) -> None:
+    first = store.publish_inbound("alice", OWNER, fields(message_id="a"), "1\n", [], WHEN)
+    second = store.publish_inbound("alice", OWNER, fields(message_id="b"), "2\n", [], WHEN)
+    third = store.publish_inbound("alice", OWNER, fields(message_id="c"), "3\n", [], WHEN)
+    assert [first.id, second.id, third.id] == [
+        "2025-03-14-150926-hello", "2025-03-14-150926-hello-2", "2025-03-14-150926-hello-3"]
+    assert body_of(first.path) == "\n1\n"  # never overwritten
+
+    other = data / "inbox" / "bob"
+    other.mkdir(parents=True)
+    (other / "2025-03-14-150926-hello").mkdir()  # an existing bundle dir
+    flat = store.publish_inbound("bob", OWNER, fields(), "x\n", [], WHEN)
+    assert flat.path == other / "2025-03-14-150926-hello-2.md"
+    bundle = store.publish_inbound("bob", OWNER, fields(), "x\n", [Att("a.txt", "text/plain",
+                                                                        b"a")], WHEN)
+    assert bundle.path == other / "2025-03-14-150926-hello-3" / "2025-03-14-150926-hello-3.md"
+
+    carol = data / "inbox" / "carol"
+    carol.mkdir(parents=True)
+    (carol / "2025-03-14-150926-hello.md").write_text("+++\n+++\n")  # an existing flat email
+    bundle = store.publish_inbound("carol", OWNER, fields(), "x\n",
+                                   [Att("a.txt", "text/plain", b"a")], WHEN)
+    assert bundle.id == "2025-03-14-150926-hello-2"
+
+
+def test_sent_copy_is_flat_and_keeps_listed_attachments(store: MailStore, data: Path) -> None:
+    sent_fields = fields(outbound=True, outbound_format="markdown",
+                         delivery_status="delivered",
+                         attachments=[{"filename": "a.pdf", "content_type": "application/pdf",
+                                       "size": 3}])
+    stored = store.publish_sent("alice", OWNER, sent_fields, "# Hi\n", WHEN)
+    assert stored.path == data / "sent" / "alice" / "2025-03-14-150926-hello.md"
+    fm = frontmatter_of(stored.path)
+    assert fm["attachments"] == [{"filename": "a.pdf", "content_type": "application/pdf",
+                                  "size": 3}]
+    assert fm["outbound"] is True
+    assert mode(data / "sent") == 0o755 and mode(data / "sent" / "alice") == 0o700
+    assert mode(stored.path) == 0o600
+
+
+def test_mailbox_dir_mode_is_reapplied_on_every_write(store: MailStore, data: Path) -> None:
+    store.publish_inbound("alice", OWNER, fields(message_id="a"), "x\n", [], WHEN)
+    box = data / "inbox" / "alice"
+    box.chmod(0o755)
+    store.publish_inbound("alice", OWNER, fields(message_id="b"), "x\n", [], WHEN)
+    assert mode(box) == 0o700
+
+
+def test_unknown_owner_still_stores(store: MailStore) -> None:
+    stored = store.publish_inbound("alice", "aimxt-no-such-user", fields(), "x\n", [], WHEN)
+    assert frontmatter_of(stored.path)["id"] == stored.id
+    assert mode(stored.path) == 0o600
+
+
+def test_files_belong_to_the_mailbox_owner(instance_dirs: dict[str, Path], test_users) -> None:
+    # Re-resolved: a concurrent test session may have removed and re-created the user.
+    alice, bob = (ensure_user(test_users[short].name) for short in ("alice", "bob"))
+    data = instance_dirs["data"]  # parents traversable by the test users
+    store = MailStore(data)
+    stored = store.publish_inbound("alice", alice.name, fields(), "x\n",
+                                   [Att("a.txt", "text/plain", b"a")], WHEN)
+    for path in (data / "inbox" / "alice", stored.path.parent, stored.path,
+                 stored.path.parent / "a.txt"):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (alice.uid, alice.gid), path
+    assert os.lstat(data / "inbox").st_uid == 0
+    # The owner can read it; the other test user cannot.
+    read = ["/bin/cat", str(stored.path)]
+    ok = subprocess.run(read, preexec_fn=alice.preexec(), capture_output=True, text=True)
+    assert ok.stdout.startswith("+++\n")
+    denied = subprocess.run(read, preexec_fn=bob.preexec(), capture_output=True)
+    assert denied.returncode != 0
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """A real write failure (EFBIG) for files growing past ``limit`` bytes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_failed_writes_leave_nothing(store: MailStore, data: Path) -> None:
+    store.publish_inbound("alice", OWNER, fields(message_id="first"), "x\n", [], WHEN)
+    box = data / "inbox" / "alice"
+    before = sorted(os.listdir(box))
+    big = b"x" * 300_000
+    # The second attachment fails while the bundle is half built.
+    atts = [Att("a.txt", "text/plain", b"a"), Att("b.bin", "application/octet-stream", big)]
+    with file_size_limit(100_000), pytest.raises(OSError) as info:
+        store.publish_inbound("alice", OWNER, fields(), "x\n", atts, WHEN)
+    assert info.value.errno == errno.EFBIG
+    with file_size_limit(100_000), pytest.raises(OSError):
+        store.publish_inbound("alice", OWNER, fields(), "y" * 300_000, [], WHEN)
+    assert sorted(os.listdir(box)) == before
+
+
+# ---------------------------------------------------------------------------
+# Crash safety
+
+
+def test_cleanup_removes_only_temp_leftovers(store: MailStore, data: Path) -> None:
+    kept = store.publish_inbound("alice", OWNER, fields(), "x\n",
+                                 [Att("a.txt", "text/plain", b"a")], WHEN)
+    box = data / "inbox" / "alice"
+    (box / ".2025-01-01-000000-x.md.tmp.0a1b2c").write_text("partial")
+    staging = box / ".2025-01-01-000000-y.tmp.ffee00"
+    staging.mkdir()
+    (staging / "a.txt").write_text("half a bundle")
+    (kept.path.parent / ".a.txt.tmp.123abc").write_text("partial")
+    (data / ".README.md.tmp.abcdef").write_text("partial")
+    (box / ".hidden-by-agent").write_text("not ours")
+    assert storage.cleanup_temp_files(data) == 4
+    assert sorted(os.listdir(box)) == [".hidden-by-agent", kept.id]
+    assert sorted(os.listdir(kept.path.parent)) == sorted(["a.txt", f"{kept.id}.md"])
+    assert not (data / ".README.md.tmp.abcdef").exists()
+
+
+def test_readers_ignore_temp_files(data: Path) -> None:
+    box = data / "inbox" / "alice"
+    box.mkdir(parents=True)
+    (box / ".2025-01-01-000000-x.md.tmp.0a1b2c").write_text("+++\nread = true\n+++\n")
+    (box / ".2025-01-01-000000-x.md").write_text("+++\nread = true\n+++\n")
+    assert storage.list_email_ids(box) == []
+    assert storage.count_emails(box) == (0, 0)
+
+
+# ---------------------------------------------------------------------------
+# Locks
+
+
+def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> None:
+    script = textwrap.dedent(f"""
+        import time
+        from aimx.storage import MailStore
+        store = MailStore({str(data)!r})
+        with store.mailbox_lock("alice"):
+            print(time.monotonic(), flush=True)
+    """)
+    with store.mailbox_lock("alice"):
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                 text=True, cwd=ROOT_DIR)
+        time.sleep(1.0)
+        assert child.poll() is None  # still waiting for our lock
+        released = time.monotonic()
+    out, _ = child.communicate(timeout=30)
+    assert float(out) >= released
+    # The lock file lives outside the mailbox dir, so it is never listed as mail.
+    assert not (data / "inbox" / "alice").exists()
+    with store.mailbox_lock("alice"), store.mailbox_lock("alice"):
+        pass  # re-entrant within one thread
+
+
+# ---------------------------------------------------------------------------
+# Dedup
+
+
+def test_dedup_index_window_and_empty_ids() -> None:
+    index = storage.DedupIndex()
+    index.record("a@x", WHEN, now=WHEN)
+    index.record("", WHEN, now=WHEN)
+    assert index.is_duplicate("a@x", now=WHEN + datetime.timedelta(hours=23, minutes=59))
+    assert not index.is_duplicate("", now=WHEN)
+    assert not index.is_duplicate("b@x", now=WHEN)
+    assert not index.is_duplicate("a@x", now=WHEN + datetime.timedelta(hours=24))
+    old = WHEN - datetime.timedelta(days=5)
+    index.record("old@x", old, now=WHEN)
+    assert not index.is_duplicate("old@x", now=WHEN)
+
+
+def test_dedup_index_cap() -> None:
+    index = storage.DedupIndex()
+    for n in range(storage.DEDUP_CAP):
+        index.record(f"{n}@x", WHEN, now=WHEN)
+    index.record("overflow@x", WHEN, now=WHEN)
+    assert len(index) == storage.DEDUP_CAP
+    assert not index.is_duplicate("overflow@x", now=WHEN)
+    assert index.is_duplicate("0@x", now=WHEN)
+
+
+def test_dedup_rebuilds_from_disk(data: Path) -> None:
+    now = datetime.datetime.now(UTC)
+    writer = MailStore(data)
+    writer.publish_inbound("alice", OWNER, fields(message_id="fresh@x", received_at=now),
+                           "x\n", [], now)
+    writer.publish_inbound("alice", OWNER, fields(message_id="bundled@x", received_at=now),
+                           "x\n", [Att("a.txt", "text/plain", b"a")], now)
+    five_days = now - datetime.timedelta(days=5)
+    writer.publish_inbound("alice", OWNER, fields(message_id="stale@x", received_at=five_days),
+                           "x\n", [], now)
+    reader = MailStore(data)  # a fresh process's view
+    with reader.mailbox_lock("alice"):
+        assert reader.is_duplicate("alice", "fresh@x")
+        assert reader.is_duplicate("alice", "bundled@x")
+        assert not reader.is_duplicate("alice", "stale@x")
+        assert not reader.is_duplicate("alice", "")
+        assert not reader.is_duplicate("bob", "fresh@x")
+        reader.record("alice", "new@x", now)
+        assert reader.is_duplicate("alice", "new@x")
+
+
+# ---------------------------------------------------------------------------
+# Lookup and listing
+
+
+def test_resolve_email_path_strict_rules(store: MailStore, data: Path, tmp_path: Path) -> None:
+    flat = store.publish_inbound("alice", OWNER, fields(message_id="a"), "x\n", [], WHEN)
+    bundle = store.publish_inbound("alice", OWNER, fields(message_id="b", subject="B"), "x\n",
+                                   [Att("a.txt", "text/plain", b"a")], WHEN)
+    box = data / "inbox" / "alice"
+    assert storage.resolve_email_path(box, flat.id) == flat.path
+    assert storage.resolve_email_path(box, bundle.id) == bundle.path
+    assert storage.resolve_email_path(box, "nope") is None
+    assert storage.resolve_email_path(box, "../alice/" + flat.id) is None
+    outside = tmp_path / "outside.md"
+    outside.write_text("+++\nread = false\n+++\n")
+    (box / "linked.md").symlink_to(outside)
+    assert storage.resolve_email_path(box, "linked") is None
+    # "<id>.md" existing as a directory blocks the bundle fallback.
+    (box / "odd.md").mkdir()
+    (box / "odd").mkdir()
+    (box / "odd" / "odd.md").write_text("+++\n+++\n")
+    assert storage.resolve_email_path(box, "odd") is None
+    # A symlinked bundle dir does not resolve either.
+    real = tmp_path / "realbundle"
+    real.mkdir()
+    (real / "sneaky.md").write_text("+++\n+++\n")
+    (box / "sneaky").symlink_to(real)
+    assert storage.resolve_email_path(box, "sneaky") is None
+
+
+def test_listing_counts_and_order(store: MailStore, data: Path, tmp_path: Path) -> None:
+    box = data / "inbox" / "alice"
+    ids = []
+    for n, subject in enumerate(["one", "two", "three"]):
+        when = WHEN + datetime.timedelta(seconds=n)
+        atts = [Att("a.txt", "text/plain", b"a")] if n == 1 else []
+        ids.append(store.publish_inbound("alice", OWNER, fields(subject=subject,
+                                                                message_id=str(n)),
+                                         "x\n", atts, when).id)
+    store.set_read("alice", OWNER, ids[0], True)
+    (box / "notes.txt").write_text("not an email")
+    (box / "empty-bundle").mkdir()
+    (tmp_path / "t.md").write_text("+++\nread = false\n+++\n")
+    (box / "link.md").symlink_to(tmp_path / "t.md")
+    (box / "garbage.md").write_bytes(b"\xff\xfe no frontmatter at all")
+    assert storage.list_email_ids(box) == sorted([*ids, "garbage"], reverse=True)
+    assert storage.count_emails(box) == (4, 3)
+    assert store.count("inbox", "alice") == (4, 3)
+    assert store.list_emails("inbox", "alice")[-1] == ids[0]
+    assert storage.count_emails(data / "inbox" / "nobody-here") == (0, 0)
+    assert storage.list_email_ids(data / "inbox" / "nobody-here") == []
+
+
+def test_read_line_counts_only_inside_frontmatter(data: Path) -> None:
+    box = data / "inbox" / "alice"
+    box.mkdir(parents=True)
+    (box / "a.md").write_text('+++\nid = "a"\nread = false\n+++\n\nread = true\n')
+    (box / "b.md").write_text('+++\r\nid = "b"\r\nread = true\r\n+++\r\n\r\nbody\r\n')
+    assert storage.count_emails(box) == (2, 1)
+
+
+# ---------------------------------------------------------------------------
+# Read state
+
+
+def test_mark_read_and_unread(store: MailStore, data: Path) -> None:
+    body = "Line one\n\n+++\nnot frontmatter\n"
+    stored = store.publish_inbound("alice", OWNER, fields(labels=["work"]), body, [], WHEN)
+    original_body = body_of(stored.path)
+    before = datetime.datetime.now(UTC)
+    store.set_read("alice", OWNER, stored.id, True)
+    after = datetime.datetime.now(UTC)
+    fm = frontmatter_of(stored.path)
+    assert fm["read"] is True
+    read_at = datetime.datetime.fromisoformat(fm["read_at"].replace("Z", "+00:00"))
+    assert before - datetime.timedelta(seconds=1) <= read_at <= after
+    assert fm["labels"] == ["work"]  # unknown-to-ingest keys survive
+    assert body_of(stored.path) == original_body
+    assert mode(stored.path) == 0o600
+    assert os.listdir(stored.path.parent) == [stored.path.name]  # no temp left behind
+    if os.geteuid() == 0:
+        assert os.lstat(stored.path).st_uid == 65534
+
+    time.sleep(1.1)
+    store.set_read("alice", OWNER, stored.id, True)
+    again = frontmatter_of(stored.path)
+    assert again["read"] is True
+    assert datetime.datetime.fromisoformat(again["read_at"].replace("Z", "+00:00")) > read_at
+
+    store.set_read("alice", OWNER, stored.id, False)
+    fm = frontmatter_of(stored.path)
+    assert fm["read"] is False and "read_at" not in fm
+    store.set_read("alice", OWNER, stored.id, False)  # repeats are fine
+    assert body_of(stored.path) == original_body
+    assert storage.count_emails(stored.path.parent) == (1, 1)
+
+
+def test_mark_bundle(store: MailStore) -> None:
+    stored = store.publish_inbound("alice", OWNER, fields(), "x\n",
+                                   [Att("a.txt", "text/plain", b"a")], WHEN)
+    store.set_read("alice", OWNER, stored.id, True)
+    assert frontmatter_of(stored.path)["read"] is True
+    assert sorted(os.listdir(stored.path.parent)) == sorted(["a.txt", stored.path.name])
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "a/b", "", "a\\b", "x\0"])
+def test_mark_rejects_bad_ids(store: MailStore, bad_id: str) -> None:
+    with pytest.raises(StorageError) as info:
+        store.set_read("alice", OWNER, bad_id, True)
+    assert info.value.code == "NOTFOUND"
+    assert info.value.reason == f"email id '{bad_id}' contains invalid characters"
+
+
+def test_mark_missing_and_symlinked(store: MailStore, data: Path, tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as info:
+        store.set_read("alice", OWNER, "2025-01-01-000000-nope", True)
+    assert (info.value.code, info.value.reason) == (
+        "NOTFOUND", "email '2025-01-01-000000-nope' not found in inbox/alice")
+    box = data / "inbox" / "alice"
+    box.mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "target.md"
+    target.write_text('+++\nid = "t"\nread = false\n+++\n\nbody\n')
+    (box / "linked.md").symlink_to(target)
+    with pytest.raises(StorageError) as info:
+        store.set_read("alice", OWNER, "linked", True)
+    assert info.value.code == "NOTFOUND"
+    assert target.read_text() == '+++\nid = "t"\nread = false\n+++\n\nbody\n'
+
+
+def test_mark_bad_frontmatter_is_io(store: MailStore, data: Path) -> None:
+    box = data / "inbox" / "alice"
+    box.mkdir(parents=True)
+    (box / "single.md").write_text("+++\nid = \"single\"\nread = false\n\nbody\n")
+    with pytest.raises(StorageError) as info:
+        store.set_read("alice", OWNER, "single", True)
+    assert (info.value.code, info.value.reason) == (
+        "IO", f"malformed frontmatter in {box / 'single.md'}")
+    (box / "badtoml.md").write_text("+++\nid = = nope\n+++\n\nbody\n")
+    with pytest.raises(StorageError) as info:
+        store.set_read("alice", OWNER, "badtoml", True)
+    assert info.value.code == "IO"
+    assert info.value.reason.startswith(f"failed to parse frontmatter in {box / 'badtoml.md'}: ")
+    assert (box / "badtoml.md").read_text() == "+++\nid = = nope\n+++\n\nbody\n"
+
+
+# ---------------------------------------------------------------------------
+# README
+
+
+def test_readme_written_when_missing(data: Path) -> None:
+    assert storage.write_readme(data) is True
+    text = (data / "README.md").read_text()
+    assert text.splitlines()[0] == storage.README_MARKER
+    for tool in ("mailbox_list", "mailbox_create", "mailbox_delete", "email_list", "email_read",
+                 "email_send", "email_reply", "email_mark_read", "email_mark_unread",
+                 "hook_create", "hook_list", "hook_delete"):
+        assert f"`{tool}`" in text
+    assert mode(data / "README.md") == 0o644
+
+
+@pytest.mark.parametrize("existing", [
+    "<!-- aimx-readme-version: 0 -->\nold text\n", "", "# my notes\n",
+    "\n" + storage.README_MARKER + "\n",
+])
+def test_readme_replaced_when_stale(data: Path, existing: str) -> None:
+    (data / "README.md").write_text(existing)
+    (data / "README.md").chmod(0o600)
+    assert storage.write_readme(data) is True
+    assert (data / "README.md").read_text() == storage.readme_text()
+    assert mode(data / "README.md") == 0o644
+
+
+def test_readme_with_current_marker_is_untouched(data: Path) -> None:
+    path = data / "README.md"
+    path.write_text(f"  {storage.README_MARKER}  \nlocal copy\n")
+    os.utime(path, (1_000_000, 1_000_000))
+    assert storage.write_readme(data) is False
+    assert path.read_text().endswith("local copy\n")
+    assert os.stat(path).st_mtime == 1_000_000
+    assert storage.write_readme(data, force=True) is True
+    assert path.read_text() == storage.readme_text()
