@@ -756,6 +756,11 @@ class HookRunner:
         return d
 
 
+def hook_state_dir(data_dir: str | os.PathLike[str]) -> Path:
+    """Where the daemon and ``aimx ingest`` share hook bookkeeping (fired-once markers)."""
+    return Path(data_dir) / ".aimx"
+
+
 def run_on_receive_blocking(config: Any, mailbox_name: str, result: Any, *,
                             state_dir: Path) -> list[HookOutcome]:
     """Fire ``on_receive`` hooks and wait for them, for a process without a reactor.

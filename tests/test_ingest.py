@@ -460,3 +460,33 @@ def test_pipeline_errors(tmp_path: Path) -> None:
     analysis = ingest.analyse(config, message(), authenticate=signed_by("example.com"))
     with pytest.raises(ingest.NoRoute, match="^no mailbox routes recipient bob@test.com$"):
         ingest.deliver(config, storage.MailStore(config.data_dir), analysis, "bob@test.com")
+
+
+def test_cli_ingest_waits_for_on_receive_hooks_and_fires_once(instance: Instance, tmp_path: Path,
+                                                              test_users) -> None:
+    """`aimx ingest` returns only after the mailbox's hook ran as the owner, once per id."""
+    alice = test_users["alice"]
+    out_dir = tmp_path / "hook-out"
+    out_dir.mkdir()
+    os.chown(out_dir, alice.uid, alice.gid)
+    record = out_dir / "fired.log"
+    config = instance.dirs["config"] / "config.toml"
+    instance.configure(owner=alice.name)
+    config.write_text(config.read_text().replace(
+        '[mailboxes.catchall]',
+        '[[mailboxes.alice.hooks]]\nname = "record"\nevent = "on_receive"\n'
+        'fire_on_untrusted = true\n'
+        f'cmd = ["/bin/sh", "-c", "{{ id -u; cat; }} >> {record}"]\n\n'
+        '[mailboxes.catchall]'))
+    raw = message(subject="Hook me", message_id="<hooked-1@example.com>")
+
+    first = instance.ingest("alice@test.com", raw)
+    assert first.returncode == 0, first.stderr
+    fired = record.read_text()
+    assert fired.startswith(f"{alice.uid}\n")
+    stored = next((instance.box() / name) for name in instance.entries() if name.endswith(".md"))
+    assert fired[len(f"{alice.uid}\n"):] == stored.read_text()
+
+    again = instance.ingest("alice@test.com", raw)
+    assert again.returncode == 0, again.stderr
+    assert record.read_text() == fired  # duplicate: nothing stored, nothing fired

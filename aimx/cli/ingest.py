@@ -50,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
     except ingest.IngestError as exc:
         raise CommandError(str(exc)) from exc
     if result.status == "stored":
-        # --- on_receive hooks -------------------------------------------------
-        # Fire the mailbox's on_receive hooks for result.path / result.fields here
-        # and wait for them (CLI ingest runs hooks synchronously, spec 20 §4.1).
-        # Hook failures never change the exit status. Wired when aimx.hooks lands.
-        # ----------------------------------------------------------------------
-        pass
+        # CLI ingest waits for its on_receive hooks (spec 20 §4.1); a hook's
+        # failure is logged and never changes the exit status.
+        from aimx import hooks
+
+        hooks.run_on_receive_blocking(
+            config, result.mailbox, result, state_dir=hooks.hook_state_dir(config.data_dir)
+        )
     return 0
