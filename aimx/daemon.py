@@ -82,11 +82,14 @@ class Daemon:
 
         def load() -> Any:
             with self.config_lock:
-                return self.load_config_blocking()
+                new = self.load_config_blocking()
+                # Queue the swap while the lock is held, so swaps land in the order the
+                # rewrites and reloads happened (the API queues its swaps the same way).
+                self.reactor.callFromThread(self.swap_config, new)
+                return new
 
         def loaded(new: Any) -> bool:
             _log_config_warnings(new)
-            self.swap_config(new)
             log.info("SIGHUP: config reloaded from %s: %d mailboxes, %d hooks, 0 templates",
                      path, len(new.mailboxes), count_hooks(new))
             return True

@@ -127,4 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so command modules and this entry point share one
+    # ``CommandError`` class (``python -m`` would otherwise load this file twice).
+    from aimx.cli.main import main as package_main
+
+    sys.exit(package_main())
