@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.users import TestUser, ensure_user
+from tests.support.users import LinuxUser, ensure_user
 
 TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
 
@@ -32,7 +32,7 @@ def instance_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
 
 
 @pytest.fixture(scope="session")
-def test_users() -> dict[str, TestUser]:
+def test_users() -> dict[str, LinuxUser]:
     """Two real unprivileged users, ``alice`` and ``bob`` (root only)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates Linux users with useradd")

@@ -33,7 +33,7 @@ from aimx.config import derived_hook_name
 from aimx.protocol import ApiError, request_box
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
-from tests.support.users import TestUser, ensure_user
+from tests.support.users import LinuxUser, ensure_user
 
 DOMAIN = "test.local"
 TIMEOUT_SECS = 1.5  # AIMX_API_TIMEOUT for every daemon here
@@ -98,7 +98,7 @@ except protocol.ApiError as exc:
 """
 
 
-def launch_as(user: TestUser | None, spec: dict[str, Any], env: dict[str, str], *,
+def launch_as(user: LinuxUser | None, spec: dict[str, Any], env: dict[str, str], *,
               uid: int | None = None, input: str | None = None,
               timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``USER_LAUNCHER`` with ``spec`` as ``user`` (or a bare ``uid``; neither: root)."""
@@ -121,12 +121,12 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
-def config_text(dns: DnsServer, users: dict[str, TestUser]) -> str:
+def config_text(dns: DnsServer, users: dict[str, LinuxUser]) -> str:
     return CONFIG.format(dns=dns.address, alice=users["alice"].name, bob=users["bob"].name)
 
 
 @pytest.fixture
-def users(test_users) -> dict[str, TestUser]:
+def users(test_users) -> dict[str, LinuxUser]:
     """The test users as they are now (re-created if something removed them meanwhile)."""
     return {short: ensure_user(user.name) for short, user in test_users.items()}
 
@@ -151,7 +151,7 @@ def outcome(d: RunningDaemon, command, **args: Any) -> dict[str, Any]:
         return {"error": [exc.code, exc.reason]}
 
 
-def run_as(user: TestUser | None, d: RunningDaemon, command, *, raw: bool = False,
+def run_as(user: LinuxUser | None, d: RunningDaemon, command, *, raw: bool = False,
            uid: int | None = None, **args: Any) -> dict[str, Any]:
     """One call from a process running as ``user`` (or as a bare ``uid``)."""
     spec = {"mode": "raw" if raw else "call", "verb": command.commandName.decode(),

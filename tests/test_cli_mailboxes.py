@@ -18,7 +18,7 @@ from aimx import protocol
 from aimx.client import Client
 from aimx.config import derived_hook_name
 from tests.support.daemon import RunningDaemon
-from tests.support.users import TestUser
+from tests.support.users import LinuxUser
 from tests.test_api import config_text, deliver, dns, launch_as, users  # noqa: F401 (fixtures)
 
 DOWN = ("Error: daemon must be running for non-root mailbox CRUD; start `aimx serve` or run "
@@ -39,7 +39,7 @@ def stopped(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
         yield instance
 
 
-def aimx(d: RunningDaemon, *argv: str, user: TestUser | None = None, input: str = "",
+def aimx(d: RunningDaemon, *argv: str, user: LinuxUser | None = None, input: str = "",
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = d.client_env()
     environment.update({"NO_COLOR": "1", **(env or {})})

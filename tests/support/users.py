@@ -15,7 +15,7 @@ needs_root = pytest.mark.skipif(
 
 
 @attrs.frozen
-class TestUser:
+class LinuxUser:
     name: str
     uid: int
     gid: int
@@ -38,7 +38,7 @@ class TestUser:
         return drop
 
 
-def ensure_user(name: str) -> TestUser:
+def ensure_user(name: str) -> LinuxUser:
     """Create ``name`` (with a home dir and its own group) unless it exists."""
     try:
         entry = pwd.getpwnam(name)
@@ -48,7 +48,7 @@ def ensure_user(name: str) -> TestUser:
             check=True, capture_output=True,
         )
         entry = pwd.getpwnam(name)
-    return TestUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    return LinuxUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
 def remove_user(name: str) -> None:

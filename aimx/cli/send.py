@@ -1,0 +1,96 @@
+"""``aimx send``: compose a message as the calling user and submit it over SEND.
+
+The command never reads the config or the DKIM key: it builds an unsigned
+message (attachments read with the caller's own permissions) and the daemon
+decides, from the kernel-reported uid, whether this user may send as
+``--from``. Outputs and exit codes follow spec 30 §2.13 exactly because
+scripts and agents branch on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from typing import Any
+
+from aimx.cli.main import CommandError
+
+ROOT_REFUSAL = "send is a per-user operation, run without sudo"
+DAEMON_DOWN = "aimx daemon not running. Check 'systemctl status aimx'"
+# The codes a SEND can answer with; any other code means the reply is not understood.
+SEND_CODES = frozenset({"MALFORMED", "PROTOCOL", "DOMAIN", "MAILBOX", "EACCES",
+                        "BODY_TOO_LARGE", "SIGN", "TEMP", "DELIVERY"})
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "send", parents=parents, help="send an email from one of your mailboxes",
+        description="Send an email (Markdown body) from a mailbox you own")
+    parser.add_argument("--from", dest="from_addr", required=True, metavar="ADDRESS",
+                        help="sender address: a mailbox you own")
+    parser.add_argument("--to", required=True, metavar="ADDRESS", help="recipient address")
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--body", required=True, help="message body (Markdown)")
+    parser.add_argument("--reply-to", metavar="MESSAGE_ID",
+                        help="Message-ID being answered (sets In-Reply-To)")
+    parser.add_argument("--references", metavar="CHAIN",
+                        help="References chain (used with --reply-to)")
+    parser.add_argument("--attachment", action="append", default=[], metavar="PATH",
+                        help="attach a file (repeatable)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--text-only", action="store_true",
+                      help="send the body as plain text, no HTML part")
+    kind.add_argument("--html-body", metavar="HTML",
+                      help="use this HTML as the HTML part instead of rendering the body")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0:
+        raise CommandError(ROOT_REFUSAL, 2)
+
+    from aimx import compose
+    from aimx.cli import term
+    from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
+    from aimx.protocol import ApiError, Send
+
+    try:
+        message = compose.compose_message(
+            from_addr=args.from_addr, to=args.to, subject=args.subject, body=args.body,
+            reply_to=args.reply_to, references=args.references, attachments=args.attachment)
+    except compose.ComposeError as exc:
+        raise CommandError(str(exc), 1) from None
+
+    client = Client()
+    html = compose.normalize_crlf(args.html_body) if args.html_body is not None else None
+    try:
+        reply = client.call(Send, body=message, text_only=True if args.text_only else None,
+                            html_body=html.encode("utf-8") if html is not None else None)
+    except DaemonDown as exc:
+        # For send only a missing socket means "not running"; refused or denied is
+        # a connect failure worth showing as it is.
+        if exc.errno == errno.ENOENT:
+            raise CommandError(DAEMON_DOWN, 2) from None
+        raise CommandError(f"Failed to connect to aimx daemon at {exc.socket_path}: "
+                           f"{exc.error}", 2) from None
+    except ConnectFailed as exc:
+        raise CommandError(str(exc), 2) from None
+    except MalformedReply as exc:
+        raise CommandError(f"malformed response from aimx daemon: {exc.why}", 3) from None
+    except ApiError as exc:
+        if exc.code not in SEND_CODES:
+            raise CommandError(f"malformed response from aimx daemon: unknown error code "
+                               f"'{exc.code}'", 3) from None
+        if exc.code == "EACCES":
+            raise CommandError(f"not authorized: {args.from_addr}", 1) from None
+        print(term.style(f"Error [{exc.code}]: {exc.reason}", "red"), file=sys.stderr)
+        return 1
+
+    message_id = reply.get("message_id", "")
+    print(message_id)
+    sys.stdout.flush()
+    print("Email sent.", file=sys.stderr)
+    print(f"Message-ID: {message_id}", file=sys.stderr)
+    return 0
