@@ -16,6 +16,8 @@ needs_root = pytest.mark.skipif(
 
 @attrs.frozen
 class LinuxUser:
+    __test__ = False  # not a pytest test class, whatever name a test module imports it under
+
     name: str
     uid: int
     gid: int
@@ -53,3 +55,6 @@ def ensure_user(name: str) -> LinuxUser:
 
 def remove_user(name: str) -> None:
     subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+
+
+TestUser = LinuxUser  # older name, kept for test modules that import it
