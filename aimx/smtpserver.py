@@ -161,6 +161,9 @@ class _Message:
     too_big: bool = False
     bare_lf: bool = False
     too_long: bool = False
+    # Whether the previous DATA line ended in CRLF: only CRLF "." CRLF ends a message,
+    # so a "\n.\r\n" inside the body cannot smuggle a second transaction.
+    after_crlf: bool = True
 
     def rejection(self) -> str | None:
         if self.too_big:
@@ -469,9 +472,10 @@ class SmtpSession(smtp.ESMTP):
         assert message is not None
         crlf = line.endswith(b"\r\n")
         content = line[:-2] if crlf else line[:-1]
-        if crlf and content.rstrip(b" \t") == b".":
+        if crlf and message.after_crlf and content.rstrip(b" \t") == b".":
             self._end_of_data()
             return
+        message.after_crlf = crlf
         message.wire_bytes += len(line)
         if not crlf or b"\0" in content:
             message.bare_lf = True
