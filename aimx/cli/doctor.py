@@ -1,0 +1,32 @@
+"""``aimx doctor``: print the health report and exit 1 when something is broken.
+
+Reads ``config.toml``, so in practice it runs as root. Warnings and notes
+never change the exit code; failing checks and mailboxes whose owner does
+not exist do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from aimx import doctor
+from aimx.cli.mailboxes import load_config
+from aimx.cli.main import CommandError
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        "doctor", parents=parents,
+        description="check configuration, service, mailboxes, ownership and DNS",
+        help="check configuration, service, mailboxes, ownership and DNS",
+    )
+
+
+def run(args: argparse.Namespace, probes: doctor.Probes | None = None) -> int:
+    config = load_config(args)
+    report = doctor.build_report(config, probes)
+    print("\n".join(report.lines), flush=True)
+    if report.failure:
+        raise CommandError(report.failure)
+    return 0

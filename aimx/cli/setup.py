@@ -1,0 +1,30 @@
+"""``aimx setup [domain] [--verify-host URL]``: the install wizard (root)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from aimx.cli.main import CommandError
+from aimx.setup import SetupError, run_setup
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "setup", parents=parents, usage="aimx setup [--verify-host URL]",
+        description="set up this server: port 25, DNS, TLS, trust policy and the service",
+        help="set up this server (root)",
+    )
+    parser.add_argument("domain", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--verify-host", metavar="URL",
+                        help="port-25 verifier service (default: config verify_host, "
+                             "else https://check.aimx.email)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return run_setup(args.domain, verify_host=args.verify_host,
+                         data_dir=getattr(args, "data_dir", None))
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
