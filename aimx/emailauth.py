@@ -323,7 +323,11 @@ def _dmarc_record(domain: str, resolver: Any, budget: Budget) -> dict[str, str] 
 def check_dmarc(parsed: _ParsedFrom, *, dkim_domains: Sequence[str], spf_result: str,
                 spf_domain: str, resolver: Any, budget: Budget) -> str:
     """pass if SPF or DKIM passed aligned with the author domain; none without a
-    record, without a single author domain, or when neither passed; else fail."""
+    record or without a single author domain; else fail.
+
+    Unlike the reference, a domain that publishes DMARC gets ``fail`` when
+    nothing passed at all: that is exactly what a spoof of it looks like.
+    """
     domains = {_domain_of(address) for address in parsed.from_addresses}
     if len(domains) != 1 or "" in domains:
         return "none"
@@ -337,8 +341,6 @@ def check_dmarc(parsed: _ParsedFrom, *, dkim_domains: Sequence[str], spf_result:
         log.info("dmarc=fail domain=%s reason=%s", author, kv(str(exc)))
         return "fail"
     if record is None:
-        return "none"
-    if spf_result != "pass" and not dkim_domains:
         return "none"
     aspf = record.get("aspf", "r").lower()
     adkim = record.get("adkim", "r").lower()

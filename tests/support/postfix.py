@@ -1,0 +1,347 @@
+"""A private Postfix instance for interop tests, and DKIM checks with OpenDKIM's tools.
+
+Postfix (the Debian package) runs from its own config directory in a temp
+dir (``postfix -c <dir> start``), listens on one loopback address, delivers
+its virtual domain into Maildirs and relays other domains through a
+transport map, all without touching the system's Postfix configuration or
+doing any DNS: relay targets are IP literals and client name lookups are
+off.
+
+``opendkim-testmsg`` verifies through the C library resolver, which only
+reads ``/etc/resolv.conf``; ``opendkim_verify`` therefore runs it in a
+private mount namespace whose ``resolv.conf`` names a ``DnsRelay`` on
+port 53 of a loopback address, forwarding to the test's twisted.names
+server. The host's own ``resolv.conf`` is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+PACKAGES = ("postfix", "opendkim-tools")
+DEBCONF = ("postfix postfix/main_mailer_type select No configuration\n"
+           "postfix postfix/mailname string localhost\n")
+
+
+def _missing() -> list[str]:
+    tools = {"postfix": "/usr/sbin/postfix", "opendkim-tools": "/usr/sbin/opendkim-testmsg"}
+    return [pkg for pkg in PACKAGES if not os.path.exists(tools[pkg])]
+
+
+def ensure_installed() -> str | None:
+    """Install Postfix and opendkim-tools with apt if missing; the reason to skip, or None."""
+    if os.geteuid() != 0:
+        return "needs root: runs Postfix on port 25 and installs Debian packages"
+    if not _missing():
+        return None
+    if not shutil.which("apt-get"):
+        return f"{', '.join(_missing())} missing and apt-get is not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["debconf-set-selections"], input=DEBCONF, text=True, env=env,
+                   capture_output=True, check=False)
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *_missing()]
+    for attempt in range(2):
+        if attempt:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False,
+                           timeout=300)
+        try:
+            done = subprocess.run(install, env=env, capture_output=True, text=True,
+                                  check=False, timeout=600)
+        except subprocess.TimeoutExpired:
+            continue
+        if done.returncode == 0 and not _missing():
+            return None
+    return f"could not install {', '.join(_missing())} with apt-get"
+
+
+# The listener names its address here rather than in ``inet_interfaces``: Postfix
+# refuses an ``inet_interfaces`` address that no interface carries, and loopback
+# aliases such as 127.0.0.4 are routed to ``lo`` without being configured on it.
+MASTER_CF = """\
+{address}:25 inet n     -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """One Postfix instance: ``address:25``, Maildirs for ``domain``, relays by ``transports``.
+
+    ``users`` are the local parts that have a Maildir (delivered as
+    ``uid``/``gid``); ``transports`` maps a domain to a host (an IP literal)
+    reached on port 25 from ``address``.
+    """
+
+    def __init__(self, *, address: str, domain: str, users: tuple[str, ...],
+                 transports: Mapping[str, str], uid: int, gid: int) -> None:
+        self.address = address
+        self.domain = domain
+        self.users = users
+        self.transports = dict(transports)
+        self.uid, self.gid = uid, gid
+        self.base = Path(tempfile.mkdtemp(prefix="aimx-postfix-"))
+        self.base.chmod(0o755)
+        self.config_dir = self.base / "etc"
+        self.vmail = self.base / "vmail"
+        self.log_path = self.base / "maillog"
+        self.started = False
+
+    def _write_config(self) -> None:
+        self.config_dir.mkdir()
+        self.vmail.mkdir()
+        os.chown(self.vmail, self.uid, self.gid)
+        (self.base / "data").mkdir()
+        os.chown(self.base / "data", _postfix_uid(), 0)
+        (self.config_dir / "vmailbox").write_text(
+            "".join(f"{user}@{self.domain} {user}/Maildir/\n" for user in self.users))
+        (self.config_dir / "transport").write_text(
+            "".join(f"{domain} smtp:[{host}]:25\n" for domain, host in self.transports.items()))
+        (self.base / "queue").mkdir()
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(address=self.address))
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.base / "queue"),
+            "data_directory": str(self.base / "data"),
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": f"mx.{self.domain}",
+            "mydomain": self.domain,
+            "myorigin": self.domain,
+            "mydestination": "",
+            "inet_interfaces": "loopback-only",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtp_bind_address": self.address,
+            "smtp_helo_name": f"mx.{self.domain}",
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "smtpd_peername_lookup": "no",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "virtual_mailbox_domains": self.domain,
+            "virtual_mailbox_base": str(self.vmail),
+            "virtual_mailbox_maps": f"texthash:{self.config_dir / 'vmailbox'}",
+            "virtual_uid_maps": f"static:{self.uid}",
+            "virtual_gid_maps": f"static:{self.gid}",
+            "virtual_minimum_uid": "1",
+            "transport_maps": f"texthash:{self.config_dir / 'transport'}",
+            "alias_maps": "",
+            "alias_database": "",
+            "local_recipient_maps": "",
+            "append_dot_mydomain": "no",
+            "biff": "no",
+            "maillog_file": str(self.log_path),
+            "maillog_file_prefixes": str(self.base),
+            "smtp_tls_security_level": "may",
+            "smtpd_tls_security_level": "none",
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+        }
+        (self.config_dir / "main.cf").write_text(
+            "".join(f"{key} = {value}\n" for key, value in settings.items()))
+
+    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["postfix", "-c", str(self.config_dir), *args],
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def start(self) -> Postfix:
+        self._write_config()
+        done = self._postfix("start", check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {done.stdout}{done.stderr}\n"
+                               f"{self.log_text()}")
+        self.started = True
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection((self.address, 25), timeout=2) as sock:
+                    sock.settimeout(5)
+                    if sock.recv(512).startswith(b"220"):
+                        sock.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postfix never answered on {self.address}:25\n"
+                                   f"{self.log_text()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.started:
+            self._postfix("stop", check=False)
+            # master waits for its children; make sure nothing lingers on the address.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self._listening():
+                time.sleep(0.2)
+            if self._listening():
+                self._postfix("abort", check=False)
+            self.started = False
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.address, 25), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def maildir_messages(self, user: str) -> list[Path]:
+        new = self.vmail / user / "Maildir" / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    def wait_for_message(self, user: str, needle: bytes, timeout: float = 30.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in self.maildir_messages(user):
+                data = path.read_bytes()
+                if needle in data:
+                    return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no Maildir message with {needle!r} for {user}:\n"
+                                     f"{self.log_text()[-4000:]}")
+            time.sleep(0.2)
+
+    def __enter__(self) -> Postfix:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _postfix_uid() -> int:
+    import pwd
+
+    return pwd.getpwnam("postfix").pw_uid
+
+
+class DnsRelay:
+    """Forward DNS from ``address:53`` (UDP and TCP) to a test server on 127.0.0.1."""
+
+    def __init__(self, address: str, upstream_port: int) -> None:
+        self.address = address
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((address, 53))
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((address, 53))
+        self.tcp.listen(8)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                         threading.Thread(target=self._serve_tcp, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve_udp(self) -> None:
+        self.udp.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                query, client = self.udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                up.settimeout(3)
+                try:
+                    up.sendto(query, self.upstream)
+                    answer, _ = up.recvfrom(65535)
+                    self.udp.sendto(answer, client)
+                except OSError:
+                    continue
+
+    def _serve_tcp(self) -> None:
+        self.tcp.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, socket.create_connection(self.upstream, timeout=3) as up:
+                conn.settimeout(3)
+                try:
+                    head = _recv_all(conn, 2)
+                    up.sendall(head + _recv_all(conn, int.from_bytes(head, "big")))
+                    head = _recv_all(up, 2)
+                    conn.sendall(head + _recv_all(up, int.from_bytes(head, "big")))
+                except OSError:
+                    continue
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+    def __enter__(self) -> DnsRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _recv_all(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("short read")
+        data += chunk
+    return data
+
+
+def opendkim_verify(message: bytes, *, nameserver: str) -> tuple[int, str]:
+    """``opendkim-testmsg`` in verify mode, resolving through ``nameserver`` (port 53).
+
+    Returns (exit code, output); 0 with no output means every signature verified.
+    """
+    with tempfile.TemporaryDirectory(prefix="aimx-odkim-") as tmp:
+        resolv = Path(tmp) / "resolv.conf"
+        resolv.write_text(f"nameserver {nameserver}\noptions attempts:2 timeout:2\n")
+        script = 'mount --bind "$1" /etc/resolv.conf && exec opendkim-testmsg -t "$2"'
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+             str(resolv), tmp],
+            input=message, capture_output=True, timeout=60, check=False)
+        return done.returncode, (done.stdout + done.stderr).decode("utf-8", "replace")
