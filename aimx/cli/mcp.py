@@ -1,0 +1,21 @@
+"""``aimx mcp``: the stdio MCP server an agent spawns (spec 50 §2.5, §3)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        "mcp", parents=parents,
+        description="run the stdio MCP server for AI agents (stdout carries protocol only)",
+        help="run the stdio MCP server for AI agents",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so other commands do not pay for the MCP SDK's imports.
+    from aimx.mcpserver import run_stdio
+
+    return run_stdio()
