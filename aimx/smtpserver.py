@@ -43,6 +43,8 @@ MAX_SESSIONS_PER_IP = 20
 MAX_CONSECUTIVE_ERRORS = 20
 IDLE_TIMEOUT_SECS = 300.0
 IDLE_TIMEOUT_ENV = "AIMX_SMTP_IDLE_TIMEOUT"
+SESSION_DEADLINE_SECS = 600.0  # a connection's whole life, so a trickling client frees its slot
+SESSION_DEADLINE_ENV = "AIMX_SMTP_SESSION_DEADLINE"
 
 # Replies whose exact text operators grep for and clients branch on (spec 30 §1.3, D12-D14).
 R_OK = "250 2.0.0 OK"
@@ -72,17 +74,22 @@ R_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors"
 R_IDLE = "421 4.4.2 Idle timeout exceeded"
 R_DATA_TIMEOUT = "421 4.4.2 Timeout during DATA"
+R_DEADLINE = "421 4.4.2 Connection timed out"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 
 _VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "STARTTLS"})
 
 
-def idle_timeout_from_env() -> float:
-    value = os.environ.get(IDLE_TIMEOUT_ENV)
+def _seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name)
     try:
-        return float(value) if value else IDLE_TIMEOUT_SECS
+        return float(value) if value else default
     except ValueError:
-        return IDLE_TIMEOUT_SECS
+        return default
+
+
+def idle_timeout_from_env() -> float:
+    return _seconds_from_env(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT_SECS)
 
 
 @attrs.define
@@ -93,6 +100,7 @@ class Limits:
     max_per_ip: int = MAX_SESSIONS_PER_IP
     max_errors: int = MAX_CONSECUTIVE_ERRORS
     idle_timeout: float = IDLE_TIMEOUT_SECS
+    session_deadline: float = SESSION_DEADLINE_SECS
 
 
 # -- pure helpers -------------------------------------------------------------
@@ -178,6 +186,32 @@ class _Message:
 # -- the protocol ---------------------------------------------------------------
 
 
+def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_from: str,
+                   helo: str | None, rcpts: list[str]) -> tuple[Any, list[Any],
+                                                               list[tuple[str, str]]]:
+    """Blocking: analyse ``raw`` once, then deliver it to each recipient in turn.
+
+    Returns (analysis or None, stored results, (rcpt, reason) failures).
+    """
+    from aimx import ingest
+
+    stored: list[Any] = []
+    failures: list[tuple[str, str]] = []
+    try:
+        analysis = ingest.analyse(config, raw, peer_ip=peer_ip, mail_from=mail_from, helo=helo)
+    except ingest.IngestError as exc:
+        return None, stored, [(rcpt, str(exc)) for rcpt in rcpts]
+    for rcpt in rcpts:
+        try:
+            stored.append(ingest.deliver(config, store, analysis, rcpt))
+        except ingest.IngestError as exc:
+            failures.append((rcpt, str(exc)))
+        except Exception as exc:  # an unexpected bug must not lose the session
+            log.exception("delivery to %s crashed", kv(rcpt))
+            failures.append((rcpt, f"internal error: {exc}"))
+    return analysis, stored, failures
+
+
 class SmtpSession(smtp.ESMTP):
     """One inbound SMTP connection."""
 
@@ -228,9 +262,25 @@ class SmtpSession(smtp.ESMTP):
         self.canStartTLS = (self.ctx is not None and ITLSTransport.providedBy(self.transport))
         self._send(f"220 {self.factory.daemon.config.domain} ESMTP aimx")
         self.setTimeout(self.timeout)
+        self._deadline = self.factory.daemon.reactor.callLater(
+            self.factory.limits.session_deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        """The connection's overall time is up; a message being stored finishes first."""
+        if self._closed:
+            return
+        if self._busy:
+            self._deadline = self.factory.daemon.reactor.callLater(1, self._deadline_reached)
+            return
+        self._outcome = "timeout"
+        self._send(R_DEADLINE)
+        self._close("timeout")
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         was_closed = self._closed
         self._closed = True
         if self._counted:
@@ -550,45 +600,33 @@ class SmtpSession(smtp.ESMTP):
         reactor = self.factory.daemon.reactor
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
 
-    @defer.inlineCallbacks
-    def _store(self, raw: bytes, mail_from: str, rcpts: list[str]) -> Any:
-        """Analyse once, deliver to each recipient in turn; returns the reply text."""
-        from aimx import ingest
+    def _store(self, raw: bytes, mail_from: str, rcpts: list[str]) -> defer.Deferred[str]:
+        """Analyse once, deliver to each recipient in turn; fires with the reply text.
 
+        The whole message is handled in one worker-thread job: one hop off the
+        reactor and one back per message, whatever the number of recipients.
+        """
         daemon = self.factory.daemon
         config = daemon.config  # the live config: routing is re-checked now (D4)
-        stored: list[Any] = []
-        failures: list[tuple[str, str]] = []
-        analysis = None
-        try:
-            analysis = yield self._in_thread(
-                ingest.analyse, config, raw, peer_ip=self.peer_ip, mail_from=mail_from,
-                helo=self._helo_name)
-        except ingest.IngestError as exc:
-            failures = [(rcpt, str(exc)) for rcpt in rcpts]
-        if analysis is not None:
-            for rcpt in rcpts:
-                try:
-                    result = yield self._in_thread(ingest.deliver, config, daemon.store,
-                                                   analysis, rcpt)
-                except ingest.IngestError as exc:
-                    failures.append((rcpt, str(exc)))
-                except Exception as exc:  # an unexpected bug must not lose the session
-                    log.exception("delivery to %s crashed", kv(rcpt))
-                    failures.append((rcpt, f"internal error: {exc}"))
-                else:
-                    stored.append(result)
-        reply = outcome_reply(len(stored), len(failures))
-        for rcpt, reason in failures:
-            log.warning("delivery failed peer=%s rcpt=%s: %s", kv(self.peer_ip), kv(rcpt),
-                        reason)
-        message_id = getattr(getattr(analysis, "parsed", None), "message_id", None) or ""
-        log.info("message peer=%s helo=%s from=%s rcpts=%d stored=%d failed=%d size=%d "
-                 "message_id=%s reply=%s", kv(self.peer_ip), kv(self._helo_name or "-"),
-                 kv(mail_from or "<>"), len(rcpts), len(stored), len(failures), len(raw),
-                 kv(message_id or "-"), reply[:3])
-        self._pending_hooks = (config, stored)
-        return reply
+        d = self._in_thread(ingest_message, config, daemon.store, raw, peer_ip=self.peer_ip,
+                            mail_from=mail_from, helo=self._helo_name, rcpts=rcpts)
+
+        def replied(outcome: tuple[Any, list[Any], list[tuple[str, str]]]) -> str:
+            analysis, stored, failures = outcome
+            reply = outcome_reply(len(stored), len(failures))
+            for rcpt, reason in failures:
+                log.warning("delivery failed peer=%s rcpt=%s: %s", kv(self.peer_ip), kv(rcpt),
+                            reason)
+            message_id = getattr(getattr(analysis, "parsed", None), "message_id", None) or ""
+            log.info("message peer=%s helo=%s from=%s rcpts=%d stored=%d failed=%d size=%d "
+                     "message_id=%s reply=%s", kv(self.peer_ip), kv(self._helo_name or "-"),
+                     kv(mail_from or "<>"), len(rcpts), len(stored), len(failures), len(raw),
+                     kv(message_id or "-"), reply[:3])
+            self._pending_hooks = (config, stored)
+            return reply
+
+        d.addCallback(replied)
+        return d
 
     def _fire_hooks(self, config: Any, results: list[Any]) -> None:
         hooks = self.factory.daemon.hooks
@@ -625,7 +663,10 @@ class SmtpFactory(protocol.ServerFactory):
                  limits: Limits | None = None) -> None:
         self.daemon = daemon
         self.tls_context = tls_context
-        self.limits = limits or Limits(idle_timeout=idle_timeout_from_env())
+        self.limits = limits or Limits(
+            idle_timeout=idle_timeout_from_env(),
+            session_deadline=_seconds_from_env(SESSION_DEADLINE_ENV, SESSION_DEADLINE_SECS),
+        )
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.draining = False

@@ -616,6 +616,24 @@ def test_idle_timeout(owners: tuple[str, str]) -> None:
         assert "outcome=timeout" in daemon.log_text()
 
 
+def test_session_deadline_frees_a_trickling_client(owners: tuple[str, str]) -> None:
+    """A client that keeps the idle timer happy still loses its slot at the deadline."""
+    config = {"domain": DOMAIN, "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": owners[0]}}}
+    env = {"AIMX_SMTP_SESSION_DEADLINE": "2", "AIMX_SMTP_IDLE_TIMEOUT": "1"}
+    with RunningDaemon(config, env=env) as daemon, greeted(daemon) as wire:
+        started = time.monotonic()
+        reply = ""
+        while time.monotonic() - started < 10:
+            reply = wire.cmd("NOOP")  # every 0.5 s: never idle for a whole second
+            if reply != "250 2.0.0 OK":
+                break
+            time.sleep(0.5)
+        assert reply == "421 4.4.2 Connection timed out"
+        assert wire.eof()
+        assert 1.5 < time.monotonic() - started < 5
+
+
 def test_socket_is_alive_during_tests(plain: RunningDaemon) -> None:
     """The fixture's daemon answers on its Unix socket too (the API listener)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
