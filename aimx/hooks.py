@@ -26,6 +26,7 @@ concurrent ``aimx ingest`` does not fire again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import grp
 import hashlib
@@ -385,6 +386,71 @@ class FiredLog:
 # One hook process
 
 
+class PendingHooks:
+    """Stored emails whose ``on_receive`` hooks have not been claimed yet.
+
+    The SMTP path records one small fsync'd marker per stored email that has
+    hooks to run, before its 250; the runner removes it once it has decided
+    (fired or skipped). Markers still present at start-up are emails a crash
+    stored but never woke anyone for, and the daemon fires them then. The
+    fired-once log keeps that replay from firing anything twice. Blocking.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / "hooks-pending"
+
+    def _marker(self, path: str) -> Path:
+        return self.dir / hashlib.sha256(path.encode()).hexdigest()
+
+    def add(self, mailbox: str, path: str) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker = self._marker(path)
+        temp = marker.with_name(f".{marker.name}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"mailbox": mailbox, "path": path}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, marker)
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._marker(path))
+
+    def entries(self) -> list[tuple[str, str]]:
+        """(mailbox, path) of every pending email; unreadable markers are dropped."""
+        found = []
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            marker = self.dir / name
+            try:
+                data = json.loads(marker.read_text())
+                found.append((str(data["mailbox"]), str(data["path"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                with contextlib.suppress(OSError):
+                    marker.unlink()
+        return found
+
+
+def has_receive_hooks(config: Any, mailbox_name: str, fields: Any) -> bool:
+    """Whether a stored email will run at least one ``on_receive`` hook (trust gate applied)."""
+    mailbox = config.mailboxes.get(mailbox_name)
+    if mailbox is None or mailbox.is_catchall(config.domain):
+        return False
+    trusted = str(fields.get("trusted") or "none") == "true"
+    return any(hook.event == ON_RECEIVE and (trusted or hook.fire_on_untrusted)
+               for hook in mailbox.hooks)
+
+
 class _HookProcess(protocol.ProcessProtocol):
     """Feeds stdin, keeps output tails, enforces the timeout, reports when done.
 
@@ -517,6 +583,7 @@ class HookRunner:
                  sandbox: str = "auto") -> None:
         self._reactor = reactor
         self.fired = FiredLog(Path(state_dir))
+        self.pending = PendingHooks(Path(state_dir))
         self.sandbox = choose_sandbox(sandbox)
         self.max_running = max_running
         self._slots = defer.DeferredSemaphore(max_running)
@@ -538,6 +605,38 @@ class HookRunner:
         except Exception:
             log.exception(f"on_receive hooks for mailbox={mailbox_name} failed to start")
             return defer.succeed([])
+
+    def replay_pending(self, config: Any) -> defer.Deferred[int]:
+        """Fire the hooks of emails a crash stored but never fired; fires with their count."""
+
+        def load() -> list[Any]:
+            from aimx import frontmatter
+            from aimx.ingest import IngestResult
+
+            results = []
+            for mailbox, path in self.pending.entries():
+                try:
+                    fields, _body = frontmatter.read_email(Path(path).read_bytes())
+                except (OSError, frontmatter.FrontmatterError) as exc:
+                    log.warning(f"pending hooks for {path} dropped: {exc}")
+                    self.pending.remove(path)
+                    continue
+                results.append(IngestResult(status="stored", mailbox=mailbox,
+                                            email_id=Path(path).stem, path=Path(path),
+                                            fields=fields))
+            return results
+
+        def fire(results: list[Any]) -> int:
+            for result in results:
+                log.info(f"replaying on_receive hooks after a restart mailbox={result.mailbox} "
+                         f"email_id={result.email_id}")
+                self.fire_on_receive(config, result.mailbox, result)
+            return len(results)
+
+        d = self._in_thread(load)
+        d.addCallback(fire)
+        d.addErrback(lambda f: (log.error(f"hook replay failed: {f.getTraceback()}"), 0)[1])
+        return d
 
     def fire_after_send(self, config: Any, mailbox_name: str,
                         info: AfterSendInfo) -> defer.Deferred[list[HookOutcome]]:
@@ -607,6 +706,11 @@ class HookRunner:
                  stdin_path=filepath, log_id=log_id_field(email_id, message_id))
             for hook in eligible
         ]
+        if filepath:
+            # Decided from here on: a crash replay must not fire this email again.
+            self._in_thread(self.pending.remove, filepath).addErrback(
+                lambda f: log.warning(f"hook pending marker for {filepath}: "
+                                      f"{f.getErrorMessage()}"))
         if not message_id:
             return self._run_in_order(jobs)
         claimed = self._in_thread(self.fired.claim, mailbox_name, message_id)

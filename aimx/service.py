@@ -248,6 +248,10 @@ class AimxService(service.Service):
             log.warning("cannot write pid file %s: %s", self.pid_path, exc.strerror)
         # After the reactor's own handlers, which it installs as it starts running.
         self.reactor.callWhenRunning(self._install_signal_handlers)
+        if self.daemon.hooks is not None:
+            # Emails a crash stored before their hooks were claimed get them now.
+            self.reactor.callWhenRunning(lambda: self.daemon.track(
+                self.daemon.hooks.replay_pending(self.daemon.config)))
         config = self.daemon.config
         log.info("aimx daemon started pid=%d domain=%s smtp=%s tls=%s socket=%s data_dir=%s",
                  os.getpid(), kv(config.domain), kv(self.bind),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,29 @@ import pytest
 from tests.support.users import LinuxUser, ensure_user
 
 TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
+_OWN_BASETEMP: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each run its own base temp dir under /tmp.
+
+    Tests run clients and hooks as unprivileged users inside tmp_path, so its
+    parents must stay traversable; pytest's shared /tmp/pytest-of-<user> is
+    reset to 0700 by any other pytest run starting on the host.
+    """
+    if not config.option.basetemp:
+        config.option.basetemp = tempfile.mkdtemp(prefix="aimx-tests-")
+        _OWN_BASETEMP.append(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in _OWN_BASETEMP:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _traversable_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory.getbasetemp().chmod(0o711)
 
 
 @pytest.fixture
