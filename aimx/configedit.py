@@ -41,6 +41,7 @@ from aimx.config import (
     parse_config_text,
     toml_lines,
 )
+from aimx.fsutil import write_atomic
 
 NEW_FILE_MODE = 0o640
 
@@ -56,18 +57,6 @@ class ConfigEditError(Exception):
 
 # --------------------------------------------------------------------------- writing
 
-def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp.{os.getpid()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_config_text(path: os.PathLike[str] | str, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably, keeping mode, uid and gid.
 
@@ -76,39 +65,16 @@ def write_config_text(path: os.PathLike[str] | str, text: str) -> None:
     no temp file is left behind on failure. Raises ``ConfigEditError("IO", …)``.
     """
     target = Path(os.path.realpath(path))
-    temp = _temp_path(target)
     try:
         try:
             info = os.stat(target)
-            mode, uid, gid = stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid
+            mode, owner = stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
         except FileNotFoundError:
             mode = NEW_FILE_MODE
-            uid, gid = (0, 0) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            created = os.fstat(fd)
-            if (created.st_uid, created.st_gid) != (uid, gid):
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)  # after chown (which clears set-id bits); umask-proof
-            view = memoryview(text.encode("utf-8"))
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, target)
+            owner = (0, 0) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        write_atomic(target, text.encode("utf-8"), mode, owner=owner)
     except OSError as err:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
         raise ConfigEditError("IO", f"failed to write {target}: {err.strerror or err}") from None
-    try:
-        _fsync_dir(target.parent)
-    except OSError as err:
-        raise ConfigEditError(
-            "IO", f"failed to sync {target.parent}: {err.strerror or err}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- text layout

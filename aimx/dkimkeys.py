@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aimx import paths
+from aimx.fsutil import write_atomic
 
 PRIVATE_KEY_NAME = "private.key"
 PUBLIC_KEY_NAME = "public.key"
@@ -66,38 +67,6 @@ def new_keypair(bits: int = KEY_BITS) -> KeyPair:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return KeyPair(private_pem, public_pem)
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temp file with ``mode`` from the first byte.
-
-    The temp file is created with the final mode, so a private key is never
-    readable by others, not even for an instant, and readers see either the
-    old file or the complete new one.
-    """
-    temp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed the mode given to open()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def install_keypair(pair: KeyPair, dkim_dir: os.PathLike[str] | str | None = None) -> None:

@@ -46,6 +46,7 @@ from twisted.internet import defer, error, protocol, threads
 from twisted.internet.process import ProcessReader
 from twisted.python import failure
 
+from aimx.fsutil import write_atomic
 from aimx.logs import logger
 
 log = logger("aimx::hook")
@@ -404,20 +405,8 @@ class PendingHooks:
 
     def add(self, mailbox: str, path: str) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        marker = self._marker(path)
-        temp = marker.with_name(f".{marker.name}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps({"mailbox": mailbox, "path": path}).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, marker)
-        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self._marker(path), json.dumps({"mailbox": mailbox, "path": path}).encode(),
+                     0o600)
 
     def remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

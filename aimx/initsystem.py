@@ -28,7 +28,7 @@ from pathlib import Path
 import attrs
 
 from aimx import paths
-from aimx.dkimkeys import write_atomic
+from aimx.fsutil import write_atomic
 
 SYSTEMD = "systemd"
 OPENRC = "openrc"

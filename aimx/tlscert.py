@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from aimx.dkimkeys import write_atomic
+from aimx.fsutil import write_atomic
 
 DEFAULT_TLS_DIR = Path("/etc/ssl/aimx")
 TLS_DIR_ENV = "AIMX_TLS_DIR"
