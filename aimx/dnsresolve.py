@@ -14,7 +14,9 @@ and ``TempFailure`` (SERVFAIL, timeout, budget spent, no usable resolver).
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -26,6 +28,9 @@ import dns.resolver
 
 PER_QUERY_SECONDS = 5.0
 TOTAL_SECONDS = 15.0
+MAX_POSITIVE_TTL = 300.0
+MAX_NEGATIVE_TTL = 60.0
+CACHE_ENTRIES = 4096
 
 
 class DnsError(Exception):
@@ -78,7 +83,9 @@ def parse_resolver_address(entry: str) -> tuple[str, int]:
 
 
 def make_resolver(resolvers: Sequence[str], *, timeout: float = PER_QUERY_SECONDS,
-                  lifetime: float = PER_QUERY_SECONDS) -> dns.resolver.Resolver:
+                  lifetime: float = PER_QUERY_SECONDS,
+                  factory: type[dns.resolver.Resolver] = dns.resolver.Resolver,
+                  ) -> dns.resolver.Resolver:
     """A dnspython resolver: the system's when ``resolvers`` is empty, else exactly those.
 
     ``timeout`` bounds one attempt at one server, ``lifetime`` one whole query;
@@ -86,17 +93,108 @@ def make_resolver(resolvers: Sequence[str], *, timeout: float = PER_QUERY_SECOND
     """
     try:
         if resolvers:
-            resolver = dns.resolver.Resolver(configure=False)
+            resolver = factory(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_resolver_address(r))
                                     for r in resolvers]
         else:
-            resolver = dns.resolver.Resolver()
+            resolver = factory()
     except dns.exception.DNSException as exc:
         raise ResolverConfigError(f"cannot configure the system DNS resolver: {exc}") from exc
     resolver.timeout = timeout
     resolver.lifetime = lifetime
-    resolver.cache = None  # answers live only as long as one Budget, never across messages
+    resolver.cache = None  # dnspython's own cache stays off: see Budget and AnswerCache
     return resolver
+
+
+class AnswerCache:
+    """Answers shared by every message, each until its own DNS TTL runs out (capped).
+
+    Thread-safe; bounded to ``max_entries`` (least recently used dropped first).
+    """
+
+    def __init__(self, *, max_entries: int = CACHE_ENTRIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple | DnsError]] = \
+            OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, str]) -> tuple | DnsError | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            expires, result = found
+            if expires <= self.clock():
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return result
+
+    def put(self, key: tuple[str, str], result: tuple | DnsError, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (self.clock() + ttl, result)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class SharedResolver(dns.resolver.Resolver):
+    """A resolver that carries an ``AnswerCache`` (see ``shared_resolver``)."""
+
+    answers: AnswerCache
+
+
+_shared: dict[tuple[str, ...], SharedResolver] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_resolver(resolvers: Sequence[str]) -> SharedResolver:
+    """The process-wide resolver for this ``dns_resolvers`` list, with its answer cache.
+
+    Built once per distinct list (a config reload that changes the list gets
+    a fresh one, with an empty cache). Raises ``ResolverConfigError`` like
+    ``make_resolver``.
+    """
+    key = tuple(resolvers)
+    with _shared_lock:
+        resolver = _shared.get(key)
+        if resolver is None:
+            resolver = make_resolver(key, factory=SharedResolver)
+            resolver.answers = AnswerCache()
+            _shared[key] = resolver
+        return resolver
+
+
+def _positive_ttl(answer: dns.resolver.Answer) -> float:
+    rrset = answer.rrset
+    ttl = float(rrset.ttl) if rrset is not None else 0.0
+    return min(ttl, MAX_POSITIVE_TTL)
+
+
+def _negative_ttl(exc: Exception) -> float:
+    """RFC 2308: the negative TTL is min(SOA TTL, SOA MINIMUM); 0 without an SOA."""
+    try:
+        if isinstance(exc, dns.resolver.NXDOMAIN):
+            responses = list(exc.responses().values())
+        else:
+            responses = [exc.response()]  # type: ignore[attr-defined]
+        ttls = [min(rrset.ttl, rrset[0].minimum)
+                for response in responses for rrset in response.authority
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
+    except Exception:  # noqa: BLE001 - an odd response is simply not cached
+        return 0.0
+    return min(min(ttls), MAX_NEGATIVE_TTL) if ttls else 0.0
 
 
 @attrs.define
@@ -135,17 +233,33 @@ def _resolve(resolver: dns.resolver.Resolver, name: str, rdtype: str,
         raise cached
     if cached is not None:
         return cached
+    shared: AnswerCache | None = getattr(resolver, "answers", None)
+    if shared is not None:
+        cached = shared.get(key)
+        if isinstance(cached, DnsError):
+            # A fresh exception per message: re-raising one shared instance from many
+            # threads would keep growing its traceback.
+            error = type(cached)(str(cached))
+            budget.cache[key] = error
+            raise error
+        if cached is not None:
+            budget.cache[key] = cached
+            return cached
+    ttl = 0.0
     try:
         lifetime = budget.next_query_seconds()
         qname = dns.name.from_text(key[0] or ".")
         answer = resolver.resolve(qname, rdtype, lifetime=lifetime, search=False)
         result: tuple | DnsError = tuple(answer)
+        ttl = _positive_ttl(answer)
     except DnsError as exc:
         result = exc  # the budget ran out: remembered so later asks fail fast too
-    except dns.resolver.NXDOMAIN:
+    except dns.resolver.NXDOMAIN as exc:
         result = NxDomain(f"{key[0]}: no such domain")
-    except dns.resolver.NoAnswer:
+        ttl = _negative_ttl(exc)
+    except dns.resolver.NoAnswer as exc:
         result = NoAnswer(f"{key[0]}: no {rdtype} record")
+        ttl = _negative_ttl(exc)
     except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
             dns.name.BadEscape, dns.name.IDNAException) as exc:
         result = NxDomain(f"{key[0]!r}: not a valid DNS name ({exc})")
@@ -158,6 +272,8 @@ def _resolve(resolver: dns.resolver.Resolver, name: str, rdtype: str,
     except OSError as exc:  # e.g. no route to the configured server
         result = TempFailure(f"{key[0]} {rdtype}: network error ({exc})")
     budget.cache[key] = result
+    if shared is not None and ttl > 0 and isinstance(result, tuple | NxDomain | NoAnswer):
+        shared.put(key, result, ttl)
     if isinstance(result, DnsError):
         raise result
     return result
@@ -198,7 +314,7 @@ def ptr(resolver: dns.resolver.Resolver, name: str, budget: Budget | None = None
 
 
 __all__ = [
-    "PER_QUERY_SECONDS", "TOTAL_SECONDS", "Budget", "DnsError", "NoAnswer", "NxDomain",
-    "ResolverConfigError", "TempFailure", "a", "aaaa", "make_resolver", "mx",
-    "parse_resolver_address", "ptr", "txt",
+    "PER_QUERY_SECONDS", "TOTAL_SECONDS", "AnswerCache", "Budget", "DnsError", "NoAnswer",
+    "NxDomain", "ResolverConfigError", "SharedResolver", "TempFailure", "a", "aaaa",
+    "make_resolver", "mx", "parse_resolver_address", "ptr", "shared_resolver", "txt",
 ]

@@ -21,10 +21,12 @@ from typing import Any, Protocol
 
 import attrs
 import dkim
+import dkim.canonicalization
 import spf
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from publicsuffixlist import PublicSuffixList
 
 from aimx import dnsresolve
@@ -63,13 +65,22 @@ class SigningError(Exception):
 
 # --------------------------------------------------------------------------- helpers
 
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _head(raw: bytes) -> bytes:
+    """The header block: everything before the first blank line (no copy of the body)."""
+    end = _HEADER_END.search(raw)
+    return raw[:end.start()] if end is not None else raw
+
+
 def _header_fields(raw: bytes) -> list[tuple[str, str]]:
     """(name, unfolded value) for each header field of ``raw``, top down.
 
     Tolerant by design: it only has to find a few fields for authentication,
     so lines that are not fields are skipped rather than refused.
     """
-    head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+    head = _head(raw)
     fields: list[list[str]] = []
     for line in re.split(rb"\r?\n", head):
         text = line.decode("utf-8", "replace")
@@ -94,6 +105,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """The registrable domain per the Public Suffix List (``mail.example.com`` →
     ``example.com``); a public suffix itself, or a bare label, stays as given."""
@@ -115,6 +127,130 @@ def aligned(domain: str, author_domain: str, mode: str = "r") -> bool:
 
 
 # --------------------------------------------------------------------------- DKIM
+
+# dkimpy does its RSA arithmetic in pure Python: about 10 ms of CPU per 2048-bit
+# signature and a good part of a millisecond per verification, all of it holding the
+# GIL. Its two RSASSA-PKCS1-v1_5 primitives are replaced (in dkimpy's namespace, where
+# its sign and verify code looks them up) by OpenSSL's through ``cryptography``: the
+# same scheme over the same digest, so verdicts and signature bytes are identical.
+# Anything unusual (other hashes, short keys, odd signature lengths) goes to dkimpy's
+# own code.
+_dkimpy_rsa_sign = dkim.RSASSA_PKCS1_v1_5_sign
+_dkimpy_rsa_verify = dkim.RSASSA_PKCS1_v1_5_verify
+_OPENSSL_HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+@functools.lru_cache(maxsize=256)
+def _rsa_public_key(modulus: int, exponent: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+
+
+@functools.lru_cache(maxsize=8)
+def _rsa_private_key(numbers: tuple[int, ...]) -> rsa.RSAPrivateKey:
+    modulus, public_exponent, private_exponent, p, q, dmp1, dmq1, iqmp = numbers
+    return rsa.RSAPrivateNumbers(
+        p=p, q=q, d=private_exponent, dmp1=dmp1, dmq1=dmq1, iqmp=iqmp,
+        public_numbers=rsa.RSAPublicNumbers(public_exponent, modulus)).private_key()
+
+
+def _openssl_rsa_verify(digest: Any, signature: bytes, public_key: dict[str, int]) -> bool:
+    algorithm = _OPENSSL_HASHES.get(str(getattr(digest, "name", "")).lower())
+    modulus = public_key.get("modulus", 0)
+    if algorithm is None or modulus.bit_length() < 1024 \
+            or len(signature) != (modulus.bit_length() + 7) // 8:
+        return _dkimpy_rsa_verify(digest, signature, public_key)
+    try:
+        key = _rsa_public_key(modulus, public_key["publicExponent"])
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return _dkimpy_rsa_verify(digest, signature, public_key)
+    try:
+        key.verify(signature, digest.digest(), padding.PKCS1v15(), Prehashed(algorithm()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
+    algorithm = _OPENSSL_HASHES.get(str(getattr(digest, "name", "")).lower())
+    if algorithm is None or private_key.get("modulus", 0).bit_length() < 1024:
+        return _dkimpy_rsa_sign(digest, private_key)
+    try:
+        key = _rsa_private_key(tuple(private_key[name] for name in (
+            "modulus", "publicExponent", "privateExponent", "prime1", "prime2",
+            "exponent1", "exponent2", "coefficient")))
+    except (KeyError, ValueError, TypeError, UnsupportedAlgorithm):
+        return _dkimpy_rsa_sign(digest, private_key)
+    return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(algorithm()))
+
+
+dkim.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+
+# Two more hot spots of dkimpy's verification, replaced by exact equivalents:
+# - the public key in a DNS answer is parsed (pure-Python ASN.1) for every
+#   message; the parsed form of a given key never changes, so it is kept
+#   (dkimpy only reads the dict it gets);
+# - relaxed body canonicalization rewrites every single space between words
+#   with a single space. The same result comes from rewriting only what changes
+#   (tabs, runs of two or more) and from skipping the trailing-whitespace pass
+#   when no line ends in whitespace.
+_dkimpy_parse_public_key = dkim.parse_public_key
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_public_key(data: bytes) -> dict[str, Any]:
+    return _dkimpy_parse_public_key(data)
+
+
+_WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+
+
+def _compress_whitespace(content: bytes) -> bytes:
+    if b"\t" not in content and b"  " not in content:
+        return content  # only single spaces: nothing to compress
+    return _WSP_TO_COMPRESS.sub(b" ", content)
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return _TRAILING_WSP.sub(b"\r\n", content)
+
+
+_dkimpy_rfc822_parse = dkim.rfc822_parse
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_LEADING_BLANK_LINE = re.compile(rb"\r?\n")
+
+
+def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's message split, without running its line regex over the whole body.
+
+    dkimpy splits the entire message on ``\\r?\\n`` and joins the body back with
+    CRLF. Here only the header block goes through dkimpy's own parser; the body
+    gets the same CRLF normalisation by plain replacement (a no-op for SMTP input,
+    whose lines all end in CRLF).
+    """
+    if not isinstance(message, bytes):
+        return _dkimpy_rfc822_parse(message)
+    leading = _LEADING_BLANK_LINE.match(message)
+    if leading is not None:
+        head, body = b"", message[leading.end():]
+    else:
+        blank = _BLANK_LINE.search(message)
+        if blank is None:
+            return _dkimpy_rfc822_parse(message)
+        head, body = message[:blank.start() + 1], message[blank.end():]
+    headers, _ = _dkimpy_rfc822_parse(head)
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return headers, body
+
+
+dkim.parse_public_key = _parse_public_key
+dkim.rfc822_parse = _rfc822_parse
+dkim.canonicalization.compress_whitespace = _compress_whitespace
+dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 
 class _DkimpyLog:
     """dkimpy reports ordinary verification failures (missing key, bad hash) at
@@ -428,7 +564,7 @@ def sign(message: bytes, *, domain: str, selector: str, key_pem: bytes | str) ->
     if "from" not in present:
         raise SigningError("cannot sign: the message has no From header")
     include = [name.lower().encode() for name in SIGNED_HEADERS if name.lower() in present]
-    head = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+    head = _head(message)
     linesep = b"\r\n" if b"\r\n" in head or b"\n" not in head else b"\n"
     pem = key_pem.encode() if isinstance(key_pem, str) else key_pem
     try:

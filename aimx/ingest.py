@@ -67,9 +67,13 @@ Authenticator = Callable[..., emailauth.AuthResults]
 
 def _default_authenticate(config: Config, raw: bytes, parsed: ParsedMessage, *, peer_ip: str | None,
                           mail_from: str | None, helo: str | None) -> emailauth.AuthResults:
-    """DKIM, SPF and DMARC through the configured resolvers; all ``none`` if impossible."""
+    """DKIM, SPF and DMARC through the configured resolvers; all ``none`` if impossible.
+
+    The resolver is the process-wide one for this resolver list, so answers are
+    reused across messages within their TTL.
+    """
     try:
-        resolver = dnsresolve.make_resolver(config.dns_resolvers)
+        resolver = dnsresolve.shared_resolver(config.dns_resolvers)
     except dnsresolve.ResolverConfigError as exc:
         log.warning("no DNS resolver, authentication skipped: %s", kv(exc))
         resolver = None  # authenticate() then records none for all three
@@ -154,8 +158,9 @@ def deliver(
 ) -> IngestResult:
     """Route, judge trust, then store one copy for ``rcpt`` (blocking: disk, fsync, flock).
 
-    The mailbox lock covers exactly the dedup check, the write and the dedup
-    record; a duplicate Message-ID within 24 h writes nothing and is a success.
+    The store decides dedup and the name under the mailbox lock and writes
+    outside it (``MailStore.deliver_inbound``); a duplicate Message-ID within
+    24 h writes nothing and is a success.
     """
     mailbox = config.route(rcpt)
     if mailbox is None:
@@ -168,17 +173,15 @@ def deliver(
     fields = build_fields(analysis, mailbox.name, rcpt, verdict)
     message_id = fields["message_id"]
     try:
-        with store.mailbox_lock(mailbox.name):
-            if store.is_duplicate(mailbox.name, message_id):
-                log.info("duplicate message_id, skipping mailbox=%s message_id=%s",
-                         kv(mailbox.name), kv(message_id))
-                return IngestResult("duplicate", mailbox.name, None, None, fields)
-            stored = store.publish_inbound(mailbox.name, mailbox.owner, fields, parsed.body,
-                                           parsed.attachments, analysis.received_at)
-            store.record(mailbox.name, message_id, analysis.received_at)
+        stored = store.deliver_inbound(mailbox.name, mailbox.owner, fields, parsed.body,
+                                       parsed.attachments, analysis.received_at)
     except (OSError, storage.StorageError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise IngestError(f"failed to store message in inbox/{mailbox.name}: {reason}") from exc
+    if stored is None:
+        log.info("duplicate message_id, skipping mailbox=%s message_id=%s",
+                 kv(mailbox.name), kv(message_id))
+        return IngestResult("duplicate", mailbox.name, None, None, fields)
     fields = stored.fields or {"id": stored.id, **fields}
     log.info("stored mailbox=%s id=%s message_id=%s size=%d dkim=%s spf=%s dmarc=%s trusted=%s",
              kv(mailbox.name), kv(stored.id), kv(message_id), analysis.size_bytes,

@@ -248,6 +248,7 @@ class AimxService(service.Service):
             log.warning("cannot write pid file %s: %s", self.pid_path, exc.strerror)
         # After the reactor's own handlers, which it installs as it starts running.
         self.reactor.callWhenRunning(self._install_signal_handlers)
+        self.reactor.callWhenRunning(release_startup_memory)
         if self.daemon.hooks is not None:
             # Emails a crash stored before their hooks were claimed get them now.
             self.reactor.callWhenRunning(lambda: self.daemon.track(
@@ -311,6 +312,23 @@ class AimxService(service.Service):
                 if exc.errno != errno.ENOENT:
                     log.warning("cannot remove %s: %s", path, exc.strerror)
         log.info("aimx daemon stopped")
+
+
+def release_startup_memory() -> None:
+    """Hand the heap left over from start-up (imports, config parsing) back to the OS.
+
+    Worth a few MB of resident memory on an idle daemon; glibc only, skipped elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def drain_seconds() -> float:

@@ -12,6 +12,8 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import io
+import json
 import os
 import re
 import secrets
@@ -20,9 +22,9 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -30,6 +32,9 @@ from aimx import frontmatter
 from aimx.config import owner_ids
 from aimx.logs import kv, logger
 from aimx.message import rfc3339_utc
+
+if TYPE_CHECKING:  # imported when an index is first opened: the daemon may never list
+    import sqlite3
 
 log = logger("aimx::storage")
 
@@ -180,9 +185,26 @@ def mailbox_dir(data_dir: str | os.PathLike[str], folder: str, mailbox: str) -> 
     return Path(data_dir) / folder / mailbox
 
 
+_OWNER_TTL = 5.0
+_owner_cache: dict[str, tuple[float, tuple[int, int] | None]] = {}
+
+
 def _owner_ids(owner: str | None) -> tuple[int, int] | None:
-    """(uid, primary gid) of a mailbox owner; ``None`` when absent or unknown."""
-    return owner_ids(owner) if owner else None
+    """(uid, primary gid) of a mailbox owner; ``None`` when absent or unknown.
+
+    Remembered for a few seconds: a user database lookup per message is a
+    measurable cost under load, and account changes are rare.
+    """
+    if not owner:
+        return None
+    now = time.monotonic()
+    cached = _owner_cache.get(owner)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    ids = owner_ids(owner)
+    if ids is not None:  # an unknown owner is asked again: it may be created any moment
+        _owner_cache[owner] = (now + _OWNER_TTL, ids)
+    return ids
 
 
 def _is_root() -> bool:
@@ -308,6 +330,28 @@ def publish_file(directory: Path, name: str, data: bytes, ids: tuple[int, int] |
     return final
 
 
+def _stage_bundle(
+    directory: Path,
+    stem: str,
+    markdown: bytes,
+    files: Sequence[tuple[str, bytes]],
+    ids: tuple[int, int] | None,
+) -> Path:
+    """Build a complete bundle in a dot-named staging dir (every file and the dir fsync'd)."""
+    staging = directory / _temp_name(stem)
+    try:
+        staging.mkdir(mode=0o700)
+        _apply_owner(staging, ids, 0o700, str(staging))
+        for name, data in files:
+            _write_file(staging / name, data, ids)
+        _write_file(staging / f"{stem}.md", markdown, ids)
+        _fsync_dir(staging)
+    except BaseException:
+        _remove_quietly(staging)
+        raise
+    return staging
+
+
 def _publish_bundle(
     directory: Path,
     stem: str,
@@ -320,15 +364,9 @@ def _publish_bundle(
     A crash leaves either the complete bundle or an invisible staging dir
     that :func:`cleanup_temp_files` removes; never a bundle missing parts.
     """
-    staging = directory / _temp_name(stem)
+    staging = _stage_bundle(directory, stem, markdown, files, ids)
     final = directory / stem
     try:
-        staging.mkdir(mode=0o700)
-        _apply_owner(staging, ids, 0o700, str(staging))
-        for name, data in files:
-            _write_file(staging / name, data, ids)
-        _write_file(staging / f"{stem}.md", markdown, ids)
-        _fsync_dir(staging)
         _pause_before_rename()
         if os.path.lexists(final):  # reserved under the lock; an outsider raced us
             raise FileExistsError(errno.EEXIST, "bundle name taken", str(final))
@@ -340,17 +378,34 @@ def _publish_bundle(
     return final / f"{stem}.md"
 
 
+def _name_taken(directory: str, stem: str) -> bool:
+    """Whether ``<stem>.md`` or ``<stem>`` exists (flat and bundle never share an id)."""
+    return os.path.lexists(os.path.join(directory, stem + ".md")) or os.path.lexists(
+        os.path.join(directory, stem))
+
+
 def _allocate_stem(directory: Path, base: str) -> str:
     """First free of ``base``, ``base-2``, ``base-3``... (neither ``<stem>.md`` nor ``<stem>``).
 
     Both names are required free for flat and bundle emails alike, so a flat
     email and a bundle can never share an id.
     """
-    counter = 1
+    return _free_stem(str(directory), base, frozenset())[0]
+
+
+def _free_stem(directory: str, base: str, reserved: Set[str], start: int = 1) -> tuple[str, int]:
+    """Like :func:`_allocate_stem`, also skipping names ``reserved`` by writes in flight.
+
+    Probing begins at counter ``start`` (a hint from the previous allocation
+    with the same base), so a burst of same-subject mail within one second
+    costs one probe each instead of one per earlier message. Returns the stem
+    and its counter.
+    """
+    counter = start
     while True:
         stem = base if counter == 1 else f"{base}-{counter}"
-        if not os.path.lexists(directory / f"{stem}.md") and not os.path.lexists(directory / stem):
-            return stem
+        if stem not in reserved and not _name_taken(directory, stem):
+            return stem, counter
         counter += 1
 
 
@@ -490,14 +545,486 @@ def is_read(path: Path) -> bool:
         return False
 
 
-def count_emails(directory: str | os.PathLike[str]) -> tuple[int, int]:
-    """(total, unread) for MAILBOX-LIST; a missing dir counts as empty."""
+def scan_counts(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """(total, unread) by opening every email: the reference the index must agree with."""
     total = unread = 0
     for _, path in _email_entries(Path(directory)):
         total += 1
         if not is_read(path):
             unread += 1
     return total, unread
+
+
+def count_emails(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """(total, unread) for MAILBOX-LIST; a missing dir counts as empty.
+
+    Answered from the mailbox's index when ``directory`` is a mailbox dir of a
+    data dir (``<data>/<inbox|sent>/<name>``), so the cost does not grow with
+    the mailbox; otherwise (or when the index cannot be used) by a full scan.
+    """
+    index = MailboxIndex.for_mailbox_dir(directory)
+    if index is None:
+        return scan_counts(directory)
+    return index.counts()
+
+
+# ---------------------------------------------------------------------------
+# The per-mailbox index
+#
+# A listing of a big mailbox should cost what its page costs, not one file read
+# per email. Each mailbox dir has an index, a small SQLite file under
+# ``<data>/.index/<folder>/<mailbox>.sqlite`` (outside the mailbox dir, so
+# writing it never changes the dir it describes), holding one row per email:
+# id, path, the file's (inode, mtime, size) when its row was made, whether it has
+# a ``read = true`` line, and the summary fields a listing shows.
+#
+# It can never disagree with the files, because nothing is taken on trust:
+# - which emails exist: the index records the mailbox dir's (device, inode,
+#   mtime) with the time it was checked. Any create, rename or unlink in the dir
+#   changes its mtime; if the recorded state differs from the dir's, or was
+#   recorded so soon after the mtime that a change within the same timestamp
+#   tick could hide behind it ("racy", as git calls it), the names are
+#   re-scanned (one directory listing, no file reads) and the difference
+#   applied: new emails are read, vanished ones dropped;
+# - what an email says: every row handed out is checked against a fresh
+#   ``stat`` of its file (inode, mtime, size); a row that no longer matches is
+#   read again. aimx rewrites files only by rename (new inode) and updates the
+#   row itself when it marks mail read.
+# The one thing a listing does not re-check is the read flag behind the unread
+# count of rows it does not hand out: a file edited in place by another program
+# (same name, same directory) keeps its old flag in the count until its row is
+# next handed out or the index rebuilt.
+#
+# Only processes that may write the index (root: the daemon, ``aimx ingest``)
+# update it; the owner's processes (``aimx mcp``) read it and fall back to
+# scanning whatever they cannot trust. The file is the owner's (0600) in
+# root-owned directories (0711), so an owner can read its own index and no
+# one else's. A corrupt or foreign file is rebuilt; it is only ever a cache.
+
+INDEX_DIR = ".index"
+INDEX_VERSION = 1
+#: The frontmatter keys a listing row or a listing filter needs.
+SUMMARY_KEYS = ("from", "to", "subject", "date", "received_at", "read", "delivery_status")
+_RACY_NS = 1_000_000_000  # a dir state checked within 1 s of its mtime is re-verified
+_RACY_COARSE_NS = 2_000_000_000  # file systems with whole-second timestamps
+
+_INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS emails (
+    id TEXT PRIMARY KEY, path TEXT NOT NULL, ino INTEGER, mtime_ns INTEGER,
+    size INTEGER, read_line INTEGER NOT NULL, summary TEXT
+) WITHOUT ROWID;
+"""
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return {"$t": type(value).__name__, "v": value.isoformat()}
+    raise TypeError(f"cannot index {type(value).__name__}")
+
+
+def _json_hook(obj: dict[str, Any]) -> object:
+    kind = obj.get("$t")
+    if kind is not None and set(obj) == {"$t", "v"}:
+        parse = {"datetime": datetime.datetime, "date": datetime.date,
+                 "time": datetime.time}.get(kind)
+        if parse is not None:
+            return parse.fromisoformat(obj["v"])
+    return obj
+
+
+def summarize(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The listing fields of a frontmatter (absent keys as None)."""
+    return {key: fields.get(key) for key in SUMMARY_KEYS}
+
+
+@attrs.frozen
+class IndexedEmail:
+    """One email as a listing sees it; ``summary`` is None when the file vanished or
+    its frontmatter does not parse (a listing drops such entries)."""
+
+    id: str
+    path: str
+    summary: dict[str, Any] | None
+
+
+def _file_facts(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+_HEAD_BYTES = 16 * 1024
+_CLOSING = re.compile(rb"^\+\+\+\r?\n", re.MULTILINE)
+
+
+def _read_entry(path: str) -> tuple[tuple[int, int, int] | None, bool, dict[str, Any] | None]:
+    """(file facts, has a read line, summary) straight from the file.
+
+    One read of the first 16 KiB serves both the ``read = true`` line check and
+    the frontmatter parse when the frontmatter fits (every aimx file); larger
+    ones take the general readers.
+    """
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            head = handle.read(_HEAD_BYTES)
+    except OSError:
+        return None, False, None
+    facts = (st.st_ino, st.st_mtime_ns, st.st_size)
+    opening = _CLOSING.search(head)
+    complete = opening is not None and _CLOSING.search(head, opening.end()) is not None
+    if not complete and len(head) == _HEAD_BYTES:
+        read_line = is_read(Path(path))
+        source: Any = path
+    else:
+        read_line = any(_READ_TRUE_LINE.match(line) for line in _frontmatter_text_lines(head))
+        source = head
+    try:
+        summary: dict[str, Any] | None = summarize(frontmatter.read_header_fields(source))
+    except (OSError, frontmatter.FrontmatterError, ValueError):
+        summary = None
+    return facts, read_line, summary
+
+
+def _frontmatter_text_lines(data: bytes) -> Iterator[str]:
+    """The lines ``_frontmatter_lines`` yields, from bytes already read."""
+    opened = False
+    for raw in io.BytesIO(data):  # split exactly as iterating the file does
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if line == _DELIMITER:
+            if opened:
+                return
+            opened = True
+            continue
+        if opened:
+            yield line
+
+
+class MailboxIndex:
+    """The index of one mailbox dir (see the notes above); methods block (disk).
+
+    Thread-safe. Build with ``for_mailbox_dir``; every public method answers
+    exactly what a scan of the files would, whether or not the index could be
+    used.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], index_path: str | os.PathLike[str],
+                 *, owner: tuple[int, int] | None = None) -> None:
+        self.directory = str(directory)
+        self.index_path = str(index_path)
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._opened_ino: int | None = None
+        self._writable = os.geteuid() == 0
+
+    @classmethod
+    def for_mailbox_dir(cls, directory: str | os.PathLike[str]) -> MailboxIndex | None:
+        """The index of ``<data>/<inbox|sent>/<name>``, or None for any other path."""
+        path = Path(directory)
+        if path.parent.name not in FOLDERS or not path.name or path.name.startswith("."):
+            return None
+        index_path = path.parent.parent / INDEX_DIR / path.parent.name / f"{path.name}.sqlite"
+        key = str(index_path)
+        with _indexes_lock:
+            index = _indexes.get(key)
+            if index is None or index.directory != str(path):
+                index = _indexes[key] = cls(path, index_path)
+            return index
+
+    # -- the SQLite file ---------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection | None:
+        """The connection, opening (and, for a writer, creating) the file; None if unusable."""
+        import sqlite3
+
+        if self._conn is not None:
+            if self._writable or self._opened_ino == _inode(self.index_path):
+                return self._conn
+            self._discard()  # a writer replaced the file: read the new one
+        try:
+            if self._writable:
+                self._prepare_dirs()
+                conn = sqlite3.connect(self.index_path, isolation_level=None,
+                                       check_same_thread=False)
+            elif os.path.exists(self.index_path):
+                conn = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False)
+            else:
+                return None
+            conn.execute("PRAGMA trusted_schema = OFF")
+            if self._writable:
+                conn.execute("PRAGMA journal_mode = DELETE")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_INDEX_SCHEMA)
+                self._own_file()
+            version = self._meta(conn).get("version")
+            if version not in (None, INDEX_VERSION):
+                if not self._writable:
+                    conn.close()
+                    return None
+                conn.executescript("DELETE FROM emails; DELETE FROM meta;")
+        except (sqlite3.Error, OSError) as exc:
+            log.info("mailbox index unusable path=%s error=%s", kv(self.index_path), kv(exc))
+            self._discard()
+            return None
+        self._conn = conn
+        self._opened_ino = _inode(self.index_path)
+        return conn
+
+    def _prepare_dirs(self) -> None:
+        folder_dir = os.path.dirname(self.index_path)
+        index_dir = os.path.dirname(folder_dir)
+        for path in (index_dir, folder_dir):
+            try:
+                os.mkdir(path, 0o711)
+                os.chmod(path, 0o711)
+            except FileExistsError:
+                pass
+
+    def _own_file(self) -> None:
+        """The owner of the mailbox dir may read its own index; nobody else may."""
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return
+        try:
+            os.chown(self.index_path, st.st_uid, st.st_gid)
+            os.chmod(self.index_path, 0o600)
+        except OSError as exc:
+            log.warning("cannot set owner of %s: %s", kv(self.index_path), kv(exc))
+
+    def _discard(self) -> None:
+        """Forget the connection; a writer also deletes a file it cannot use."""
+        import sqlite3
+
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        if self._writable:
+            for suffix in ("", "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.index_path + suffix)
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection) -> dict[str, Any]:
+        return dict(conn.execute("SELECT key, value FROM meta"))
+
+    # -- freshness -----------------------------------------------------------------
+
+    def _dir_state(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.directory)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino, st.st_mtime_ns
+
+    @staticmethod
+    def _trusted(meta: Mapping[str, Any], state: tuple[int, int, int] | None) -> bool:
+        if state is None:
+            return meta.get("missing") == 1
+        dev, ino, mtime_ns = state
+        if (meta.get("dev"), meta.get("ino"), meta.get("mtime_ns")) != (dev, ino, mtime_ns):
+            return False
+        racy = _RACY_COARSE_NS if mtime_ns % 1_000_000_000 == 0 else _RACY_NS
+        return int(meta.get("checked_ns") or 0) - mtime_ns > racy
+
+    def _synced(self, conn: sqlite3.Connection) -> bool:
+        """Bring the rows in line with the dir's names (writer); False if it cannot be."""
+        state = self._dir_state()
+        if self._trusted(self._meta(conn), state):
+            return True
+        if not self._writable:
+            return False
+        checked_ns = time.time_ns()
+        disk = {email_id: str(path) for email_id, path in _email_entries(Path(self.directory))}
+        rows = dict(conn.execute("SELECT id, path FROM emails"))
+        gone = [(email_id,) for email_id, path in rows.items() if disk.get(email_id) != path]
+        added = [(email_id, path) for email_id, path in disk.items()
+                 if rows.get(email_id) != path]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM emails WHERE id = ?", gone)
+            for email_id, path in added:
+                self._put(conn, email_id, path, *_read_entry(path))
+            if state is not None and self._dir_state() == state:
+                dev, ino, mtime_ns = state
+                values = {"dev": dev, "ino": ino, "mtime_ns": mtime_ns,
+                          "checked_ns": checked_ns, "missing": 0, "version": INDEX_VERSION}
+            elif state is None:
+                values = {"missing": 1, "version": INDEX_VERSION}
+            else:
+                values = {"mtime_ns": -1}  # changed while scanning: scan again next time
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             values.items())
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return True
+
+    @staticmethod
+    def _put(conn: sqlite3.Connection, email_id: str, path: str,
+             facts: tuple[int, int, int] | None, read_line: bool,
+             summary: Mapping[str, Any] | None) -> None:
+        ino, mtime_ns, size = facts or (None, None, None)
+        text = json.dumps(summary, default=_json_default) if summary is not None else None
+        conn.execute("INSERT OR REPLACE INTO emails VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (email_id, path, ino, mtime_ns, size, int(read_line), text))
+
+    def _run(self, work: Any, fallback: Any) -> Any:
+        """``work(conn)`` on a synced index, else ``fallback()`` (a plain scan)."""
+        import sqlite3
+
+        with self._lock:
+            conn = self._open()
+            if conn is not None:
+                try:
+                    if self._synced(conn):
+                        return work(conn)
+                except sqlite3.Error as exc:
+                    log.info("mailbox index unusable path=%s error=%s", kv(self.index_path),
+                             kv(exc))
+                    self._discard()
+        return fallback()
+
+    # -- answers ------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        """(total, unread): every email, and those without a ``read = true`` line."""
+
+        def from_index(conn: sqlite3.Connection) -> tuple[int, int]:
+            total, unread = conn.execute(
+                "SELECT count(*), coalesce(sum(read_line = 0), 0) FROM emails").fetchone()
+            return int(total), int(unread)
+
+        return self._run(from_index, lambda: scan_counts(self.directory))
+
+    def page(self, offset: int, limit: int) -> list[IndexedEmail]:
+        """Emails ``offset`` to ``offset + limit`` in newest-first id order."""
+        if limit <= 0:
+            return []
+
+        def from_index(conn: sqlite3.Connection) -> list[IndexedEmail]:
+            rows = conn.execute("SELECT * FROM emails ORDER BY id DESC LIMIT ? OFFSET ?",
+                                (limit, max(0, offset))).fetchall()
+            return [self._checked(conn, row) for row in rows]
+
+        def by_scan() -> list[IndexedEmail]:
+            ids = sorted(_email_entries(Path(self.directory)), reverse=True)
+            return [self._from_file(email_id, str(path))
+                    for email_id, path in ids[max(0, offset):max(0, offset) + limit]]
+
+        return self._run(from_index, by_scan)
+
+    def entries(self, keep: Callable[[str], bool] | None = None,
+                batch: int = 200) -> Iterator[IndexedEmail]:
+        """Every email, newest first, fetched lazily (for filtered listings that stop early).
+
+        ``keep(id)``, when given, drops emails by id alone before any file is
+        looked at (e.g. ids older than a ``since`` filter).
+        """
+        after: str | None = None
+
+        def from_index(conn: sqlite3.Connection) -> tuple[list[IndexedEmail], str | None]:
+            if after is None:
+                rows = conn.execute("SELECT * FROM emails ORDER BY id DESC LIMIT ?",
+                                    (batch,)).fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM emails WHERE id < ? ORDER BY id DESC "
+                                    "LIMIT ?", (after, batch)).fetchall()
+            last = rows[-1][0] if len(rows) == batch else None
+            return [self._checked(conn, row) for row in rows
+                    if keep is None or keep(row[0])], last
+
+        while True:
+            chunk = self._run(from_index, lambda: None)
+            if chunk is None:  # the index cannot be used (now): the rest by scanning
+                ids = sorted(_email_entries(Path(self.directory)), reverse=True)
+                for email_id, path in ids:
+                    if (after is None or email_id < after) and (keep is None or keep(email_id)):
+                        yield self._from_file(email_id, str(path))
+                return
+            found, after = chunk
+            yield from found
+            if after is None:
+                return
+
+    def _checked(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> IndexedEmail:
+        """A row, re-read from its file if the file is not the one the row was made from."""
+        email_id, path, ino, mtime_ns, size, _read_line, text = row
+        facts = _file_facts(path)
+        if facts is not None and facts == (ino, mtime_ns, size):
+            summary = json.loads(text, object_hook=_json_hook) if text is not None else None
+            return IndexedEmail(email_id, path, summary)
+        facts, read_line, summary = _read_entry(path)
+        if self._writable and facts is not None:
+            self._put(conn, email_id, path, facts, read_line, summary)
+        return IndexedEmail(email_id, path, summary if facts is not None else None)
+
+    @staticmethod
+    def _from_file(email_id: str, path: str) -> IndexedEmail:
+        facts, _read_line, summary = _read_entry(path)
+        return IndexedEmail(email_id, path, summary if facts is not None else None)
+
+    def note_rewritten(self, email_id: str, path: str | os.PathLike[str]) -> None:
+        """Refresh one row after aimx rewrote the file (mark read/unread); writer only."""
+        if not self._writable:
+            return
+        import sqlite3
+
+        with self._lock:
+            conn = self._open()
+            if conn is None:
+                return
+            try:
+                self._put(conn, email_id, str(path), *_read_entry(str(path)))
+            except sqlite3.Error:
+                self._discard()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+_indexes: dict[str, MailboxIndex] = {}
+_indexes_lock = threading.Lock()
+
+
+def list_page(directory: str | os.PathLike[str], offset: int, limit: int) -> list[IndexedEmail]:
+    """One page of a mailbox listing, newest first, through the index when there is one."""
+    index = MailboxIndex.for_mailbox_dir(directory)
+    if index is None:
+        ids = sorted(_email_entries(Path(directory)), reverse=True)
+        return [MailboxIndex._from_file(email_id, str(path))
+                for email_id, path in ids[max(0, offset):max(0, offset) + limit]]
+    return index.page(offset, limit)
+
+
+def iter_listing(directory: str | os.PathLike[str],
+                 keep: Callable[[str], bool] | None = None) -> Iterator[IndexedEmail]:
+    """Every email of a mailbox, newest first, lazily (filtered listings stop early);
+    ``keep(id)`` drops emails by id before their files are looked at."""
+    index = MailboxIndex.for_mailbox_dir(directory)
+    if index is None:
+        for email_id, path in sorted(_email_entries(Path(directory)), reverse=True):
+            if keep is None or keep(email_id):
+                yield MailboxIndex._from_file(email_id, str(path))
+        return
+    yield from index.entries(keep)
 
 
 # ---------------------------------------------------------------------------
@@ -565,6 +1092,10 @@ class DedupIndex:
                 return
         self._received[message_id] = received_at
 
+    def forget(self, message_id: str) -> None:
+        """Undo a ``record`` whose write turned out not to be durable."""
+        self._received.pop(message_id, None)
+
     @classmethod
     def scan(cls, directory: Path, now: datetime.datetime | None = None) -> DedupIndex:
         """Rebuild from the files on disk (first 16 KiB of each ``.md``)."""
@@ -611,6 +1142,12 @@ class MailStore:
         self._depth: dict[str, int] = {}
         self._lock_fds: dict[str, int] = {}
         self._dedup: dict[str, DedupIndex] = {}
+        # Writes in flight (guarded by the mailbox's thread lock): stems chosen but not
+        # yet renamed into place, and Message-IDs being stored (a second delivery of the
+        # same id waits for the first, then counts as its duplicate).
+        self._reserved: dict[tuple[str, str], set[str]] = {}
+        self._in_flight: dict[tuple[str, str], threading.Event] = {}
+        self._stem_hints: dict[tuple[str, str], tuple[str, int]] = {}
 
     # -- locking ----------------------------------------------------------
 
@@ -623,11 +1160,14 @@ class MailStore:
 
     def _open_lock_file(self, mailbox: str) -> int:
         lock_dir = self.data_dir / ".locks"
-        if not lock_dir.is_dir():
+        path = os.path.join(lock_dir, f"{mailbox}.lock")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
             ensure_data_dir(self.data_dir)
             _make_dir(lock_dir, 0o700)
-        return os.open(lock_dir / f"{mailbox}.lock",
-                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            return os.open(path, flags, 0o600)
 
     @contextlib.contextmanager
     def mailbox_lock(self, mailbox: str) -> Iterator[None]:
@@ -695,32 +1235,143 @@ class MailStore:
 
         ``fields`` is the frontmatter without ``id`` and ``attachments``; both
         are added here. ``attachments`` have ``filename`` (unsanitised),
-        ``content_type`` and ``data``.
+        ``content_type`` and ``data``. No Message-ID dedup: see ``deliver_inbound``.
         """
         ids = _owner_ids(owner)
         _warn_unknown_owner(owner, ids)
-        with self.mailbox_lock(mailbox):
-            directory = ensure_mailbox_dir(self.data_dir, "inbox", mailbox, ids)
-            base = f"{stem_prefix(when)}-{slugify(fields.get('subject'))}"
-            stem = _allocate_stem(directory, base)
-            record = {"id": stem, **{k: v for k, v in fields.items() if k != "id"}}
-            if not attachments:
-                record.pop("attachments", None)
-                data = frontmatter.render_email(record, body)
-                path = publish_file(directory, f"{stem}.md", data, ids)
-                return StoredEmail(stem, path, record)
-            names = unique_attachment_names(
-                (sanitize_attachment_name(a.filename, i) for i, a in enumerate(attachments)),
-                reserved=(f"{stem}.md",),
-            )
-            files = [(name, bytes(a.data)) for name, a in zip(names, attachments, strict=True)]
-            record["attachments"] = [
-                {"filename": name, "content_type": _normalise_content_type(a.content_type),
-                 "size": len(data), "path": name}
-                for (name, data), a in zip(files, attachments, strict=True)
-            ]
-            markdown = frontmatter.render_email(record, body)
-            path = _publish_bundle(directory, stem, markdown, files, ids)
+        return self._publish_inbound(mailbox, ids, fields, body, attachments, when, None)
+
+    def deliver_inbound(
+        self,
+        mailbox: str,
+        owner: str | None,
+        fields: Mapping[str, Any],
+        body: str,
+        attachments: Sequence[Any],
+        when: datetime.datetime,
+    ) -> StoredEmail | None:
+        """Store one inbound email unless its ``message_id`` was stored here within 24 h.
+
+        Returns ``None`` for such a duplicate. The mailbox lock is held only for
+        the decisions (dedup check and name reservation; then the last name
+        check, the rename and the dedup record), never across the writes and
+        fsyncs, so deliveries to one mailbox overlap their disk waits and the
+        kernel commits their directory fsyncs together. A delivery of a
+        Message-ID that is still being stored waits for that one, then counts as
+        its duplicate (or stores, if the first failed). The dedup record is
+        withdrawn if the final directory fsync fails, so a retry is not lost.
+        """
+        ids = _owner_ids(owner)
+        _warn_unknown_owner(owner, ids)
+        message_id = str(fields.get("message_id") or "")
+        if not message_id:
+            return self._publish_inbound(mailbox, ids, fields, body, attachments, when, None)
+        key = (mailbox, message_id)
+        lock = self._thread_lock(mailbox)
+        while True:
+            with lock:
+                if self._index(mailbox, None).is_duplicate(message_id):
+                    return None
+                waiter = self._in_flight.get(key)
+                if waiter is None:
+                    self._in_flight[key] = threading.Event()
+                    break
+            waiter.wait()
+        try:
+            return self._publish_inbound(mailbox, ids, fields, body, attachments, when,
+                                         (message_id, when))
+        finally:
+            with lock:
+                self._in_flight.pop(key).set()
+
+    def _ready_dir(self, folder: str, mailbox: str, ids: tuple[int, int] | None) -> Path:
+        """The mailbox dir, created or repaired (owner, 0700) only when one lstat says so."""
+        path = mailbox_dir(self.data_dir, folder, mailbox)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if (st is not None and stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+                and (ids is None or not _is_root() or (st.st_uid, st.st_gid) == ids)):
+            return path
+        return ensure_mailbox_dir(self.data_dir, folder, mailbox, ids)
+
+    def _publish_inbound(
+        self,
+        mailbox: str,
+        ids: tuple[int, int] | None,
+        fields: Mapping[str, Any],
+        body: str,
+        attachments: Sequence[Any],
+        when: datetime.datetime,
+        dedup: tuple[str, datetime.datetime] | None,
+    ) -> StoredEmail:
+        directory = self._ready_dir("inbox", mailbox, ids)
+        where = str(directory)
+        base = f"{stem_prefix(when)}-{slugify(fields.get('subject'))}"
+        lock = self._thread_lock(mailbox)
+        reserved = self._reserved.setdefault(("inbox", mailbox), set())
+        names = [sanitize_attachment_name(a.filename, i) for i, a in enumerate(attachments)]
+        while True:
+            with lock:
+                hint_base, hint = self._stem_hints.get(("inbox", mailbox), ("", 1))
+                stem, counter = _free_stem(where, base, reserved,
+                                           hint if hint_base == base else 1)
+                self._stem_hints[("inbox", mailbox)] = (base, counter)
+                reserved.add(stem)
+            source: Path | None = None
+            try:
+                record = {"id": stem, **{k: v for k, v in fields.items() if k != "id"}}
+                if not attachments:
+                    record.pop("attachments", None)
+                    source = directory / _temp_name(f"{stem}.md")
+                    final = directory / f"{stem}.md"
+                    path = final
+                    try:
+                        _write_file(source, frontmatter.render_email(record, body), ids)
+                    except BaseException:
+                        _remove_quietly(source)
+                        raise
+                else:
+                    unique = unique_attachment_names(names, reserved=(f"{stem}.md",))
+                    files = [(name, bytes(a.data))
+                             for name, a in zip(unique, attachments, strict=True)]
+                    record["attachments"] = [
+                        {"filename": name, "content_type": _normalise_content_type(a.content_type),
+                         "size": len(data), "path": name}
+                        for (name, data), a in zip(files, attachments, strict=True)
+                    ]
+                    markdown = frontmatter.render_email(record, body)
+                    source = _stage_bundle(directory, stem, markdown, files, ids)
+                    final = directory / stem
+                    path = final / f"{stem}.md"
+                _pause_before_rename()
+                with self.mailbox_lock(mailbox):
+                    # Reserved in this process; another process (``aimx ingest``) renames
+                    # under the same flock, so this check is final.
+                    taken = _name_taken(where, stem)
+                    if not taken:
+                        os.rename(source, final)
+                        source = None
+                        if dedup is not None:
+                            self._index(mailbox, None).record(dedup[0], dedup[1])
+            except BaseException:
+                if source is not None:
+                    _remove_quietly(source)
+                raise
+            finally:
+                with lock:
+                    reserved.discard(stem)
+            if taken:
+                _remove_quietly(source)
+                continue
+            try:
+                _fsync_dir(directory)
+            except BaseException:
+                if dedup is not None:
+                    with lock:
+                        self._index(mailbox, None).forget(dedup[0])
+                raise
             return StoredEmail(stem, path, record)
 
     def publish_sent(
@@ -779,6 +1430,9 @@ class MailStore:
                 publish_file(path.parent, path.name, updated, ids)
             except OSError as exc:
                 raise StorageError("IO", f"failed to write {path}: {exc}") from exc
+            index = MailboxIndex.for_mailbox_dir(directory)
+            if index is not None:
+                index.note_rewritten(email_id, path)
             return path
 
     # -- reads --------------------------------------------------------------
@@ -788,6 +1442,10 @@ class MailStore:
 
     def count(self, folder: str, mailbox: str) -> tuple[int, int]:
         return count_emails(mailbox_dir(self.data_dir, folder, mailbox))
+
+    def list_page(self, folder: str, mailbox: str, offset: int, limit: int
+                  ) -> list[IndexedEmail]:
+        return list_page(mailbox_dir(self.data_dir, folder, mailbox), offset, limit)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""The inbound targets the benchmark starts on loopback: aimx, the aiosmtpd baseline,
+and (in ``bench.postfix``) Postfix→Maildir and smtp-sink.
+
+Every target has the same small surface: ``start()``, ``stop()``, ``host``/``port``,
+``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (for CPU
+accounting), so the runner treats them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench.postfix import wait_for_banner
+from tests.support.daemon import REPO_ROOT, RunningDaemon
+
+DOMAIN = "aimx.bench"
+MAILBOX = "agent"
+RCPT = f"{MAILBOX}@{DOMAIN}"
+OWNER = "nobody"
+
+
+class Target(Protocol):
+    name: str
+    host: str
+    port: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def stored(self) -> int: ...
+    def last_store_time(self) -> float | None: ...
+    def pids(self) -> list[int]: ...
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def aimx_config(dns_address: str) -> dict[str, Any]:
+    """DKIM, SPF and DMARC all checked against the bench DNS server; trust on."""
+    return {
+        "domain": DOMAIN,
+        "trust": "verified",
+        "trusted_senders": ["*@sender.bench"],
+        "dns_resolvers": [dns_address],
+        "mailboxes": {MAILBOX: {"address": RCPT, "owner": OWNER}},
+    }
+
+
+def _md_files(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        return [e for e in os.scandir(directory)
+                if not e.name.startswith(".") and e.name.endswith(".md")]
+    except FileNotFoundError:
+        return []
+
+
+class AimxTarget:
+    """``aimx serve`` (the very service ``twistd aimx`` runs) with a temp data dir."""
+
+    name = "aimx"
+    host = "127.0.0.1"
+
+    def __init__(self, dns_address: str, env: dict[str, str] | None = None) -> None:
+        self.dns_address = dns_address
+        self.env = env or {}
+        self.daemon: RunningDaemon | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.daemon = RunningDaemon(aimx_config(self.dns_address), env=self.env)
+        self.port = self.daemon.smtp_port
+
+    @property
+    def inbox(self) -> Path:
+        assert self.daemon is not None
+        return self.daemon.data_dir / "inbox" / MAILBOX
+
+    def stored(self) -> int:
+        return len(_md_files(self.inbox))
+
+    def last_store_time(self) -> float | None:
+        return max((e.stat().st_mtime for e in _md_files(self.inbox)), default=None)
+
+    def sample_file(self) -> Path | None:
+        files = _md_files(self.inbox)
+        return Path(files[0].path) if files else None
+
+    def pids(self) -> list[int]:
+        return [self.daemon.pid] if self.daemon and self.daemon.running() else []
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.close()
+            self.daemon = None
+
+
+class BaselineTarget:
+    """``bench.baseline_aiosmtpd`` in a subprocess."""
+
+    name = "aiosmtpd"
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="aimx-bench-baseline-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.baseline_aiosmtpd", "--port", str(self.port),
+             "--dir", str(self.dir / "store"), "--domain", DOMAIN],
+            cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_banner(self.host, self.port)
+
+    def _files(self) -> list[os.DirEntry[str]]:
+        try:
+            return list(os.scandir(self.dir / "store"))
+        except FileNotFoundError:
+            return []
+
+    def stored(self) -> int:
+        return len(self._files())
+
+    def last_store_time(self) -> float | None:
+        return max((e.stat().st_mtime for e in self._files()), default=None)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- process accounting ----------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU of ``pids`` (children that were waited for included)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime are fields 14-17 of stat(5); here shifted by 2.
+        total += sum(int(value) for value in fields[11:15]) / _TICK
+    return total
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_stored(target: Target, expected: int, timeout: float = 60.0) -> int:
+    """Wait until ``expected`` messages are on disk (Postfix delivers after its 250)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = target.stored()
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
