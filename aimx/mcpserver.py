@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -387,14 +386,6 @@ def _text(value: object) -> str:
     return str(value)
 
 
-# Only these keys are kept per file: enough for a row and for every filter.
-_SUMMARY_KEYS = ("from", "to", "subject", "date", "received_at", "read", "delivery_status")
-
-
-def summarize(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: fields.get(key) for key in _SUMMARY_KEYS}
-
-
 def list_row(email_id: str, summary: Mapping[str, Any], folder: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": email_id,
@@ -428,40 +419,6 @@ def matches(summary: Mapping[str, Any], folder: str, filters: ListFilters) -> bo
     return True
 
 
-def email_entries(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(id, ``.md`` path) of every email in a mailbox dir, newest id first.
-
-    Same rules as the daemon's counting: regular ``<id>.md`` files and bundle
-    dirs ``<id>/<id>.md``; dot-names (temp files) and symlinks are skipped; a
-    missing dir is empty (other ``OSError`` s propagate). Uses the directory
-    entries' types, so no file is opened or stat'ed except a bundle's inner file.
-    """
-    found: list[tuple[str, str]] = []
-    try:
-        iterator = os.scandir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    with iterator:
-        for entry in iterator:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            try:
-                if entry.is_symlink():
-                    continue
-                if entry.is_file(follow_symlinks=False):
-                    if name.endswith(".md") and len(name) > 3:
-                        found.append((name[:-3], entry.path))
-                elif entry.is_dir(follow_symlinks=False):
-                    inner = os.path.join(entry.path, name + ".md")
-                    if stat.S_ISREG(os.lstat(inner).st_mode):
-                        found.append((name, inner))
-            except OSError:
-                continue
-    found.sort(key=lambda item: item[0], reverse=True)
-    return found
-
-
 _STEM_TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})-(\d{2})(\d{2})(\d{2})")
 # Ids start with the UTC time the file was stored; the stored timestamps sit within
 # seconds of it. A day of slack keeps the shortcut safe for odd clocks.
@@ -478,131 +435,45 @@ def stem_time(email_id: str) -> datetime.datetime | None:
         return None
 
 
-_HEAD_BYTES = 8192
-_DELIMITER_LINE = re.compile(rb"^\+\+\+\r?\n", re.MULTILINE)
-_TABLE_LINE = re.compile(r"^[ \t]*\[", re.MULTILINE)
-_WANTED_LINE = re.compile(
-    r"^[ \t]*(" + "|".join(_SUMMARY_KEYS) + r")[ \t]*=[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
-# TOML basic strings are JSON strings but for \U escapes (checked for below).
-_BASIC_STRING = json.JSONDecoder(strict=False)
+def _stored_since(since: datetime.datetime) -> Callable[[str], bool]:
+    """An id test for the ``since`` filter: drops ids stored well before ``since``
+    without opening their files (ids that carry no time are kept for the full check)."""
+    floor = since - _STEM_SLACK
 
+    def keep(email_id: str) -> bool:
+        stored = stem_time(email_id)
+        return stored is None or stored >= floor
 
-def quick_summary(head: bytes) -> dict[str, Any] | None:
-    """The summary of a frontmatter in the shape aimx writes, without a TOML parse.
-
-    aimx writes one ``key = value`` per line with single-line basic strings
-    (decision D2), so the few keys a listing needs can be picked out of their
-    lines; parsing the whole block as TOML costs many times more, which matters
-    when a filter scans thousands of files. Anything unusual (multi-line strings,
-    a value that is not a plain string or boolean, a trailing comment, a block
-    not complete in ``head``) returns ``None`` and the caller parses the file
-    properly.
-    """
-    opening = _DELIMITER_LINE.search(head)
-    if opening is None or head[:opening.start()].strip(b"\xef\xbb\xbf \t\r\n"):
-        return None
-    closing = _DELIMITER_LINE.search(head, opening.end())
-    if closing is None:
-        return None
-    try:
-        block = head[opening.end():closing.start()].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if '"""' in block or "'''" in block:
-        return None
-    table = _TABLE_LINE.search(block)
-    if table is not None:
-        block = block[:table.start()]  # tables ([[attachments]]) follow the top-level keys
-    summary: dict[str, Any] = dict.fromkeys(_SUMMARY_KEYS)
-    for key, raw in _WANTED_LINE.findall(block):
-        if raw == "true" or raw == "false":
-            summary[key] = raw == "true"
-        elif raw.startswith('"') and "\\U" not in raw:
-            try:
-                value = _BASIC_STRING.decode(raw)
-            except ValueError:
-                return None
-            if not isinstance(value, str):
-                return None
-            summary[key] = value
-        else:
-            return None
-    return summary
-
-
-class HeaderCache:
-    """Per-file summaries of the frontmatter, reused while the file is unchanged.
-
-    An MCP process lives as long as its agent session, so repeated filtered
-    listings of a large mailbox cost one ``stat`` per file looked at instead of a
-    TOML parse. Any rewrite (mark read, a new delivery) replaces the file by
-    rename, which changes its inode, so the key below notices it.
-    """
-
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
-
-    def summary(self, path: str) -> dict[str, Any] | None:
-        """The file's summary, or ``None`` when it is not a readable aimx email."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._entries.get(path)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        result: dict[str, Any] | None
-        try:
-            with open(path, "rb") as handle:
-                result = quick_summary(handle.read(_HEAD_BYTES))
-            if result is None:
-                result = summarize(frontmatter.read_header_fields(path))
-        except (OSError, frontmatter.FrontmatterError, ValueError):
-            result = None
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[path] = (key, result)
-        return result
+    return keep
 
 
 def list_emails(directory: str | os.PathLike[str], folder: str, *, limit: int, offset: int,
-                filters: ListFilters = ListFilters(),
-                cache: HeaderCache | None = None) -> list[dict[str, Any]]:
+                filters: ListFilters = ListFilters()) -> list[dict[str, Any]]:
     """One ``email_list`` page: rows newest first, filters applied before paging.
 
-    Without filters only the page's files are opened; a page entry whose file is
-    gone or has no readable frontmatter is dropped without back-filling. With
-    filters the scan stops as soon as the page is full.
+    Rows come from the mailbox's listing index (``storage``), which answers as
+    a scan of the files would and falls back to one when this process may not
+    trust or cannot read the index. Without filters the page is cut first and
+    an entry whose file is gone or has no readable frontmatter is then dropped
+    (no back-filling). With filters the walk stops as soon as the page is full.
     """
-    if cache is None:
-        cache = HeaderCache()
     limit = min(limit, MAX_LIMIT)
-    if limit <= 0:
+    if limit <= 0 or not os.fspath(directory):  # no path: nothing stored yet
         return []
-    entries = email_entries(directory)
-    rows: list[dict[str, Any]] = []
     if not filters.active:
-        for email_id, path in entries[offset:offset + limit]:
-            summary = cache.summary(path)
-            if summary is not None:
-                rows.append(list_row(email_id, summary, folder))
-        return rows
-    floor = filters.since - _STEM_SLACK if filters.since is not None else None
+        return [list_row(entry.id, entry.summary, folder)
+                for entry in storage.list_page(directory, offset, limit)
+                if entry.summary is not None]
+    keep = _stored_since(filters.since) if filters.since is not None else None
+    rows: list[dict[str, Any]] = []
     skipped = 0
-    for email_id, path in entries:
-        if floor is not None:
-            stored = stem_time(email_id)
-            if stored is not None and stored < floor:
-                continue
-        summary = cache.summary(path)
-        if summary is None or not matches(summary, folder, filters):
+    for entry in storage.iter_listing(directory, keep=keep):
+        if entry.summary is None or not matches(entry.summary, folder, filters):
             continue
         if skipped < offset:
             skipped += 1
             continue
-        rows.append(list_row(email_id, summary, folder))
+        rows.append(list_row(entry.id, entry.summary, folder))
         if len(rows) >= limit:
             break
     return rows
@@ -645,7 +516,6 @@ class AimxTools:
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
         self.client = Client(socket_path)
-        self.headers = HeaderCache()
         self.handlers: dict[str, Callable[[dict[str, Any]], str]] = {
             "mailbox_list": self.mailbox_list,
             "mailbox_create": self.mailbox_create,
@@ -749,7 +619,7 @@ class AimxTools:
             rows = list_emails(directory, folder,
                                limit=arguments.get("limit", DEFAULT_LIMIT),
                                offset=arguments.get("offset", 0),
-                               filters=filters, cache=self.headers)
+                               filters=filters)
         except OSError as exc:
             raise ToolFailure(f"Failed to list emails: {exc}") from None
         return _json(rows)

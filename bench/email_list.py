@@ -134,7 +134,6 @@ def measure_listing(directory: Path, rounds: int) -> list[tuple[str, float, floa
     for label, tool, arguments in SCENARIOS:
         if tool != "email_list":
             continue
-        cache = mcpserver.HeaderCache()
         arguments = dict(arguments)
         since = arguments.pop("since", None)
         sender, subject = arguments.pop("from", None), arguments.pop("subject", None)
@@ -147,8 +146,7 @@ def measure_listing(directory: Path, rounds: int) -> list[tuple[str, float, floa
         for _ in range(rounds + 1):
             start = time.perf_counter()
             mcpserver.list_emails(directory, "inbox", limit=arguments.get("limit", 50),
-                                  offset=arguments.get("offset", 0), filters=filters,
-                                  cache=cache)
+                                  offset=arguments.get("offset", 0), filters=filters)
             timings.append((time.perf_counter() - start) * 1000)
         warm = timings[1:]
         results.append((label, timings[0], statistics.median(warm), percentile(warm, 0.95)))

@@ -152,11 +152,10 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
             ("page of 50, since 2025-02-01", filters(
                 since=datetime.datetime(2025, 2, 1, tzinfo=datetime.UTC))),
         ):
-            cache = mcpserver.HeaderCache()
-            cold_ms, expected = _timed(lambda f=flt, c=cache: mcpserver.list_emails(
-                inbox, "inbox", limit=50, offset=0, filters=f, cache=c), 1)
-            warm_ms, _ = _timed(lambda f=flt, c=cache: mcpserver.list_emails(
-                inbox, "inbox", limit=50, offset=0, filters=f, cache=c), 3)
+            cold_ms, expected = _timed(lambda f=flt: mcpserver.list_emails(
+                inbox, "inbox", limit=50, offset=0, filters=f), 1)
+            warm_ms, _ = _timed(lambda f=flt: mcpserver.list_emails(
+                inbox, "inbox", limit=50, offset=0, filters=f), 3)
             index_ms, got = _timed(lambda f=flt: _index_rows(inbox, 50, 0, f), runs)
             cases.append(ListingCase(name, cold_ms, warm_ms, index_ms, len(got),
                                      got == expected))

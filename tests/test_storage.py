@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import json
 import os
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -21,7 +23,7 @@ import pytest
 
 from aimx import storage
 from aimx.storage import MailStore, StorageError
-from tests.support.users import ensure_user
+from tests.support.users import ensure_user, needs_root
 
 UTC = datetime.UTC
 WHEN = datetime.datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
@@ -632,3 +634,227 @@ def test_readme_with_current_marker_is_untouched(data: Path) -> None:
     assert os.stat(path).st_mtime == 1_000_000
     assert storage.write_readme(data, force=True) is True
     assert path.read_text() == storage.readme_text()
+
+
+# ---------------------------------------------------------------------------
+# The listing index: whatever happens to the files, listings say what the files say
+
+
+def expected_listing(box: Path) -> list[tuple[str, str, bool]]:
+    """(id, subject, read) of every email, newest first, read straight from the files."""
+    rows = []
+    for email_id in sorted(storage.list_email_ids(box), reverse=True):
+        path = storage.resolve_email_path(box, email_id)
+        assert path is not None
+        fm = frontmatter_of(path)
+        rows.append((email_id, fm["subject"], fm["read"] is True))
+    return rows
+
+
+def shown(entries: list[storage.IndexedEmail]) -> list[tuple[str, str, bool]]:
+    return [(e.id, e.summary["subject"], e.summary["read"] is True)
+            for e in entries if e.summary is not None]
+
+
+def assert_listing_matches_files(box: Path) -> None:
+    expected = expected_listing(box)
+    unread = sum(1 for _, _, read in expected if not read)
+    assert shown(storage.list_page(box, 0, 1000)) == expected
+    assert shown(list(storage.iter_listing(box))) == expected
+    assert shown(storage.list_page(box, 1, 2)) == expected[1:3]
+    assert storage.count_emails(box) == (len(expected), unread)
+
+
+def age(box: Path) -> None:
+    """Date the mailbox dir's last change 10 s back, as if the mail had sat for a while:
+    the next look may then trust what the index recorded about the dir."""
+    then = time.time_ns() - 10_000_000_000
+    os.utime(box, ns=(then, then))
+
+
+def publish(store: MailStore, n: int, attachment: bool = False, **extra: object) -> str:
+    atts = [Att("a.txt", "text/plain", b"a")] if attachment else []
+    when = WHEN + datetime.timedelta(minutes=n)
+    return store.publish_inbound("alice", OWNER, fields(subject=f"mail {n}", message_id=str(n),
+                                                        **extra),
+                                 "body\n", atts, when).id
+
+
+@needs_root
+def test_index_listing_follows_adds_deletes_and_marks(store: MailStore, data: Path) -> None:
+    box = data / "inbox" / "alice"
+    ids = [publish(store, n, attachment=(n == 2)) for n in range(5)]
+    assert_listing_matches_files(box)
+    age(box)
+    assert_listing_matches_files(box)
+
+    ids.append(publish(store, 10))  # arrives after the index was built
+    assert_listing_matches_files(box)
+    age(box)
+    ids.append(publish(store, 11, attachment=True))  # a new bundle
+    assert_listing_matches_files(box)
+    assert shown(storage.list_page(box, 0, 1)) == [(ids[-1], "mail 11", False)]
+
+    age(box)
+    (box / f"{ids[0]}.md").unlink()  # deleted by the owner, behind aimx's back
+    shutil.rmtree(box / ids[2])  # a bundle removed as a whole
+    assert_listing_matches_files(box)
+    assert ids[0] not in [row[0] for row in shown(storage.list_page(box, 0, 100))]
+
+    age(box)
+    store.set_read("alice", OWNER, ids[1], True)
+    store.set_read("alice", OWNER, ids[-1], True)  # inside a bundle
+    assert_listing_matches_files(box)
+    assert storage.count_emails(box) == (5, 3)
+    age(box)
+    store.set_read("alice", OWNER, ids[1], False)
+    assert_listing_matches_files(box)
+    assert storage.count_emails(box) == (5, 4)
+
+
+@needs_root
+def test_index_listing_sees_in_place_edits(store: MailStore, data: Path) -> None:
+    box = data / "inbox" / "alice"
+    ids = [publish(store, n) for n in range(3)]
+    assert_listing_matches_files(box)
+    age(box)
+    assert_listing_matches_files(box)
+    # Another program rewrites one file in place: same inode, the dir does not change.
+    path = box / f"{ids[1]}.md"
+    inode = os.stat(path).st_ino
+    text = path.read_text().replace('subject = "mail 1"', 'subject = "edited in place"')
+    text = text.replace("read = false", "read = true")
+    with open(path, "r+") as handle:
+        handle.write(text)
+        handle.truncate()
+    assert os.stat(path).st_ino == inode
+    assert (ids[1], "edited in place", True) in shown(storage.list_page(box, 0, 10))
+    assert_listing_matches_files(box)
+    assert storage.count_emails(box) == (3, 2)
+
+
+@needs_root
+def test_index_never_lists_symlinks(store: MailStore, data: Path, tmp_path: Path) -> None:
+    box = data / "inbox" / "alice"
+    ids = [publish(store, n, attachment=(n == 1)) for n in range(2)]
+    assert_listing_matches_files(box)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.md").write_text('+++\nsubject = "planted"\nread = false\n+++\n')
+    (outside / "2030-01-01-000000-dir").mkdir()
+    (box / "2030-01-01-000000-link.md").symlink_to(outside / "x.md")
+    (box / "2030-01-01-000000-dir").symlink_to(outside / "2030-01-01-000000-dir")
+    (box / "2030-01-02-000000-inner").symlink_to(box / ids[1])  # a bundle, twice
+    for _ in range(2):
+        assert [row[0] for row in shown(storage.list_page(box, 0, 10))] == ids[::-1]
+        assert [e.id for e in storage.iter_listing(box)] == ids[::-1]
+        assert storage.count_emails(box) == (2, 2)
+        age(box)
+
+
+@needs_root
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_index_is_rebuilt_and_never_wrong(store: MailStore, data: Path,
+                                                  damage: str) -> None:
+    box = data / "inbox" / "alice"
+    ids = [publish(store, n, attachment=(n == 0)) for n in range(4)]
+    store.set_read("alice", OWNER, ids[3], True)
+    assert_listing_matches_files(box)
+    age(box)
+    assert_listing_matches_files(box)
+    index_file = data / ".index" / "inbox" / "alice.sqlite"
+    original = index_file.read_bytes()
+    with open(index_file, "r+b") as handle:  # in place, under the open index
+        if damage == "garbage":
+            handle.write(b"\x5a" * len(original))
+        else:
+            handle.truncate(0 if damage == "empty" else len(original) // 2)
+    for _ in range(3):
+        assert_listing_matches_files(box)
+        assert storage.count_emails(box) == (4, 3)
+        assert [e.id for e in storage.iter_listing(box, keep=lambda i: i > ids[1])] == \
+            [ids[3], ids[2]]
+    ids.append(publish(store, 9))
+    assert_listing_matches_files(box)
+    assert index_file.read_bytes()[:16] == b"SQLite format 3\0"  # a usable index again
+
+
+READER = r"""
+import json, os, sys
+spec = json.loads(sys.argv[1])
+import sqlite3
+import aimx.mcpserver
+from aimx import storage
+os.initgroups(spec["name"], spec["gid"])
+os.setgid(spec["gid"])
+os.setuid(spec["uid"])
+box = spec["box"]
+rows = lambda entries: [[e.id, e.summary["subject"], e.summary["read"] is True]
+                        for e in entries if e.summary is not None]
+page = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0)
+unread = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0,
+                                    filters=aimx.mcpserver.ListFilters(unread=True))
+print(json.dumps({
+    "counts": list(storage.count_emails(box)),
+    "page": rows(storage.list_page(box, 0, 100)),
+    "all": rows(storage.iter_listing(box)),
+    "mcp": [[r["id"], r["subject"], r["read"]] for r in page],
+    "mcp_unread": [r["id"] for r in unread],
+}))
+"""
+
+
+def read_as(user, box: Path) -> dict:
+    """What the mailbox owner's own process (as ``aimx mcp`` runs) sees in ``box``."""
+    spec = {"uid": user.uid, "gid": user.gid, "name": user.name, "box": str(box)}
+    done = subprocess.run([sys.executable, "-c", READER, json.dumps(spec)], cwd=ROOT_DIR,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_owner_without_write_access_to_the_index_reads_correctly(
+        instance_dirs: dict[str, Path], test_users) -> None:
+    alice = ensure_user(test_users["alice"].name)
+    data = instance_dirs["data"]
+    store = MailStore(data)
+    box = data / "inbox" / "alice"
+
+    def publish_as_alice(n: int, attachment: bool = False) -> str:
+        atts = [Att("a.txt", "text/plain", b"a")] if attachment else []
+        return store.publish_inbound("alice", alice.name, fields(subject=f"mail {n}",
+                                                                  message_id=str(n)),
+                                     "body\n", atts, WHEN + datetime.timedelta(minutes=n)).id
+
+    def check(counts: bool = True) -> None:
+        expected = [list(row) for row in expected_listing(box)]
+        seen = read_as(alice, box)
+        assert seen["page"] == expected and seen["all"] == expected
+        assert seen["mcp"] == expected
+        assert seen["mcp_unread"] == [row[0] for row in expected if not row[2]]
+        if counts:
+            assert seen["counts"] == [len(expected), sum(1 for row in expected if not row[2])]
+
+    ids = [publish_as_alice(n, attachment=(n == 1)) for n in range(3)]
+    check()  # no index exists yet: the owner cannot create one and scans
+    assert_listing_matches_files(box)  # root builds the index
+    age(box)
+    assert_listing_matches_files(box)
+    check()  # the owner reads the index it may not write
+    age(box)
+    ids.append(publish_as_alice(7))  # not yet in the index
+    (box / f"{ids[0]}.md").unlink()
+    check()
+    store.set_read("alice", alice.name, ids[1], True)
+    age(box)
+    assert_listing_matches_files(box)
+    path = box / f"{ids[2]}.md"  # then edited in place by the owner's own tools
+    path.write_text(path.read_text().replace("read = false", "read = true"))
+    # The listing shows the edit at once; the unread count follows once the daemon
+    # has handed that row out (an in-place edit does not touch the directory).
+    check(counts=False)
+    assert_listing_matches_files(box)
+    check()
+    index_file = data / ".index" / "inbox" / "alice.sqlite"
+    index_file.write_bytes(b"not a database at all")
+    check()
