@@ -21,7 +21,6 @@ from aimx import paths
 from aimx.protocol import (
     MAX_BOX_BYTES,
     ApiCommand,
-    ApiError,
     error,
     parse_answer,
     request_box,
@@ -160,36 +159,10 @@ def call_deferred(reactor, command: type[ApiCommand], socket_path=None, **argume
 
     Errors arrive as the same ``ApiError`` (or ``DaemonDown``/``ConnectFailed``).
     """
-    from twisted.internet import defer
-    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-    from twisted.protocols import amp
+    from twisted.internet import threads
 
-    path = str(socket_path or paths.socket_path())
-
-    @defer.inlineCallbacks
-    def run():
-        try:
-            proto = yield connectProtocol(UNIXClientEndpoint(reactor, path), amp.AMP())
-        except Exception as exc:  # noqa: BLE001 (mapped to the client's errors)
-            # Twisted's ConnectError carries the errno as ``osError``.
-            code = getattr(exc, "osError", None)
-            if isinstance(code, OSError):
-                code = code.errno
-            elif isinstance(exc, OSError):
-                code = exc.errno
-            if code in DOWN_ERRNOS:
-                raise DaemonDown(path, OSError(code, os.strerror(code))) from None
-            raise ConnectFailed(path, exc) from None
-        try:
-            present = {k: v for k, v in arguments.items() if v is not None}
-            result = yield proto.callRemote(command, **present)
-        except amp.UnknownRemoteError as exc:
-            raise ApiError("IO", str(exc.description)) from None
-        except amp.RemoteAmpError as exc:
-            raise error(exc.errorCode.decode("utf-8", "replace"),
-                             str(exc.description)) from None
-        finally:
-            proto.transport.loseConnection()
-        return result
-
-    return run()
+    client = Client(socket_path)
+    # The blocking call in a worker thread: the same wire code and the same error mapping,
+    # and the reactor thread never waits on the socket.
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), client.call, command,
+                                     **arguments)

@@ -203,6 +203,14 @@ class _Sender(smtp.ESMTPSender):
 
     factory: _AttemptFactory
 
+    def connectionMade(self) -> None:  # noqa: N802
+        # Each SMTP command is a small write answered before the next: with Nagle on,
+        # a write waits for the peer's delayed ACK (~40 ms) at every pipelined step.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:  # noqa: N802
         self.factory.tls_started = True
         super().esmtpState_starttls(code, resp)

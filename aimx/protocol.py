@@ -8,14 +8,18 @@ of the API is one AMP error code whose description is the human reason.
 AMP caps a value at 65,535 bytes, so large fields (``body``, ``html_body``
 and list ``rows``) are split across the keys ``<f>``, ``<f>.2``, ``<f>.3``,
 ... and the first missing key ends the value.
+
+The box format and the few AMP value encodings the API uses are implemented
+here rather than taken from ``twisted.protocols.amp``: that import costs a
+CLI process more than everything else it does, and the wire bytes are the
+same, so the daemon's AMP protocol reads and answers these boxes unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any, ClassVar
-
-from twisted.protocols import amp
 
 # Every code the daemon answers with (spec 40 §6); agents branch on these.
 ERROR_CODES: tuple[str, ...] = (
@@ -27,8 +31,33 @@ ERROR_CODES: tuple[str, ...] = (
 BODY_CAP = 26_214_400  # per body / html_body field
 MAX_BOX_BYTES = 52 * 1024 * 1024 + 64 * 1024  # a bigger box drops the connection
 DEFAULT_TIMEOUT_SECS = 30.0  # incomplete box, or idle connection with nothing in flight
-CHUNK = amp.MAX_VALUE_LENGTH
-_MAX_REASON_BYTES = amp.MAX_VALUE_LENGTH
+MAX_KEY_LENGTH = 0xFF  # AMP's limits on one key and one value
+MAX_VALUE_LENGTH = 0xFFFF
+CHUNK = MAX_VALUE_LENGTH
+_MAX_REASON_BYTES = MAX_VALUE_LENGTH
+
+# AMP's envelope keys.
+COMMAND = b"_command"
+ASK = b"_ask"
+ANSWER = b"_answer"
+ERROR = b"_error"
+ERROR_CODE = b"_error_code"
+ERROR_DESCRIPTION = b"_error_description"
+
+
+class Box(dict):
+    """One AMP box: ``serialize()`` gives the wire bytes, like ``amp.AmpBox``."""
+
+    def serialize(self) -> bytes:
+        out = []
+        for key, value in sorted(self.items()):
+            if not isinstance(key, bytes) or not isinstance(value, bytes):
+                raise TypeError(f"box keys and values must be bytes: {key!r}")
+            if len(key) > MAX_KEY_LENGTH or len(value) > MAX_VALUE_LENGTH:
+                raise ValueError(f"box key or value too long: {key!r}")
+            out += [struct.pack("!H", len(key)), key, struct.pack("!H", len(value)), value]
+        out.append(b"\x00\x00")
+        return b"".join(out)
 
 
 def clean_reason(reason: str) -> str:
@@ -109,27 +138,111 @@ def join_chunks(name: bytes, box: dict[bytes, bytes], *, pop: bool = False) -> b
     return b"".join(parts)
 
 
-class Chunked(amp.Argument):
+def _python_name(name: bytes) -> str:
+    return name.decode("ascii").replace("-", "_")
+
+
+class Argument:
+    """One typed field of a box: ``toString``/``fromString`` match AMP's encodings."""
+
+    def __init__(self, optional: bool = False) -> None:
+        self.optional = optional
+
+    def toString(self, value: Any) -> bytes:  # noqa: N802 (AMP's name)
+        raise NotImplementedError
+
+    def fromString(self, data: bytes) -> Any:  # noqa: N802 (AMP's name)
+        raise NotImplementedError
+
+    def toBox(self, name: bytes, strings: dict[bytes, bytes], value: Any) -> None:  # noqa: N802
+        strings[name] = self.toString(value)
+
+    def fromBox(self, name: bytes, strings: dict[bytes, bytes]) -> Any:  # noqa: N802
+        if name not in strings:
+            if not self.optional:
+                raise KeyError(name)
+            return None
+        return self.fromString(strings[name])
+
+
+class Unicode(Argument):
+    def toString(self, value: str) -> bytes:  # noqa: N802
+        return value.encode("utf-8")
+
+    def fromString(self, data: bytes) -> str:  # noqa: N802
+        return data.decode("utf-8")
+
+
+class Integer(Argument):
+    def toString(self, value: int) -> bytes:  # noqa: N802
+        return str(int(value)).encode("ascii")
+
+    def fromString(self, data: bytes) -> int:  # noqa: N802
+        return int(data)
+
+
+class ListOf(Argument):
+    """A list of one element type, each item prefixed by its 16-bit length."""
+
+    def __init__(self, element: Argument, optional: bool = False) -> None:
+        super().__init__(optional)
+        self.element = element
+
+    def toString(self, value: list[Any]) -> bytes:  # noqa: N802
+        out = []
+        for item in value:
+            data = self.element.toString(item)
+            out += [struct.pack("!H", len(data)), data]
+        return b"".join(out)
+
+    def fromString(self, data: bytes) -> list[Any]:  # noqa: N802
+        items = []
+        offset = 0
+        while offset < len(data):
+            if offset + 2 > len(data):
+                raise ValueError("truncated list item length")
+            (size,) = struct.unpack_from("!H", data, offset)
+            offset += 2
+            if offset + size > len(data):
+                raise ValueError("truncated list item")
+            items.append(self.element.fromString(data[offset:offset + size]))
+            offset += size
+        return items
+
+
+class Flag(Argument):
+    """A boolean sent as AMP's ``True``/``False``, also accepting other clients' spellings."""
+
+    _TRUE = (b"True", b"true", b"1", b"yes")
+    _FALSE = (b"False", b"false", b"0", b"no")
+
+    def toString(self, value: bool) -> bytes:  # noqa: N802
+        return b"True" if value else b"False"
+
+    def fromString(self, data: bytes) -> bool:  # noqa: N802
+        if data in self._TRUE:
+            return True
+        if data in self._FALSE:
+            return False
+        raise TypeError(f"bad boolean value: {data!r}")
+
+
+class Chunked(Argument):
     """Bytes of any length, split across ``<f>``, ``<f>.2``, ... keys."""
 
-    def toBox(self, name, strings, objects, proto):  # noqa: N802 (AMP's name)
-        value = self.retrieve(objects, amp._wireNameToPythonIdentifier(name), proto)
-        if value is None:
-            return
+    def toBox(self, name: bytes, strings: dict[bytes, bytes], value: Any) -> None:  # noqa: N802
         data = self.encode(value)
         pieces = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
         for key, piece in zip(chunk_keys(name, len(pieces)), pieces, strict=True):
             strings[key] = piece
 
-    def fromBox(self, name, strings, objects, proto):  # noqa: N802 (AMP's name)
-        data = join_chunks(name, strings, pop=True)
-        key = amp._wireNameToPythonIdentifier(name)
+    def fromBox(self, name: bytes, strings: dict[bytes, bytes]) -> Any:  # noqa: N802
+        data = join_chunks(name, strings)
         if data is None:
             if not self.optional:
                 raise KeyError(name)
-            objects[key] = None
-        else:
-            objects[key] = self.decode(data)
+            return None
+        return self.decode(data)
 
     def encode(self, value: Any) -> bytes:
         if isinstance(value, str):
@@ -150,25 +263,23 @@ class ChunkedJson(Chunked):
         return json.loads(data.decode("utf-8"))
 
 
-class Flag(amp.Boolean):
-    """AMP's Boolean, also accepting the spellings other clients send."""
-
-    _TRUE = (b"True", b"true", b"1", b"yes")
-    _FALSE = (b"False", b"false", b"0", b"no")
-
-    def fromString(self, inString):  # noqa: N802,N803 (AMP's names)
-        if inString in self._TRUE:
-            return True
-        if inString in self._FALSE:
-            return False
-        raise TypeError(f"bad boolean value: {inString!r}")
+def _to_strings(fields: list[tuple[bytes, Argument]], values: dict[str, Any]) -> Box:
+    box = Box()
+    for name, argument in fields:
+        value = values.get(_python_name(name))
+        if value is None:
+            if not argument.optional:
+                raise KeyError(name)
+            continue
+        argument.toBox(name, box, value)
+    return box
 
 
 # -- commands ---------------------------------------------------------------
 
 
-class ApiCommand(amp.Command):
-    """Base of every verb: the shared error map and the request rules.
+class ApiCommand:
+    """Base of every verb: its fields, the shared error map and the request rules.
 
     ``may_be_empty`` names required fields whose emptiness the verb judges
     itself (e.g. a mailbox name gets the name-check text, not MALFORMED).
@@ -176,13 +287,26 @@ class ApiCommand(amp.Command):
     """
 
     errors = _AMP_ERRORS
+    reverseErrors: ClassVar[dict[bytes, type[ApiError]]] = {  # noqa: N815 (AMP's name)
+        code: cls for cls, code in _AMP_ERRORS.items()}
     may_be_empty: ClassVar[frozenset[bytes]] = frozenset()
     takes_no_arguments: ClassVar[bool] = False
     capped: ClassVar[frozenset[bytes]] = frozenset()
 
+    commandName: ClassVar[bytes]
+    arguments: ClassVar[list[tuple[bytes, Argument]]] = []
+    response: ClassVar[list[tuple[bytes, Argument]]] = []
+
     @classmethod
     def verb(cls) -> str:
         return cls.commandName.decode("ascii")
+
+    @classmethod
+    def makeResponse(cls, objects: dict[str, Any], proto: Any = None) -> Any:  # noqa: N802
+        """The answer box for a handler's result (daemon side, inside AMP's dispatch)."""
+        from twisted.protocols import amp
+
+        return amp.AmpBox(_to_strings(cls.response, objects))
 
 
 class Send(ApiCommand):
@@ -192,34 +316,34 @@ class Send(ApiCommand):
         (b"text_only", Flag(optional=True)),
         (b"html_body", Chunked(optional=True)),
     ]
-    response = [(b"message_id", amp.Unicode())]
+    response = [(b"message_id", Unicode())]
     capped = frozenset({b"body", b"html_body"})
 
 
 class MarkRead(ApiCommand):
     commandName = b"MARK-READ"
-    arguments = [(b"mailbox", amp.Unicode()), (b"id", amp.Unicode())]
+    arguments = [(b"mailbox", Unicode()), (b"id", Unicode())]
     response: ClassVar[list] = []
     may_be_empty = frozenset({b"id"})
 
 
 class MarkUnread(ApiCommand):
     commandName = b"MARK-UNREAD"
-    arguments = [(b"mailbox", amp.Unicode()), (b"id", amp.Unicode())]
+    arguments = [(b"mailbox", Unicode()), (b"id", Unicode())]
     response: ClassVar[list] = []
     may_be_empty = frozenset({b"id"})
 
 
 class MailboxCreate(ApiCommand):
     commandName = b"MAILBOX-CREATE"
-    arguments = [(b"name", amp.Unicode()), (b"owner", amp.Unicode(optional=True))]
-    response = [(b"address", amp.Unicode()), (b"owner", amp.Unicode())]
+    arguments = [(b"name", Unicode()), (b"owner", Unicode(optional=True))]
+    response = [(b"address", Unicode()), (b"owner", Unicode())]
     may_be_empty = frozenset({b"name"})
 
 
 class MailboxDelete(ApiCommand):
     commandName = b"MAILBOX-DELETE"
-    arguments = [(b"name", amp.Unicode()), (b"force", Flag(optional=True))]
+    arguments = [(b"name", Unicode()), (b"force", Flag(optional=True))]
     response: ClassVar[list] = []
     may_be_empty = frozenset({b"name"})
 
@@ -234,20 +358,20 @@ class MailboxList(ApiCommand):
 class HookCreate(ApiCommand):
     commandName = b"HOOK-CREATE"
     arguments = [
-        (b"mailbox", amp.Unicode()),
-        (b"event", amp.Unicode()),
-        (b"name", amp.Unicode(optional=True)),
-        (b"cmd", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"mailbox", Unicode()),
+        (b"event", Unicode()),
+        (b"name", Unicode(optional=True)),
+        (b"cmd", ListOf(Unicode(), optional=True)),
         (b"fire_on_untrusted", Flag(optional=True)),
-        (b"type", amp.Unicode(optional=True)),
-        (b"timeout_secs", amp.Integer(optional=True)),
+        (b"type", Unicode(optional=True)),
+        (b"timeout_secs", Integer(optional=True)),
     ]
-    response = [(b"name", amp.Unicode())]
+    response = [(b"name", Unicode())]
 
 
 class HookDelete(ApiCommand):
     commandName = b"HOOK-DELETE"
-    arguments = [(b"name", amp.Unicode())]
+    arguments = [(b"name", Unicode())]
     response: ClassVar[list] = []
 
 
@@ -262,10 +386,10 @@ class Version(ApiCommand):
     commandName = b"VERSION"
     arguments: ClassVar[list] = []
     response = [
-        (b"tag", amp.Unicode()),
-        (b"git_hash", amp.Unicode()),
-        (b"target", amp.Unicode()),
-        (b"build_date", amp.Unicode()),
+        (b"tag", Unicode()),
+        (b"git_hash", Unicode()),
+        (b"target", Unicode()),
+        (b"build_date", Unicode()),
     ]
     takes_no_arguments = True
 
@@ -276,7 +400,7 @@ COMMANDS: dict[bytes, type[ApiCommand]] = {
                 HookCreate, HookDelete, HookList, Version)
 }
 
-_ENVELOPE_KEYS = frozenset({amp.COMMAND, amp.ASK})
+_ENVELOPE_KEYS = frozenset({COMMAND, ASK})
 
 
 # -- request decoding (daemon side) -----------------------------------------
@@ -317,7 +441,7 @@ def parse_request(command: type[ApiCommand], box: dict[bytes, bytes]) -> dict[st
     values: dict[str, Any] = {}
     for name, argument in command.arguments:
         field = name.decode("ascii")
-        pyname = amp._wireNameToPythonIdentifier(name)
+        pyname = _python_name(name)
         if isinstance(argument, Chunked):
             raw = join_chunks(name, box)
         else:
@@ -343,15 +467,15 @@ def parse_request(command: type[ApiCommand], box: dict[bytes, bytes]) -> dict[st
     return values
 
 
-def request_box(command: type[ApiCommand], arguments: dict[str, Any], tag: bytes) -> amp.AmpBox:
+def request_box(command: type[ApiCommand], arguments: dict[str, Any], tag: bytes) -> Box:
     """The request box for ``command`` (client side), ``None`` arguments left out."""
-    present = {key: value for key, value in arguments.items() if value is not None}
-    box = command.makeArguments(present, None)
-    box[amp.COMMAND] = command.commandName
-    box[amp.ASK] = tag
+    box = _to_strings(command.arguments, arguments)
+    box[COMMAND] = command.commandName
+    box[ASK] = tag
     return box
 
 
 def parse_answer(command: type[ApiCommand], box: dict[bytes, bytes]) -> dict[str, Any]:
     """Decode an answer box (client side) into a dict of the response fields."""
-    return command.parseResponse(dict(box), None)
+    return {_python_name(name): argument.fromBox(name, box)
+            for name, argument in command.response}

@@ -1,35 +1,51 @@
 """Entry point of the ``aimx`` command.
 
 Each command group lives in its own module under ``aimx.cli`` and exposes
-``add_parser(subparsers, parents)`` and ``run(args) -> int``. Modules are
-imported lazily so ``aimx send`` does not pay for the daemon's imports.
+``add_parser(subparsers, parents)`` and ``run(args) -> int``. Only the module
+of the command named on the command line is imported, so ``aimx send`` does not
+pay for the daemon's (or any other command's) imports; the overview help is
+built from the static table below without importing any command module.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from aimx.cli import term
-from aimx.version import version_info
 
-# (command, module, help group); aliases are declared by the modules.
-COMMANDS: list[tuple[str, str, str]] = [
-    ("send", "aimx.cli.send", "user"),
-    ("mailboxes", "aimx.cli.mailboxes", "user"),
-    ("hooks", "aimx.cli.hooks", "user"),
-    ("agents", "aimx.cli.agents", "user"),
-    ("mcp", "aimx.cli.mcp", "user"),
-    ("setup", "aimx.cli.setup", "admin"),
-    ("serve", "aimx.cli.serve", "admin"),
-    ("doctor", "aimx.cli.doctor", "admin"),
-    ("logs", "aimx.cli.logs", "admin"),
-    ("dkim-keygen", "aimx.cli.dkim_keygen", "admin"),
-    ("portcheck", "aimx.cli.portcheck", "admin"),
-    ("uninstall", "aimx.cli.uninstall", "admin"),
-    ("upgrade", "aimx.cli.upgrade", "admin"),
-    ("ingest", "aimx.cli.ingest", "hidden"),
+# (command, module, help group, aliases, one-line description). The aliases and
+# description repeat what the module's ``add_parser`` declares, so that choosing a
+# command and printing the overview need no command module imported.
+COMMANDS: list[tuple[str, str, str, tuple[str, ...], str]] = [
+    ("send", "aimx.cli.send", "user", (),
+     "Send an email (Markdown body) from a mailbox you own"),
+    ("mailboxes", "aimx.cli.mailboxes", "user", ("mailbox",),
+     "create, list, show and delete mailboxes"),
+    ("hooks", "aimx.cli.hooks", "user", ("hook",), "list, create and delete mailbox hooks"),
+    ("agents", "aimx.cli.agents", "user", (),
+     "install the aimx skill and MCP server into your AI agents"),
+    ("mcp", "aimx.cli.mcp", "user", (),
+     "run the stdio MCP server for AI agents (stdout carries protocol only)"),
+    ("setup", "aimx.cli.setup", "admin", (),
+     "set up this server: port 25, DNS, TLS, trust policy and the service"),
+    ("serve", "aimx.cli.serve", "admin", (),
+     "Run the aimx daemon in the foreground (SMTP, socket API, hooks)"),
+    ("doctor", "aimx.cli.doctor", "admin", (),
+     "check configuration, service, mailboxes, ownership and DNS"),
+    ("logs", "aimx.cli.logs", "admin", (), "show the aimx daemon's log"),
+    ("dkim-keygen", "aimx.cli.dkim_keygen", "admin", (),
+     "generate the DKIM key pair and print its DNS record"),
+    ("portcheck", "aimx.cli.portcheck", "admin", (),
+     "check inbound and outbound port 25 through the verifier service"),
+    ("uninstall", "aimx.cli.uninstall", "admin", (),
+     "stop aimx and remove its service (config, data and package are kept)"),
+    ("upgrade", "aimx.cli.upgrade", "admin", (),
+     "print how to upgrade aimx with pip and restart the daemon"),
+    ("ingest", "aimx.cli.ingest", "hidden", (),
+     "Store a raw email read from stdin for <rcpt>, as an SMTP delivery would"),
 ]
 
 _GROUP_TITLES = {
@@ -58,20 +74,39 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
-def _available_modules() -> list[tuple[str, object, str]]:
-    loaded = []
-    for name, module_name, group in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # command not built yet
-            raise
-        loaded.append((name, module, group))
-    return loaded
+def _available() -> list[tuple[str, str, str, tuple[str, ...], str]]:
+    """The table's commands whose module exists (a command may not be built yet)."""
+    return [entry for entry in COMMANDS if importlib.util.find_spec(entry[1]) is not None]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The command named by ``argv`` (aliases resolved), or ``None``.
+
+    Mirrors how argparse finds the subcommand: the first word that is neither an
+    option nor the value of ``--data-dir``.
+    """
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            word = next(words, None)
+        elif word == "--data-dir":
+            next(words, None)
+            continue
+        elif word.startswith("-"):
+            continue
+        for name, _module, _group, aliases, _description in COMMANDS:
+            if word == name or word in aliases:
+                return name
+        return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that command's module is imported.
+
+    Without one, every command gets a placeholder parser from the static table:
+    enough for ``aimx --help`` and argparse's "invalid choice" message.
+    """
     parser = argparse.ArgumentParser(
         prog="aimx",
         description="aimx: self-hosted email for AI agents (SMTP in, Markdown on disk, MCP out)",
@@ -83,11 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     groups: dict[str, list[str]] = {"user": [], "admin": []}
-    for name, module, group in _available_modules():
-        sp = module.add_parser(sub, [common])
-        sp.set_defaults(_run=module.run)
+    for name, module_name, group, aliases, description in _available():
+        if name == command:
+            module = importlib.import_module(module_name)
+            sp = module.add_parser(sub, [common])
+            sp.set_defaults(_run=module.run)
+        elif command is None:
+            sub.add_parser(name, aliases=list(aliases), parents=[common],
+                           description=description, add_help=False)
         if group in groups:
-            groups[group].append(f"  {name:<14}{sp.description or ''}")
+            groups[group].append(f"  {name:<14}{description}")
     epilog = []
     for group, lines in groups.items():
         if lines:
@@ -102,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     # --version / -V count only before the first non-flag word.
     for word in argv:
         if word in ("-V", "--version"):
+            from aimx.version import version_info
+
             print(version_info().banner())
             return 0
         if not word.startswith("-"):
             break
     if argv[:1] == ["help"]:
         argv = ["--help"] + argv[1:]
-    parser = build_parser()
+    parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_usage(sys.stderr)
