@@ -436,6 +436,7 @@ def cleanup_temp_files(data_dir: str | os.PathLike[str]) -> int:
     sweep(data, 0)
     for folder in FOLDERS:
         sweep(data / folder, 2)  # mailbox dirs, then bundle dirs
+    sweep(data / ".aimx", 1)  # hook bookkeeping (pending markers are written via a temp)
     if removed:
         log.info("removed %d stale temp file(s) under %s", removed, kv(str(data)))
     return removed

@@ -364,7 +364,12 @@ def test_cleanup_removes_only_temp_leftovers(store: MailStore, data: Path) -> No
     (kept.path.parent / ".a.txt.tmp.123abc").write_text("partial")
     (data / ".README.md.tmp.abcdef").write_text("partial")
     (box / ".hidden-by-agent").write_text("not ours")
-    assert storage.cleanup_temp_files(data) == 4
+    pending = data / ".aimx" / "hooks-pending"
+    pending.mkdir(parents=True)
+    (pending / ".0badc0de.tmp.4242").write_text('{"mailbox": ')
+    (pending / "0badc0de").write_text('{"mailbox": "alice", "path": "x"}')
+    assert storage.cleanup_temp_files(data) == 5
+    assert os.listdir(pending) == ["0badc0de"]  # a complete marker is kept for the replay
     assert sorted(os.listdir(box)) == [".hidden-by-agent", kept.id]
     assert sorted(os.listdir(kept.path.parent)) == sorted(["a.txt", f"{kept.id}.md"])
     assert not (data / ".README.md.tmp.abcdef").exists()
