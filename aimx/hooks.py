@@ -420,6 +420,8 @@ class PendingHooks:
         except FileNotFoundError:
             return []
         for name in names:
+            if name.startswith("."):
+                continue  # a marker still being written (or one a crash cut short)
             marker = self.dir / name
             try:
                 data = json.loads(marker.read_text())
