@@ -20,7 +20,7 @@ from typing import Any
 from aimx import agents, paths
 from aimx.agents import AGENTS, Agent, AgentsError, Homes
 from aimx.cli import term
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 
 _LABEL_WIDTH = 17  # "    destination: " — continuation lines of the registry align here
 
@@ -28,7 +28,7 @@ _LABEL_WIDTH = 17  # "    destination: " — continuation lines of the registry 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "agents", parents=parents,
-        description="install the aimx skill and MCP server into your AI agents",
+        description=describe("agents"),
         help="install the aimx skill and MCP server into your AI agents",
     )
     sub = parser.add_subparsers(dest="agents_command", metavar="<command>", required=True)

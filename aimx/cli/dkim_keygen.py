@@ -14,14 +14,14 @@ from typing import Any
 
 from aimx import dkimkeys, paths
 from aimx.cli import term
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.config import ConfigError, load_config
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "dkim-keygen", parents=parents,
-        description="generate the DKIM key pair and print its DNS record",
+        description=describe("dkim-keygen"),
         help="generate the DKIM key pair",
     )
     parser.add_argument("--selector", metavar="S",

@@ -12,13 +12,13 @@ from typing import Any
 
 from aimx import doctor
 from aimx.cli.mailboxes import load_config
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         "doctor", parents=parents,
-        description="check configuration, service, mailboxes, ownership and DNS",
+        description=describe("doctor"),
         help="check configuration, service, mailboxes, ownership and DNS",
     )
 

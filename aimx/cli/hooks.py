@@ -16,7 +16,7 @@ from typing import Any
 from aimx import paths
 from aimx.cli import term
 from aimx.cli.mailboxes import call, compact_cmd, confirm, is_root, load_config
-from aimx.cli.main import CommandError, UsageError
+from aimx.cli.main import CommandError, UsageError, describe
 from aimx.client import DaemonDown
 from aimx.protocol import ApiError, HookCreate, HookDelete, HookList
 
@@ -29,7 +29,7 @@ _OFFLINE_NOTE = ("Note: aimx serve is not running. The change will take effect o
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "hooks", aliases=["hook"], parents=parents,
-        description="list, create and delete mailbox hooks",
+        description=describe("hooks"),
         help="list, create and delete mailbox hooks",
     )
     sub = parser.add_subparsers(dest="hooks_command", metavar="<command>", required=True)

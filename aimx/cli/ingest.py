@@ -13,7 +13,7 @@ import logging
 import sys
 
 from aimx import paths
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.logs import setup_logging
 
 
@@ -23,7 +23,7 @@ def add_parser(subparsers, parents):  # noqa: ANN001, ANN201
     parser = subparsers.add_parser(
         "ingest",
         parents=parents,
-        description="Store a raw email read from stdin for <rcpt>, as an SMTP delivery would",
+        description=describe("ingest"),
     )
     parser.add_argument("rcpt", help="recipient address, used verbatim as delivered_to")
     return parser

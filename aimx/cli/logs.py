@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aimx.cli import term
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.initsystem import OPENRC, OPENRC_LOG_DIR, SERVICE, SYSLOG_FILE, SYSTEMD, System
 
 OPENRC_FOLLOW_ERROR = (
@@ -23,7 +23,7 @@ JOURNAL_HINT = ("Reading the journal needs root or membership in the systemd-jou
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "logs", parents=parents, description="show the aimx daemon's log",
+        "logs", parents=parents, description=describe("logs"),
         help="show the daemon's log",
     )
     parser.add_argument("-n", "--lines", type=int, default=50, metavar="N",

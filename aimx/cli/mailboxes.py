@@ -19,7 +19,7 @@ from typing import Any
 
 from aimx import paths
 from aimx.cli import term
-from aimx.cli.main import CommandError, UsageError
+from aimx.cli.main import CommandError, UsageError, describe
 from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
 from aimx.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
 
@@ -35,7 +35,7 @@ _CMD_WIDTH = 60
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "mailboxes", aliases=["mailbox"], parents=parents,
-        description="create, list, show and delete mailboxes",
+        description=describe("mailboxes"),
         help="create, list, show and delete mailboxes",
     )
     sub = parser.add_subparsers(dest="mailboxes_command", metavar="<command>", required=True)

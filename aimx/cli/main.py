@@ -16,9 +16,9 @@ import sys
 
 from aimx.cli import term
 
-# (command, module, help group, aliases, one-line description). The aliases and
-# description repeat what the module's ``add_parser`` declares, so that choosing a
-# command and printing the overview need no command module imported.
+# (command, module, help group, aliases, one-line description). This table is the
+# one place a command's description lives (modules take it with ``describe``), so
+# choosing a command and printing the overview need no command module imported.
 COMMANDS: list[tuple[str, str, str, tuple[str, ...], str]] = [
     ("send", "aimx.cli.send", "user", (),
      "Send an email (Markdown body) from a mailbox you own"),
@@ -52,6 +52,14 @@ _GROUP_TITLES = {
     "user": "Operations (as current user)",
     "admin": "Server administration",
 }
+
+
+def describe(command: str) -> str:
+    """The one-line description of ``command``, for its module's ``add_parser``."""
+    for name, _module, _group, _aliases, description in COMMANDS:
+        if name == command:
+            return description
+    raise KeyError(command)
 
 
 class UsageError(Exception):

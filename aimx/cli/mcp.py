@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from aimx.cli.main import describe
+
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         "mcp", parents=parents,
-        description="run the stdio MCP server for AI agents (stdout carries protocol only)",
+        description=describe("mcp"),
         help="run the stdio MCP server for AI agents",
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from aimx import paths
 from aimx.cli import term
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.config import Config, ConfigError, load_config
 from aimx.initsystem import System
 from aimx.setup import (
@@ -27,7 +27,7 @@ ROOT_REQUIRED = "`aimx portcheck` requires root. Run with: sudo aimx portcheck"
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "portcheck", parents=parents,
-        description="check inbound and outbound port 25 through the verifier service",
+        description=describe("portcheck"),
         help="check port 25 connectivity (root)",
     )
     parser.add_argument("--verify-host", metavar="URL",

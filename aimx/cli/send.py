@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 
 ROOT_REFUSAL = "send is a per-user operation, run without sudo"
 DAEMON_DOWN = "aimx daemon not running. Check 'systemctl status aimx'"
@@ -27,7 +27,7 @@ SEND_CODES = frozenset({"MALFORMED", "PROTOCOL", "DOMAIN", "MAILBOX", "EACCES",
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "send", parents=parents, help="send an email from one of your mailboxes",
-        description="Send an email (Markdown body) from a mailbox you own")
+        description=describe("send"))
     parser.add_argument("--from", dest="from_addr", required=True, metavar="ADDRESS",
                         help="sender address: a mailbox you own")
     parser.add_argument("--to", required=True, metavar="ADDRESS", help="recipient address")

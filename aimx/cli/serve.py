@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from aimx.cli.main import describe
 from aimx.service import DEFAULT_BIND, DEFAULT_TLS_CERT, DEFAULT_TLS_KEY, run_foreground
 
 
@@ -11,7 +12,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
                parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve", parents=parents,
-        description="Run the aimx daemon in the foreground (SMTP, socket API, hooks)",
+        description=describe("serve"),
         help="run the daemon in the foreground",
     )
     parser.add_argument("--bind", metavar="ADDR:PORT", default=DEFAULT_BIND,

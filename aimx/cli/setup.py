@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.setup import SetupError, run_setup
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "setup", parents=parents, usage="aimx setup [--verify-host URL]",
-        description="set up this server: port 25, DNS, TLS, trust policy and the service",
+        description=describe("setup"),
         help="set up this server (root)",
     )
     parser.add_argument("domain", nargs="?", help=argparse.SUPPRESS)

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from aimx import paths
-from aimx.cli.main import CommandError
+from aimx.cli.main import CommandError, describe
 from aimx.cli.upgrade import uninstall_command
 from aimx.config import ConfigError, load_config
 from aimx.initsystem import ServiceError, System
@@ -23,7 +23,7 @@ ROOT_REQUIRED = "`aimx uninstall` requires root. Run with: sudo aimx uninstall"
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "uninstall", parents=parents,
-        description="stop aimx and remove its service (config, data and package are kept)",
+        description=describe("uninstall"),
         help="remove the aimx service (root)",
     )
     parser.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from aimx import __version__
+from aimx.cli.main import describe
 
 
 def _in_pipx() -> bool:
@@ -42,7 +43,7 @@ def uninstall_command() -> str:
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "upgrade", parents=parents,
-        description="print how to upgrade aimx with pip and restart the daemon",
+        description=describe("upgrade"),
         help="print the upgrade command",
     )
     parser.add_argument("--version", dest="target_version", metavar="TAG",
