@@ -32,7 +32,7 @@ REFERENCE_FILES = sorted(f"references/{page}" for page in agents.REFERENCE_PAGES
 LAUNCHER = r"""
 import os, select, sys, termios, tty
 import aimx.agents, aimx.cli.agents, aimx.cli.main
-aimx.cli.main.build_parser()
+aimx.cli.main.import_all_commands()
 uid, gid, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if uid != os.geteuid():
     os.initgroups(name, gid)

@@ -70,7 +70,7 @@ import json, os, sys
 spec = json.loads(sys.argv[1])
 import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
 import aimx.cli.main
-aimx.cli.main.build_parser()  # loads every command module
+aimx.cli.main.import_all_commands()  # loads every command module
 from aimx.client import Client, read_box
 from aimx import protocol
 if spec["uid"] is not None:

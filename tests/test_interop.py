@@ -126,7 +126,7 @@ import json, os, sys
 spec = json.loads(sys.argv[1])
 import errno, mimetypes
 import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
-aimx.cli.main.build_parser()
+aimx.cli.main.import_all_commands()
 mimetypes.init()
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])

@@ -69,7 +69,7 @@ import json, os, sys
 spec = json.loads(sys.argv[1])
 import anyio._backends._asyncio, sqlite3  # sqlite3: the listing index
 import aimx.cli.main, aimx.mcpserver
-aimx.cli.main.build_parser()
+aimx.cli.main.import_all_commands()
 aimx.mcpserver.build_server()
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])

@@ -147,7 +147,7 @@ def verifier(tmp_path_factory: pytest.TempPathFactory, probe_port: int):
 _AS_USER = textwrap.dedent("""
     import json, os, sys
     import aimx.cli.main as cli
-    cli.build_parser()  # import every command module while still root
+    cli.import_all_commands()  # import every command module while still root
     who = json.loads(sys.argv[1])
     os.initgroups(who["name"], who["gid"])
     os.setgid(who["gid"])

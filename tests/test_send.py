@@ -55,7 +55,7 @@ spec = json.loads(sys.argv[1])
 import base64, email.header, email.utils, mimetypes, uuid
 import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
 mimetypes.init()
-aimx.cli.main.build_parser()  # imports every command module while still root
+aimx.cli.main.import_all_commands()  # imports every command module while still root
 if spec["uid"] is not None:
     os.initgroups(spec["name"], spec["gid"])
     os.setgid(spec["gid"])

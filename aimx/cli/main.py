@@ -62,6 +62,16 @@ def describe(command: str) -> str:
     raise KeyError(command)
 
 
+def import_all_commands() -> None:
+    """Import every command module now.
+
+    For a process that is about to drop privileges and may then be unable to
+    read the installation (an interpreter under a root-only home, say).
+    """
+    for _name, module, *_rest in _available():
+        importlib.import_module(module)
+
+
 class UsageError(Exception):
     """A command-line mistake: printed as ``Error: ...`` with exit code 2."""
 
