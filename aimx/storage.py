@@ -30,6 +30,7 @@ import attrs
 
 from aimx import frontmatter
 from aimx.config import owner_ids
+from aimx.fsutil import fsync_dir
 from aimx.logs import kv, logger
 from aimx.message import rfc3339_utc
 
@@ -242,7 +243,7 @@ def _make_dir(path: Path, mode: int) -> bool:
     except FileExistsError:
         return False
     os.chmod(path, mode)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -265,14 +266,6 @@ def ensure_mailbox_dir(
     _make_dir(path, 0o700)
     _apply_owner(path, ids, 0o700, str(path))
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_name(final_name: str) -> str:
@@ -326,7 +319,7 @@ def publish_file(directory: Path, name: str, data: bytes, ids: tuple[int, int] |
     except BaseException:
         _remove_quietly(temp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final
 
 
@@ -345,7 +338,7 @@ def _stage_bundle(
         for name, data in files:
             _write_file(staging / name, data, ids)
         _write_file(staging / f"{stem}.md", markdown, ids)
-        _fsync_dir(staging)
+        fsync_dir(staging)
     except BaseException:
         _remove_quietly(staging)
         raise
@@ -374,7 +367,7 @@ def _publish_bundle(
     except BaseException:
         _remove_quietly(staging)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final / f"{stem}.md"
 
 
@@ -1367,7 +1360,7 @@ class MailStore:
                 _remove_quietly(source)
                 continue
             try:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except BaseException:
                 if dedup is not None:
                     with lock:

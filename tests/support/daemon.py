@@ -385,6 +385,20 @@ class SmtpWire:
         except TimeoutError:
             return False
 
+    def drain(self, timeout: float = 2.0) -> bytes:
+        """Everything the server still sends until it closes or goes quiet."""
+        data, self._buf = self._buf, b""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return data
+
     def close(self) -> None:
         self.sock.close()
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import attrs
 
+from tests.support.daemon import SmtpWire
+
 LONG_LINE = 10_000
 BANNER_TIMEOUT = 15.0
 
@@ -53,23 +55,18 @@ class AbuseReport:
                 f"bytes={self.bytes_sent} replies[{codes}] problems={len(self.problems)}")
 
 
-class Wire:
+class Wire(SmtpWire):
     """A raw SMTP connection that counts what it sends and receives into a report."""
 
     def __init__(self, report: AbuseReport, host: str, port: int, *,
                  source: str | None = None, timeout: float = 20.0,
                  read_banner: bool = True) -> None:
         self.report = report
-        self.sock = socket.create_connection(
-            (host, port), timeout=timeout,
-            source_address=(source, 0) if source else None)
-        self.timeout = timeout
-        self.buffer = b""
         report.connections += 1
-        self.banner = self.reply() if read_banner else ""
+        super().__init__(port, host, source=source, timeout=timeout, read_banner=read_banner)
 
     def send(self, data: bytes, commands: int = 0) -> None:
-        self.sock.sendall(data)
+        super().send(data)
         self.report.bytes_sent += len(data)
         self.report.commands += commands
 
@@ -78,61 +75,11 @@ class Wire:
         self.send(data + b"\r\n", commands=1)
         return self.reply()
 
-    def _line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.rstrip(b"\r")
-
     def reply(self, timeout: float | None = None) -> str:
-        """The next complete reply (continuation lines joined by LF)."""
-        self.sock.settimeout(timeout or self.timeout)
-        lines = []
-        while True:
-            line = self._line()
-            lines.append(line.decode("utf-8", "replace"))
-            if len(line) < 4 or line[3:4] != b"-":
-                text = "\n".join(lines)
-                self.report.replies[text[:3]] += 1
-                return text
-
-    def eof(self, timeout: float = 5.0) -> bool:
-        """True when the server closed the connection with nothing left unread."""
-        if self.buffer:
-            return False
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def drain(self, timeout: float = 2.0) -> bytes:
-        """Everything the server still sends until it closes or goes quiet."""
-        data, self.buffer = self.buffer, b""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Wire:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        """The next complete reply (continuation lines joined by LF), counted by code."""
+        text = super().reply(timeout)
+        self.report.replies[text[:3]] += 1
+        return text
 
 
 @attrs.frozen
