@@ -1,18 +1,35 @@
 # aimx developer entry points. Everything installs into .venv inside the checkout.
+#
+# The development venv installs exactly what requirements.lock pins (with hashes), so
+# every machine tests the same versions; setup.cfg keeps the ranges a user's
+# `pip install aimx` resolves, and `make test-latest` runs the suite on the newest
+# releases inside those ranges. docs/development.md says how to update the lock.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements.lock
+# Build tools pinned alongside the runtime: the editable install builds without isolation.
+BUILD_REQUIREMENTS := 'pip>=23.1' 'setuptools>=68' wheel
+# twisted/plugins must stay importable from the checkout, which only the compat
+# editable mode (a .pth entry) gives.
+EDITABLE_MODE := --config-settings editable_mode=compat
 
-.PHONY: install system-deps test run lint bench clean
+.PHONY: install system-deps test test-latest test-lowest lock run lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . $(EDITABLE_MODE)
 	touch $(STAMP)
+
+# Re-resolve the pins from setup.cfg (newest versions in its ranges) and rewrite the lock.
+lock: install
+	printf '%s\n' $(BUILD_REQUIREMENTS) | $(BIN)/uv pip compile -q setup.cfg - \
+	  --extra test --extra dev --generate-hashes --universal --python-version 3.11 \
+	  --custom-compile-command "make lock" -o $(LOCK)
 
 # Real peers for the interop and DKIM tests (root only; tests skip with a reason without them).
 system-deps:
@@ -30,6 +47,29 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The suite on the newest releases setup.cfg allows, as `pip install aimx` gets them
+# today: a fresh venv, the lock ignored.
+test-latest: system-deps
+	rm -rf $(VENV)-latest
+	$(PYTHON) -m venv $(VENV)-latest
+	$(VENV)-latest/bin/python -m pip install -q --upgrade $(BUILD_REQUIREMENTS)
+	$(VENV)-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  --no-build-isolation -e '.[test,dev]' $(EDITABLE_MODE)
+	$(VENV)-latest/bin/python -m pip list --format=freeze --exclude-editable > $(VENV)-latest/resolved.txt
+	$(VENV)-latest/bin/python -m pytest $(PYTEST_ARGS)
+
+# The suite on the lowest versions setup.cfg allows for our direct dependencies: the
+# lower bounds there are ones this has passed with.
+test-lowest: install system-deps
+	rm -rf $(VENV)-lowest
+	$(PYTHON) -m venv $(VENV)-lowest
+	printf '%s\n' $(BUILD_REQUIREMENTS) | $(BIN)/uv pip compile -q setup.cfg - \
+	  --extra test --extra dev --resolution lowest-direct --python-version 3.11 \
+	  -o $(VENV)-lowest/requirements.txt
+	$(VENV)-lowest/bin/python -m pip install -q -r $(VENV)-lowest/requirements.txt
+	$(VENV)-lowest/bin/python -m pip install -q --no-deps --no-build-isolation -e . $(EDITABLE_MODE)
+	$(VENV)-lowest/bin/python -m pytest $(PYTEST_ARGS)
+
 run: install
 	$(BIN)/python -m aimx.devrun
 
@@ -40,4 +80,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .dev .pytest_cache
+	rm -rf $(VENV) $(VENV)-latest $(VENV)-lowest .dev .pytest_cache

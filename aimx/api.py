@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, protocol, threads
+from twisted.internet.error import ConnectionLost
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -318,6 +319,8 @@ class ApiProtocol(amp.AMP):
         self.caller: Caller | None = None
         self.cred_error: str | None = None
         self._box_bytes = 0
+        self._box_open = False  # a box has begun arriving and has not ended yet
+        self._key_bytes = 0  # length of the key whose value comes next
         self._in_flight = 0
         self._timer = None
         self._timer_kind: str | None = None
@@ -373,7 +376,7 @@ class ApiProtocol(amp.AMP):
         if self.transport is None or self._dropped:
             self._disarm()
             return
-        if self._currentBox is not None or self.recvd:
+        if self._box_open or self.recvd:
             self._arm("incomplete request")
         elif self._in_flight == 0:
             self._arm("idle")
@@ -395,31 +398,43 @@ class ApiProtocol(amp.AMP):
     def _drop(self, why: str) -> None:
         log.warning("dropping socket connection: %s", why)
         self._dropped = True
-        self._currentBox = None
         self.transport.abortConnection()
 
+    def proto_init(self, string: bytes) -> str:
+        self._box_open = True
+        return super().proto_init(string)
+
     def proto_value(self, string: bytes) -> str:
-        self._box_bytes += len(self._currentKey or b"") + len(string) + 4
+        self._box_bytes += self._key_bytes + len(string) + 4
         if self._box_bytes > MAX_BOX_BYTES:
             self._drop(f"request box over {MAX_BOX_BYTES} bytes")
             return "init"
         return super().proto_value(string)
 
     def proto_key(self, string: bytes) -> str:
-        if not string:
+        if string:
+            self._key_bytes = len(string)
+        else:  # the empty key ends the box
             self._box_bytes = 0
+            self._box_open = False
             self._disarm()
         return super().proto_key(string)
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 (AMP's name)
         if amp.COMMAND in box:
-            self._commandReceived(box)
+            # Clients only send requests: reply keys must not turn a request into an answer.
+            box.pop(amp.ANSWER, None)
+            box.pop(amp.ERROR, None)
+            super().ampBoxReceived(box)
         elif amp.ASK in box:
-            self._safeEmit(amp.AmpBox({
-                amp.ERROR: box[amp.ASK],
-                amp.ERROR_CODE: b"MALFORMED",
-                amp.ERROR_DESCRIPTION: b"request box has no _command",
-            }))
+            try:
+                self.boxSender.sendBox(amp.AmpBox({
+                    amp.ERROR: box[amp.ASK],
+                    amp.ERROR_CODE: b"MALFORMED",
+                    amp.ERROR_DESCRIPTION: b"request box has no _command",
+                }))
+            except (amp.ProtocolSwitched, ConnectionLost):
+                pass  # the client is gone; nothing to tell it
         else:
             # Nothing to answer to (no _ask): a client speaking something else.
             self._drop("box without _command or _ask")

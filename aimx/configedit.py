@@ -36,12 +36,11 @@ from aimx.config import (
     ConfigError,
     Hook,
     Mailbox,
-    TomlLine,
     derived_hook_name,
     parse_config_text,
-    toml_lines,
 )
 from aimx.fsutil import write_atomic
+from aimx.tomltext import TomlLine, toml_lines
 
 NEW_FILE_MODE = 0o640
 

@@ -222,10 +222,16 @@ class _Sender(smtp.ESMTPSender):
         self.factory.tls_refused = True
         super().esmtpTLSFailed(code, resp)
 
+    helo_sent = False
+
     def smtpState_helo(self, code: int, resp: bytes) -> None:  # noqa: N802
+        # Twisted calls this again when the HELO itself is refused, and would answer
+        # with another HELO, forever: a second call is the refusal.
+        if self.helo_sent:
+            self.smtpConnectionFailed(code, resp)
+            return
+        self.helo_sent = True
         super().smtpState_helo(code, resp)
-        # Twisted would answer a refused HELO with another HELO, forever.
-        self._failresponse = self.smtpConnectionFailed
 
     def sentMail(self, code: int, resp: bytes, numOk: int, addresses: Any,  # noqa: N802,N803
                  log: Any) -> None:

@@ -5,7 +5,7 @@ deterministic (fixed key order, one string style) and every string must be a sin
 basic string with escapes (decision D2), so no line of the frontmatter can ever read
 ``+++`` whatever a sender puts in a header. Reading accepts any valid TOML between the
 first two lines equal to ``+++``, so files written by other tools still load. Read-state
-edits go through tomlkit, which rewrites only the keys it is told to touch.
+edits change only the ``read`` / ``read_at`` lines of the text.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-import tomlkit
-import tomlkit.exceptions
+from aimx.tomltext import toml_lines
 
 DELIMITER = "+++"
 
@@ -254,8 +253,10 @@ def read_header_fields(
 def set_read_state(data: bytes, read: bool, now_text: str) -> bytes:
     """Set ``read``; MARK-READ writes ``read_at`` right after it, MARK-UNREAD removes it.
 
-    Every other byte of the file (other keys, unknown ones included, comments, the body)
-    is kept as it was (decision D6).
+    The edit is made on the frontmatter's text, line by line (decision D6): only the
+    ``read`` and ``read_at`` lines change, so every other byte of the file (other keys,
+    unknown ones included, comments, the body) is kept as it was. The result is checked
+    against the intended change of the parsed data before it is returned.
     """
     found = _delimiters(data)
     if found is None:
@@ -263,28 +264,61 @@ def set_read_state(data: bytes, read: bool, now_text: str) -> bytes:
     toml_start, toml_end, _rest = found
     try:
         toml_text = data[toml_start:toml_end].decode("utf-8")
-        document = tomlkit.parse(toml_text)
-    except (UnicodeDecodeError, tomlkit.exceptions.TOMLKitError) as exc:
+    except UnicodeDecodeError as exc:
         raise FrontmatterError(f"failed to parse frontmatter: {exc}") from exc
-    document["read"] = read
+    expected = _load(toml_text)
+    expected["read"] = read
     if read:
-        if "read_at" in document:
-            document["read_at"] = now_text
-        else:
-            _insert_after(document, "read", "read_at", now_text)
-    elif "read_at" in document:
-        del document["read_at"]
-    edited = document.as_string().encode("utf-8")
-    return data[:toml_start] + edited + data[toml_end:]
+        expected["read_at"] = now_text
+    else:
+        expected.pop("read_at", None)
+    edited = _edit_read_lines(toml_text, read, now_text)
+    if _load(edited) != expected:
+        raise FrontmatterError("failed to parse frontmatter: cannot edit the read state "
+                               "without changing other keys")
+    return data[:toml_start] + edited.encode("utf-8") + data[toml_end:]
 
 
-def _insert_after(document: tomlkit.TOMLDocument, anchor: str, key: str, value: str) -> None:
-    """tomlkit has no public insert-after; fall back to appending (before any tables)."""
-    insert = getattr(document, "_insert_after", None)
-    if insert is not None:
-        try:
-            insert(anchor, key, value)
-            return
-        except Exception:
-            pass
-    document.add(key, value)
+def _edit_read_lines(text: str, read: bool, now_text: str) -> str:
+    """Rewrite the top-level ``read`` / ``read_at`` statements of ``text``.
+
+    A statement's span includes the continuation lines of a multi-line value. ``read_at``
+    goes on the line right after ``read``; a file without ``read`` gets both at the end
+    of its top-level keys, before the first table.
+    """
+    newline = "\r\n" if "\r\n" in text else "\n"
+    spans: dict[str, tuple[int, int]] = {}
+    top_level_end = len(text)
+    last_statement_end = 0
+    current: str | None = None
+    for line in toml_lines(text):
+        if line.kind == "header":
+            top_level_end = line.start
+            break
+        if line.kind == "cont":
+            if current is not None:
+                spans[current] = (spans[current][0], line.end)
+            last_statement_end = line.end
+            continue
+        current = None
+        if line.kind == "key":
+            last_statement_end = line.end
+            if line.path in (("read",), ("read_at",)):
+                current = line.path[0]
+                spans[current] = (line.start, line.end)
+
+    read_line = f"read = {_toml_value(read)}{newline}"
+    read_at_line = f"read_at = {toml_string(now_text)}{newline}" if read else ""
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied back to front
+    if "read_at" in spans:
+        edits.append((*spans["read_at"], ""))
+    if "read" in spans:
+        start, end = spans["read"]
+        edits.append((start, end, read_line + read_at_line))
+    else:
+        at = last_statement_end if last_statement_end else top_level_end
+        prefix = newline if at and not text[:at].endswith("\n") else ""
+        edits.append((at, at, prefix + read_line + read_at_line))
+    for start, end, replacement in sorted(edits, key=lambda edit: edit[0], reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text

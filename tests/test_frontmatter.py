@@ -329,3 +329,30 @@ def test_set_read_state_errors() -> None:
     with pytest.raises(FrontmatterError, match="^failed to parse frontmatter: ") as bad:
         set_read_state(b"+++\nread = = false\n+++\n\nbody\n", True, "now")
     assert bad.value.__cause__ is not None
+
+
+def test_mark_read_adds_read_before_the_first_table_when_the_file_has_none() -> None:
+    original = ORIGINAL.replace(b"read = false\n", b"")
+    marked = set_read_state(original, True, "2025-01-02T00:00:00.000000Z")
+    assert marked == original.replace(
+        b"x_custom = { a = 1 }\n",
+        b'x_custom = { a = 1 }\nread = true\nread_at = "2025-01-02T00:00:00.000000Z"\n')
+    assert parse(marked)["attachments"][0]["filename"] == "notes.txt"
+
+
+def test_read_state_edit_keeps_crlf_multiline_values_and_a_misplaced_read_at() -> None:
+    original = (b"+++\r\n"
+                b'read_at = "2024-12-31T00:00:00.000000Z"\r\n'
+                b"labels = [\r\n  \"a\",\r\n  \"read = false\",\r\n]\r\n"
+                b"read = true\r\n"
+                b'subject = """not\r\nread = a key"""\r\n'
+                b"+++\r\n\r\nbody\r\n")
+    unread = set_read_state(original, False, "ignored")
+    assert unread == original.replace(
+        b'read_at = "2024-12-31T00:00:00.000000Z"\r\n', b"").replace(
+        b"read = true\r\n", b"read = false\r\n")
+    again = set_read_state(unread, True, "2025-01-02T00:00:00.000000Z")
+    assert again == unread.replace(
+        b"read = false\r\n", b'read = true\r\nread_at = "2025-01-02T00:00:00.000000Z"\r\n')
+    assert parse(again)["labels"] == ["a", "read = false"]
+    assert parse(again)["subject"] == "not\nread = a key"

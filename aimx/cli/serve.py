@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from aimx.cli.main import describe
 from aimx.service import DEFAULT_BIND, DEFAULT_TLS_CERT, DEFAULT_TLS_KEY, run_foreground
 
 
-def add_parser(subparsers: argparse._SubParsersAction,
-               parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve", parents=parents,
         description=describe("serve"),
