@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LOCK   := requirements.lock
 # Build tools pinned alongside the runtime: the editable install builds without isolation.
-BUILD_REQUIREMENTS := 'pip>=23.1' 'setuptools>=68' wheel
+BUILD_REQUIREMENTS := 'pip>=23.1' 'setuptools>=68' 'wheel>=0.41'
 # twisted/plugins must stay importable from the checkout, which only the compat
 # editable mode (a .pth entry) gives.
 EDITABLE_MODE := --config-settings editable_mode=compat
