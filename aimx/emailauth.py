@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,11 +36,13 @@ from aimx.logs import kv, logger
 
 log = logger("aimx::auth")
 
-#: Header fields covered by our outbound signatures, when the message has them.
+#: Header fields covered by our outbound signatures, each oversigned: listed once more
+#: than the message has it, so the signature also covers "no further copy" and a field
+#: added later (a second From:, a Reply-To: pointing elsewhere) breaks it.
 #: MIME-Version and Content-Type are signed too (our choice over spec 30 §2.9):
 #: leaving them out would let a relay swap the body's interpretation unnoticed.
-SIGNED_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "In-Reply-To",
-                  "References", "MIME-Version", "Content-Type")
+SIGNED_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID",
+                  "In-Reply-To", "References", "MIME-Version", "Content-Type")
 
 
 @attrs.frozen
@@ -558,12 +561,13 @@ def load_signing_key(path: str | Path) -> bytes:
 
 def sign(message: bytes, *, domain: str, selector: str, key_pem: bytes | str) -> bytes:
     """``message`` with a ``DKIM-Signature:`` field prepended: rsa-sha256,
-    relaxed/relaxed, ``t=`` now, no ``l=``, over those of ``SIGNED_HEADERS``
-    the message has."""
-    present = {name.lower() for name, _ in _header_fields(message)}
-    if "from" not in present:
+    relaxed/relaxed, ``t=`` now, no ``l=``, over every field of ``SIGNED_HEADERS``
+    oversigned (``h=`` names each one time more than the message has it)."""
+    present = Counter(name.lower() for name, _ in _header_fields(message))
+    if not present["from"]:
         raise SigningError("cannot sign: the message has no From header")
-    include = [name.lower().encode() for name in SIGNED_HEADERS if name.lower() in present]
+    include = [name.lower().encode() for name in SIGNED_HEADERS
+               for _ in range(present[name.lower()] + 1)]
     head = _head(message)
     linesep = b"\r\n" if b"\r\n" in head or b"\n" not in head else b"\n"
     pem = key_pem.encode() if isinstance(key_pem, str) else key_pem

@@ -16,7 +16,9 @@ import email.policy
 import email.utils
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterable
+from email import errors as email_errors
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,10 @@ BODY_TOO_LARGE_REASON = (
 # Replaced by the daemon's own MIME headers.
 _MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
 _ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
+#: Fields RFC 5322 §3.6 allows at most once. A second copy is how a message carries two
+#: identities: the daemon checks one From, a receiver may display (and DKIM may cover) the other.
+SINGLETON_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Bcc", "Subject", "Date",
+                     "Message-ID", "In-Reply-To", "References")
 _SEPARATOR = re.compile(r"(?:^|\r?\n)(\r?\n)")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -151,6 +157,45 @@ def extract_address(value: str) -> str | None:
             candidate = candidate.rsplit("<", 1)[1].split(">", 1)[0]
         candidate = candidate.strip()
     return candidate if candidate and "@" in candidate else None
+
+
+def _refuse_duplicates(headers: Iterable[_Header]) -> None:
+    """MALFORMED when a field of ``SINGLETON_HEADERS`` appears more than once."""
+    counts = Counter(header.name.lower() for header in headers)
+    for name in SINGLETON_HEADERS:
+        seen = counts[name.lower()]
+        if seen > 1:
+            raise SendError("MALFORMED", f"duplicate header: {name} appears {seen} times "
+                                         "(a message may have only one)")
+
+
+def single_mailbox(name: str, value: str) -> str:
+    """The one address of a From:/Sender: value, refused unless it is exactly one mailbox.
+
+    Two parsers must agree: ``getaddresses`` (what picks the sender) and the
+    RFC 5322 parser of ``email.headerregistry`` (closer to what receivers do),
+    so a value one of them reads as a different or second address is refused.
+    """
+    try:
+        parsed = email.policy.default.header_factory(name, value)
+        groups, defects = parsed.groups, parsed.defects
+    except Exception:  # noqa: BLE001 - any parser failure means no usable address
+        raise SendError("MALFORMED",
+                        f"could not extract sender address from {name}: {value}") from None
+    if any(group.display_name is not None for group in groups):
+        raise SendError("MALFORMED", f"{name}: must be a single mailbox, not a group: {value}")
+    listed = addresses(value)
+    strict = [mailbox.addr_spec for group in groups for mailbox in group.addresses]
+    count = max(len(listed), len(strict))
+    if count > 1:
+        raise SendError("MALFORMED",
+                        f"{name}: must name exactly one mailbox, not {count}: {value}")
+    if (count == 0 or any(isinstance(defect, email_errors.InvalidHeaderDefect)
+                          for defect in defects)
+            or len(listed) != 1 or len(strict) != 1 or "@" not in listed[0]
+            or listed[0].lower() != strict[0].lower()):
+        raise SendError("MALFORMED", f"could not extract sender address from {name}: {value}")
+    return listed[0]
 
 
 def resolve_sender_mailbox(config: configmod.Config, sender: str) -> configmod.Mailbox | None:
@@ -289,14 +334,22 @@ def _wire_header(header: _Header) -> str:
 
 def _check_parties(config: configmod.Config, headers: list[_Header],
                    caller_uid: int) -> tuple[str, configmod.Mailbox, str]:
-    """Checks 1–7 of spec 30 §2.3 plus D18: (sender, sending mailbox, recipient)."""
+    """Checks 1–7 of spec 30 §2.3 plus D18: (sender, sending mailbox, recipient).
+
+    One sender identity: no singleton header twice, one mailbox in From:, and a
+    Sender: (when given) naming that same mailbox.
+    """
+    _refuse_duplicates(headers)
     from_header = _first(headers, "From")
     if from_header is None:
         raise SendError("MALFORMED", "missing required header: From")
-    sender = extract_address(from_header.value)
-    if sender is None:
-        raise SendError("MALFORMED",
-                        f"could not extract sender address from From: {from_header.value}")
+    sender = single_mailbox("From", from_header.value)
+    sender_header = _first(headers, "Sender")
+    if sender_header is not None:
+        declared = single_mailbox("Sender", sender_header.value)
+        if declared.lower() != sender.lower():
+            raise SendError("MALFORMED",
+                            f"Sender: must be the From: address {sender}, not {declared}")
     sender_domain = sender.rsplit("@", 1)[1]
     if sender_domain.lower() != config.domain.lower():
         raise SendError("DOMAIN", f"sender domain '{sender_domain}' does not match aimx domain "

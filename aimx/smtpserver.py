@@ -11,7 +11,11 @@ protocol differs from the spec in ways that matter for a mail server:
   message is read to its terminator, then refused (D13);
 * STARTTLS throws away plaintext pipelined behind it and resets the session,
   so nothing injected before the handshake is obeyed (D14);
-* ``SIZE=`` is enforced at MAIL FROM, and every limit of D12 is counted here.
+* ``SIZE=`` is enforced at MAIL FROM, and every limit of D12 is counted here;
+* time limits are deadlines, not idle timers: a command line must be complete
+  within the command timeout however its bytes trickle in, DATA must keep up a
+  minimum rate, and one source address (an IPv6 /64) holds a bounded number
+  of sessions, so slow clients cannot keep every slot.
 
 After the terminator the message is analysed once and delivered per
 recipient in worker threads; the reply goes out only when every file is
@@ -20,6 +24,7 @@ durable (D1), and hooks fire after the reply, never delaying it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
@@ -42,10 +47,16 @@ MAX_RECIPIENTS = 100
 MAX_SESSIONS = 100
 MAX_SESSIONS_PER_IP = 20
 MAX_CONSECUTIVE_ERRORS = 20
+# Seconds for each complete command line (RFC 5321 §4.5.3.2 asks servers for 5 minutes);
+# bytes trickling in do not extend it. Also the free time at the start of DATA.
 IDLE_TIMEOUT_SECS = 300.0
 IDLE_TIMEOUT_ENV = "AIMX_SMTP_IDLE_TIMEOUT"
 SESSION_DEADLINE_SECS = 600.0  # a connection's whole life, so a trickling client frees its slot
 SESSION_DEADLINE_ENV = "AIMX_SMTP_SESSION_DEADLINE"
+# DATA may last the idle timeout plus one second per this many bytes received (Postfix's
+# smtpd_min_data_rate default): any real sender is far faster, a trickle is cut early.
+MIN_DATA_RATE = 500.0  # bytes per second
+MIN_DATA_RATE_ENV = "AIMX_SMTP_MIN_DATA_RATE"
 
 # Replies whose exact text operators grep for and clients branch on (spec 30 §1.3, D12-D14).
 R_OK = "250 2.0.0 OK"
@@ -72,8 +83,12 @@ R_BARE_LF = "550 5.6.0 Bare LF not allowed"
 R_PARTIAL = "451 4.3.0 Temporary failure on partial accept; please retry"
 R_ALL_FAILED = "451 4.3.0 Temporary failure, please retry"
 R_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+R_TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
+R_CONTROL_CHARACTER = "501 5.5.2 Syntax error: bare CR or other control character in command"
+R_SOURCE_ROUTE = "501 5.1.3 Source-routed recipient address not accepted"
 R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors"
 R_IDLE = "421 4.4.2 Idle timeout exceeded"
+R_COMMAND_TIMEOUT = "421 4.4.2 Command not completed in time"
 R_DATA_TIMEOUT = "421 4.4.2 Timeout during DATA"
 R_DEADLINE = "421 4.4.2 Connection timed out"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
@@ -82,6 +97,9 @@ R_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 _END_OF_DATA = re.compile(rb"^\.[ \t]*\r\n", re.MULTILINE)
 # The dot of a stuffed line (one starting "..") that unstuffing removes.
 _STUFFED_DOT = re.compile(rb"^\.(?=\.)", re.MULTILINE)
+
+# Control characters a command line may not hold (its CRLF or LF is cut off first).
+_COMMAND_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "STARTTLS"})
 
@@ -92,6 +110,11 @@ def _seconds_from_env(name: str, default: float) -> float:
         return float(value) if value else default
     except ValueError:
         return default
+
+
+def _positive_from_env(name: str, default: float) -> float:
+    value = _seconds_from_env(name, default)
+    return value if value > 0 else default
 
 
 def idle_timeout_from_env() -> float:
@@ -107,6 +130,7 @@ class Limits:
     max_errors: int = MAX_CONSECUTIVE_ERRORS
     idle_timeout: float = IDLE_TIMEOUT_SECS
     session_deadline: float = SESSION_DEADLINE_SECS
+    min_data_rate: float = MIN_DATA_RATE
 
 
 # -- pure helpers -------------------------------------------------------------
@@ -137,6 +161,31 @@ def split_path_arg(arg: str, keyword: str) -> tuple[str, dict[str, str]] | None:
         key, _, value = word.partition("=")
         params[key.upper()] = value
     return address, params
+
+
+def has_source_route(address: str) -> bool:
+    """Whether a recipient carries routing: an explicit ``@relay:`` prefix, or one hidden
+    in the local part (``a@evil.example@us``, the ``%`` hack, a ``!`` bang path).
+
+    aimx never relays, and such an address would be routed by its first local part
+    while naming another host; refusing it keeps ``delivered_to`` a plain address.
+    """
+    local = address.rpartition("@")[0]
+    return any(mark in local for mark in "@%!")
+
+
+def source_key(ip: str) -> str:
+    """The unit of the per-source session cap: the IPv4 address, or the IPv6 /64
+    (one host is routinely given a whole /64, so single IPv6 addresses cost nothing)."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def recipient_domain(address: str) -> str:
@@ -264,6 +313,10 @@ class SmtpSession(smtp.ESMTP):
         self._bytes = 0
         self._started = time.monotonic()
         self._outcome = "ok"
+        self._received = 0  # bytes read on this connection (after TLS)
+        self._data_started = 0.0  # reactor time of the 354 reply
+        self._data_mark = 0  # ``_received`` when the message's first byte was yet to come
+        self._data_check: Any = None
         self.peer_ip = ""
 
     # -- connection lifecycle ------------------------------------------------
@@ -275,10 +328,12 @@ class SmtpSession(smtp.ESMTP):
             self._send(R_SHUTTING_DOWN)
             self._close("shutdown")
             return
-        if not self.factory.admit(self):
-            log.warning("connection refused peer=%s reason=too-many-connections",
-                        kv(self.peer_ip))
-            self._send(R_TOO_MANY_CONNECTIONS)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            reason = ("too-many-from-address" if refusal == R_TOO_MANY_FROM_ADDRESS
+                      else "too-many-connections")
+            log.warning("connection refused peer=%s reason=%s", kv(self.peer_ip), reason)
+            self._send(refusal)
             self._close("refused")
             return
         self._counted = True
@@ -301,9 +356,9 @@ class SmtpSession(smtp.ESMTP):
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
-        deadline = getattr(self, "_deadline", None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        for pending in (getattr(self, "_deadline", None), self._data_check):
+            if pending is not None and pending.active():
+                pending.cancel()
         was_closed = self._closed
         self._closed = True
         if self._counted:
@@ -317,8 +372,14 @@ class SmtpSession(smtp.ESMTP):
             self.factory.release(self)
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        """No complete line within the idle timeout (partial bytes do not count)."""
         self._outcome = "timeout"
-        self._send(R_DATA_TIMEOUT if self._in_data else R_IDLE)
+        if self._in_data:
+            self._send(R_DATA_TIMEOUT)
+        elif self._buffer or self._skipping:
+            self._send(R_COMMAND_TIMEOUT)
+        else:
+            self._send(R_IDLE)
         self._close("timeout")
 
     def _close(self, outcome: str | None = None) -> None:
@@ -350,22 +411,27 @@ class SmtpSession(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._closed:
             return
-        self.resetTimeout()
+        self._received += len(data)
         self._buffer += data
         self._drain_buffer()
 
     def _drain_buffer(self) -> None:
+        """Handle every complete line buffered. Only a complete line restarts the idle
+        timer: a client trickling bytes of one line still meets the deadline."""
         if self._looping:
             return
         self._looping = True
+        progressed = False
         try:
             while self._buffer and not self._busy and not self._closed:
                 if self._in_data and not self._skipping and self._data_block():
+                    progressed = True
                     continue
                 newline = self._buffer.find(b"\n")
                 if newline < 0:
                     self._partial_line()
                     break
+                progressed = True
                 line = bytes(self._buffer[: newline + 1])
                 del self._buffer[: newline + 1]
                 if self._skipping:
@@ -377,6 +443,8 @@ class SmtpSession(smtp.ESMTP):
                     self._command_line(line)
         finally:
             self._looping = False
+            if progressed and not self._closed and not self._busy:
+                self.resetTimeout()
 
     def _partial_line(self) -> None:
         """No LF yet: cap what an unfinished line may hold, then drop the rest up to its LF."""
@@ -407,12 +475,17 @@ class SmtpSession(smtp.ESMTP):
         return getattr(self, "do_" + verb) if verb in _VERBS else None
 
     def _command_line(self, line: bytes) -> None:
-        text = line.rstrip()
-        if not text:
-            return  # blank lines are ignored and unanswered
-        if len(line.rstrip(b"\r\n")) > MAX_COMMAND_LINE:
+        content = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if len(content) > MAX_COMMAND_LINE:
             self.reply(R_LINE_TOO_LONG)
             return
+        if _COMMAND_CONTROL.search(content):
+            # A CR that does not end the line would reach replies and logs verbatim.
+            self.reply(R_CONTROL_CHARACTER)
+            return
+        text = content.rstrip()
+        if not text:
+            return  # blank lines are ignored and unanswered
         decoded = text.decode("utf-8", "replace")
         verb, _, arg = decoded.partition(" ")
         if self.factory.draining and not self._in_transaction() and verb.upper() != "QUIT":
@@ -496,6 +569,9 @@ class SmtpSession(smtp.ESMTP):
         if not is_local_recipient(config, address):
             self.reply(R_RELAY)
             return
+        if has_source_route(address):
+            self.reply(R_SOURCE_ROUTE)
+            return
         if config.route(address) is None:
             self.reply(R_UNKNOWN_USER.format(address))
             return
@@ -508,7 +584,34 @@ class SmtpSession(smtp.ESMTP):
             return
         self._in_data = True
         self._message = _Message()
+        reactor = self.factory.daemon.reactor
+        self._data_started = reactor.seconds()
+        self._data_mark = self._received - len(self._buffer)
+        self._data_check = reactor.callLater(self._data_deadline() - self._data_started,
+                                             self._check_data_rate)
         self.reply(R_DATA_GO)
+
+    def _data_deadline(self) -> float:
+        """When DATA must be over: the idle timeout, plus one second for every
+        ``min_data_rate`` bytes received since the 354."""
+        limits = self.factory.limits
+        received = self._received - self._data_mark
+        return self._data_started + limits.idle_timeout + received / limits.min_data_rate
+
+    def _check_data_rate(self) -> None:
+        self._data_check = None
+        if self._closed or not self._in_data:
+            return
+        reactor = self.factory.daemon.reactor
+        now, deadline = reactor.seconds(), self._data_deadline()
+        if now < deadline:
+            self._data_check = reactor.callLater(deadline - now, self._check_data_rate)
+            return
+        log.info("DATA too slow peer=%s bytes=%d seconds=%.1f", kv(self.peer_ip),
+                 self._received - self._data_mark, now - self._data_started)
+        self._outcome = "timeout"
+        self._send(R_DATA_TIMEOUT)
+        self._close("timeout")
 
     def do_RSET(self, arg: str) -> None:  # noqa: N802
         self._reset_transaction()
@@ -612,6 +715,9 @@ class SmtpSession(smtp.ESMTP):
         message = self._message
         assert message is not None
         self._in_data = False
+        if self._data_check is not None and self._data_check.active():
+            self._data_check.cancel()
+        self._data_check = None
         self._bytes += message.wire_bytes
         rejection = message.rejection()
         mail_from, rcpts = self._mail_from or "", list(self._rcpts)
@@ -723,7 +829,7 @@ class SmtpSession(smtp.ESMTP):
 
 
 class SmtpFactory(protocol.ServerFactory):
-    """Builds sessions and enforces the connection limits (100 total, 20 per client IP)."""
+    """Builds sessions and enforces the connection limits (100 total, 20 per source)."""
 
     def __init__(self, daemon: Any, *, tls_context: Any = None,
                  limits: Limits | None = None) -> None:
@@ -732,30 +838,34 @@ class SmtpFactory(protocol.ServerFactory):
         self.limits = limits or Limits(
             idle_timeout=idle_timeout_from_env(),
             session_deadline=_seconds_from_env(SESSION_DEADLINE_ENV, SESSION_DEADLINE_SECS),
+            min_data_rate=_positive_from_env(MIN_DATA_RATE_ENV, MIN_DATA_RATE),
         )
         self.sessions: set[SmtpSession] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()  # open sessions per ``source_key``
         self.draining = False
         self._idle_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SmtpSession:  # noqa: N802 (Twisted's name)
         return SmtpSession(self)
 
-    def admit(self, session: SmtpSession) -> bool:
+    def admit(self, session: SmtpSession) -> str | None:
+        """Count ``session`` in, or return the 421 reply that refuses it."""
         if len(self.sessions) >= self.limits.max_sessions:
-            return False
-        if self.per_ip[session.peer_ip] >= self.limits.max_per_ip:
-            return False
+            return R_TOO_MANY_CONNECTIONS
+        source = source_key(session.peer_ip)
+        if self.per_ip[source] >= self.limits.max_per_ip:
+            return R_TOO_MANY_FROM_ADDRESS
         self.sessions.add(session)
-        self.per_ip[session.peer_ip] += 1
-        return True
+        self.per_ip[source] += 1
+        return None
 
     def release(self, session: SmtpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.per_ip[session.peer_ip] -= 1
-            if self.per_ip[session.peer_ip] <= 0:
-                del self.per_ip[session.peer_ip]
+            source = source_key(session.peer_ip)
+            self.per_ip[source] -= 1
+            if self.per_ip[source] <= 0:
+                del self.per_ip[source]
         if not self.sessions:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:

@@ -381,8 +381,27 @@ def test_signature_parameters(resolver):
         "rsa-sha256", "relaxed/relaxed", "example.com", "aimx")
     assert "l" not in tags
     assert abs(int(tags["t"]) - time.time()) < 60
+    # Every signed field once more than present: fields added later break the signature.
     assert [h.strip() for h in tags["h"].split(":")] == [
-        "from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
+        "from", "from", "sender", "reply-to", "to", "to", "cc", "subject", "subject", "date",
+        "date", "message-id", "message-id", "in-reply-to", "references", "mime-version",
+        "mime-version", "content-type", "content-type"]
+
+
+@pytest.mark.parametrize("added", [
+    b"Subject: Wire the money today\r\n",  # a second copy above the signed one
+    b"Reply-To: thief@evil.example\r\n",  # a field the message did not have
+    b"From: Boss <boss@example.com>\r\n",
+])
+def test_headers_added_after_signing_break_the_signature(resolver, added):
+    signed = emailauth.sign(message(), domain="example.com", selector="aimx",
+                            key_pem=EXAMPLE.private_pem)
+    assert auth(signed, resolver).dkim == "pass"
+    head, body = signed.split(b"\r\n\r\n", 1)
+    on_top = head.replace(b"\r\nFrom:", b"\r\n" + added + b"From:", 1)
+    at_bottom = head + b"\r\n" + added.rstrip(b"\r\n")
+    for tampered in (on_top, at_bottom):
+        assert auth(tampered + b"\r\n\r\n" + body, resolver).dkim == "fail"
 
 
 def test_relaxed_body_survives_trailing_whitespace_but_not_edits(resolver):

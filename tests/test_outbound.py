@@ -187,6 +187,75 @@ def test_malformed_requests_get_the_canonical_reason(raw, reason):
     assert (error.code, error.reason) == ("MALFORMED", reason)
 
 
+# --- one sender identity --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["From", "Sender", "Reply-To", "To", "Cc", "Bcc", "Subject",
+                                  "Date", "Message-ID", "In-Reply-To", "References"])
+def test_a_singleton_header_given_twice_is_refused_by_name(name):
+    values = {"From": "alice@example.com", "Sender": "alice@example.com",
+              "To": "bob@remote.example", "Message-ID": "<m2@example.com>",
+              "Date": "Mon, 02 Jun 2025 12:00:00 +0000", "Subject": "again"}
+    value = values.get(name, "")
+    # BASIC has From, To, Subject and Message-ID; the others come twice, in other cases.
+    copies = 1 if name in ("From", "To", "Subject", "Message-ID") else 2
+    extra = "".join(f"\n{(name.lower(), name.upper())[i]}: {value}" for i in range(copies))
+    error = refusal(request(BASIC + extra))
+    assert (error.code, error.reason) == (
+        "MALFORMED", f"duplicate header: {name} appears 2 times (a message may have only one)")
+
+
+def test_own_from_followed_by_another_owners_from_is_refused():
+    """The finding: the daemon checked the first From, dkimpy signed the last one."""
+    raw = request("From: alice@example.com\nFrom: bob@example.com\nTo: carol@remote.example\n"
+                  "Subject: Hi")
+    config = Config(path="config.toml", domain="example.com", mailboxes=[
+        Mailbox("alice", "alice@example.com", "root"), Mailbox("bob", "bob@example.com", "root")])
+    error = refusal(raw, config=config)
+    assert (error.code, error.reason) == (
+        "MALFORMED", "duplicate header: From appears 2 times (a message may have only one)")
+
+
+@pytest.mark.parametrize(("sender", "reason"), [
+    ("alice@example.com, bob@example.com",
+     "From: must name exactly one mailbox, not 2: alice@example.com, bob@example.com"),
+    ("Alice <alice@example.com>, Bob <bob@example.com>",
+     "From: must name exactly one mailbox, not 2: Alice <alice@example.com>, "
+     "Bob <bob@example.com>"),
+    ("alice@example.com <bob@example.com>",
+     "From: must name exactly one mailbox, not 2: alice@example.com <bob@example.com>"),
+    ("Team: alice@example.com, bob@example.com;",
+     "From: must be a single mailbox, not a group: Team: alice@example.com, "
+     "bob@example.com;"),
+    ("Team: alice@example.com;",
+     "From: must be a single mailbox, not a group: Team: alice@example.com;"),
+    ("alice@example.com;", "could not extract sender address from From: alice@example.com;"),
+    ("Alice <alice@evil.example@example.com>",
+     "could not extract sender address from From: Alice <alice@evil.example@example.com>"),
+])
+def test_from_must_be_exactly_one_mailbox(sender, reason):
+    error = refusal(request(BASIC.replace("alice@example.com", sender, 1)))
+    assert (error.code, error.reason) == ("MALFORMED", reason)
+
+
+@pytest.mark.parametrize("sender", ["Alice B. <alice@example.com>", "<alice@example.com>",
+                                    "=?utf-8?q?Zo=C3=AB?= <alice@example.com>",
+                                    "alice@example.com (Alice)", '"Doe, A" <alice@example.com>'])
+def test_ordinary_single_senders_still_pass(sender):
+    prepared = send(request(BASIC.replace("alice@example.com", sender, 1)))
+    assert prepared.envelope_from == "alice@example.com"
+    assert dkim_verifies(prepared.signed)
+
+
+def test_sender_header_must_name_the_from_address():
+    error = refusal(request(BASIC + "\nSender: bob@example.com"))
+    assert (error.code, error.reason) == (
+        "MALFORMED", "Sender: must be the From: address alice@example.com, not bob@example.com")
+    error = refusal(request(BASIC + "\nSender: alice@example.com, bob@example.com"))
+    assert error.reason.startswith("Sender: must name exactly one mailbox, not 2")
+    assert send(request(BASIC + "\nSender: Alice <ALICE@example.com>")).mailbox.name == "alice"
+
+
 def test_sender_checks_come_before_recipient_checks():
     raw = request("From: mallory@other.org\nSubject: no recipient")
     assert refusal(raw).code == "DOMAIN"

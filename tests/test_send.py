@@ -60,6 +60,13 @@ if spec["uid"] is not None:
     os.initgroups(spec["name"], spec["gid"])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
+if "send_body" in spec:  # a hand-made message straight to SEND, as a hostile client would
+    try:
+        answer = aimx.client.Client().call(aimx.protocol.Send, body=spec["send_body"].encode())
+        print(json.dumps({"ok": answer}))
+    except aimx.protocol.ApiError as exc:
+        print(json.dumps({"error": [exc.code, exc.reason]}))
+    sys.exit(0)
 sys.exit(aimx.cli.main.main(spec["argv"]))
 """
 
@@ -150,10 +157,14 @@ def opendkim() -> str | None:
 
 
 def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
-         runtime_dir: Path | None = None, wait: bool = True) -> Any:
-    """Run ``aimx <argv>`` as ``user`` (None: as root)."""
+         runtime_dir: Path | None = None, wait: bool = True, send_body: str | None = None
+         ) -> Any:
+    """Run ``aimx <argv>`` as ``user`` (None: as root); with ``send_body``, hand that
+    message to SEND instead."""
     who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user
            else {"uid": None, "gid": None, "name": None})
+    if send_body is not None:
+        who["send_body"] = send_body
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
     env.update(NO_COLOR="1")
     if daemon is not None:
@@ -174,6 +185,13 @@ def send(user: Any, daemon: RunningDaemon, to: str, subject: str, *extra: str,
          sender: str = f"alice@{DOMAIN}", body: str = "Hello **there**.") -> Any:
     return aimx(user, daemon, "send", "--from", sender, "--to", to, "--subject", subject,
                 "--body", body, *extra)
+
+
+def raw_send(user: Any, daemon: RunningDaemon, message: str) -> dict[str, Any]:
+    """SEND ``message`` as ``user``: ``{"ok": {...}}`` or ``{"error": [code, reason]}``."""
+    result = aimx(user, daemon, send_body=message)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def route(dns: DnsServer, domain: str, *mx: tuple[int, str]) -> None:
@@ -523,6 +541,59 @@ def test_unreadable_replies_exit_3_and_a_refused_socket_exits_2(users, shared):
     assert refused.returncode == 2
     assert refused.stderr.startswith(f"Error: Failed to connect to aimx daemon at {sock}: ")
     assert "Connection refused" in refused.stderr
+
+
+# -- one sender identity ----------------------------------------------------------------------
+
+
+def _header_lines(signed: bytes) -> tuple[list[bytes], bytes]:
+    head, body = signed.split(b"\r\n\r\n", 1)
+    return head.split(b"\r\n"), body
+
+
+def _joined(lines: list[bytes], body: bytes) -> bytes:
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def test_a_second_from_never_gets_another_owners_signature(dns, users, tmp_path):
+    """alice hands SEND a message whose second From is bob's (also a list, and a group).
+
+    Before the fix the daemon authorized the first From, dkimpy signed the last, and the
+    message with alice's From deleted verified as bob's. Now nothing is signed, and a From
+    slipped in after signing breaks alice's own signatures."""
+    drop = tmp_path / "drop.eml"
+    config = {"domain": DOMAIN, "dns_resolvers": [dns.address], "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": users["alice"].name},
+        "bob": {"address": f"bob@{DOMAIN}", "owner": users["bob"].name}}}
+    rest = "To: victim@nxdomain.test\r\nSubject: Pay the invoice\r\n\r\nPlease pay.\r\n"
+    forged = {
+        f"From: alice@{DOMAIN}\r\nFrom: bob@{DOMAIN}\r\n":
+            "duplicate header: From appears 2 times (a message may have only one)",
+        f"From: alice@{DOMAIN}, bob@{DOMAIN}\r\n":
+            f"From: must name exactly one mailbox, not 2: alice@{DOMAIN}, bob@{DOMAIN}",
+        f"From: Staff: alice@{DOMAIN}, bob@{DOMAIN};\r\n":
+            f"From: must be a single mailbox, not a group: Staff: alice@{DOMAIN}, "
+            f"bob@{DOMAIN};",
+    }
+    lookup = published_txt(dns)
+    with RunningDaemon(config, dkim_key_pem=KEY.private_pem,
+                       env={"AIMX_TEST_MAIL_DROP": str(drop)}) as d:
+        for head, reason in forged.items():
+            assert raw_send(users["alice"], d, head + rest) == {"error": ["MALFORMED", reason]}
+        assert not drop.exists()  # nothing was signed, nothing left the host
+        assert stored_emails(d.data_dir, "alice", "sent") == []
+
+        assert "ok" in raw_send(users["alice"], d, f"From: alice@{DOMAIN}\r\n" + rest)
+        signed = drop.read_bytes()[len(b"----- AIMX TEST DROP -----\n"):-1]
+    assert dkim.verify(signed, dnsfunc=lookup)
+    lines, body = _header_lines(signed)
+    own = lines.index(f"From: alice@{DOMAIN}".encode())
+    two_froms = [*lines[:own + 1], f"From: bob@{DOMAIN}".encode(), *lines[own + 1:]]
+    assert not dkim.verify(_joined(two_froms, body), dnsfunc=lookup)
+    del two_froms[own]  # the finding's last step: delete the first From
+    assert not dkim.verify(_joined(two_froms, body), dnsfunc=lookup)
+    with_reply_to = [*lines, b"Reply-To: thief@evil.test"]
+    assert not dkim.verify(_joined(with_reply_to, body), dnsfunc=lookup)
 
 
 # -- the test mail drop (spec 30 §2.12) -------------------------------------------------------

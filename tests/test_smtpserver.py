@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from aimx import frontmatter
+from aimx.smtpserver import source_key
 from tests.support.daemon import RunningDaemon, SmtpWire, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
@@ -190,10 +191,24 @@ def test_rset_noop_quit(plain: RunningDaemon) -> None:
 
 
 @pytest.mark.parametrize("line", ["VRFY alice", "EXPN staff", "HELP", "AUTH PLAIN AGFAAGI=",
-                                  "BDAT 10 LAST", "hello there", "\x00\x01"])
+                                  "BDAT 10 LAST", "hello there"])
 def test_unknown_commands(plain: RunningDaemon, line: str) -> None:
     with greeted(plain) as wire:
         assert wire.cmd(line) == "500 5.5.1 Unrecognized command"
+        assert wire.cmd("NOOP") == "250 2.0.0 OK"
+
+
+@pytest.mark.parametrize("line", [b"EHLO evil\r250 forged", b"NOOP\r", b"\rNOOP",
+                                  b"RSET\rMAIL FROM:<x@evil.example>", b"HELO a\x00b",
+                                  b"\x00\x01"])
+def test_bare_cr_and_control_characters_in_commands_are_refused(plain: RunningDaemon,
+                                                                line: bytes) -> None:
+    with greeted(plain) as wire:
+        wire.cmd("MAIL FROM:<b@example.com>")
+        answer = wire.cmd(line)
+        assert answer == "501 5.5.2 Syntax error: bare CR or other control character in command"
+        # Nothing of the line was obeyed: the transaction is still open, the session in sync.
+        assert wire.cmd("MAIL FROM:<c@example.com>") == "503 5.5.1 MAIL FROM already given"
         assert wire.cmd("NOOP") == "250 2.0.0 OK"
 
 
@@ -445,7 +460,7 @@ def test_twenty_sessions_per_client_ip(plain: RunningDaemon) -> None:
     try:
         assert all(w.banner.startswith("220 ") for w in wires)
         extra = SmtpWire(plain.smtp_port)
-        assert extra.banner == "421 4.7.0 Too many connections, try again later"
+        assert extra.banner == "421 4.7.0 Too many connections from your address, try again later"
         assert extra.eof()
         # Another client address is still welcome.
         with SmtpWire(plain.smtp_port, source="127.0.0.2") as other:
@@ -559,6 +574,24 @@ def test_two_recipients_into_the_catchall_give_one_file(routing: RunningDaemon) 
     assert read_email(copy)[0]["delivered_to"] == f"x@{DOMAIN}"
 
 
+@pytest.mark.parametrize("rcpt", [
+    f"alice@evil.example@{DOMAIN}",  # routed to alice by its first local part
+    f"@evil.example:alice@{DOMAIN}",  # an explicit source route
+    f"alice%evil.example@{DOMAIN}",  # the percent hack
+    f"evil.example!alice@{DOMAIN}",  # a bang path
+    f'"alice@evil.example"@{DOMAIN}',
+])
+def test_source_routed_recipients_are_refused(routing: RunningDaemon, rcpt: str) -> None:
+    """Even with a catch-all that takes every local part, a recipient naming another
+    host inside its local part is refused, never stored."""
+    with greeted(routing) as wire:
+        wire.cmd("MAIL FROM:<b@example.com>")
+        assert wire.cmd(f"RCPT TO:<{rcpt}>") == (
+            "501 5.1.3 Source-routed recipient address not accepted")
+        assert wire.cmd("DATA") == "503 5.5.1 Send RCPT TO first"
+        assert wire.cmd(f"RCPT TO:<someone@{DOMAIN}>") == "250 2.0.0 OK"  # catch-all
+
+
 def test_partial_and_total_failure(routing: RunningDaemon) -> None:
     with greeted(routing) as wire:
         wire.cmd("MAIL FROM:<b@example.com>")
@@ -632,6 +665,127 @@ def test_session_deadline_frees_a_trickling_client(owners: tuple[str, str]) -> N
         assert reply == "421 4.4.2 Connection timed out"
         assert wire.eof()
         assert 1.5 < time.monotonic() - started < 5
+
+
+# -- deadlines and caps against trickling clients ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(owners: tuple[str, str]):
+    """1 s per command line, DATA at 100 bytes/s at least, and a session deadline far
+    beyond both, so only the new deadlines can end a trickling session in time."""
+    config = {"domain": DOMAIN, "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": owners[0]}}}
+    env = {"AIMX_SMTP_IDLE_TIMEOUT": "1", "AIMX_SMTP_MIN_DATA_RATE": "100",
+           "AIMX_SMTP_SESSION_DEADLINE": "60"}
+    with RunningDaemon(config, env=env) as daemon:
+        yield daemon
+
+
+def _trickle_until_closed(wires: list[SmtpWire], payload: bytes, gap: float,
+                          give_up: float = 10.0) -> tuple[list[str], int]:
+    """Send ``payload`` byte by byte to every wire, ``gap`` seconds apart, until each one
+    is answered (or ``give_up`` s pass): (first reply per wire, bytes sent in all)."""
+    answers: dict[int, str] = {}
+    sent = 0
+    started = time.monotonic()
+    for byte in payload * 100:
+        if len(answers) == len(wires) or time.monotonic() - started > give_up:
+            break
+        for index, wire in enumerate(wires):
+            if index in answers:
+                continue
+            wire.sock.settimeout(0)
+            try:
+                if wire.sock.recv(1, socket.MSG_PEEK):
+                    answers[index] = wire.reply(timeout=5)
+                    continue
+            except BlockingIOError:
+                pass
+            try:
+                wire.send(bytes([byte]))
+                sent += 1
+            except OSError:
+                answers[index] = "closed without a reply"
+        time.sleep(gap)
+    return [answers.get(index, "no reply") for index in range(len(wires))], sent
+
+
+@pytest.mark.parametrize(("peer", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 client on a dual-stack socket
+    ("2001:db8:1:2::25", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:1", "2001:db8:1:2::/64"),  # same /64, same count
+    ("2001:db8:1:3::25", "2001:db8:1:3::/64"),
+])
+def test_sessions_are_counted_per_ipv4_address_and_ipv6_slash_64(peer: str, key: str) -> None:
+    assert source_key(peer) == key
+
+
+def test_trickled_command_line_is_cut_at_the_command_deadline(strict: RunningDaemon) -> None:
+    """Bytes every 0.2 s keep an idle timer happy; the line is still due within 1 s."""
+    with greeted(strict) as wire:
+        [answer], sent = _trickle_until_closed([wire], b"NOOP-NOOP-NOOP", gap=0.2)
+        assert answer == "421 4.4.2 Command not completed in time"
+        assert wire.eof()
+        assert sent >= 4  # the client kept sending until it was cut off
+
+
+def test_data_below_the_minimum_rate_is_cut(strict: RunningDaemon) -> None:
+    """Whole lines every 0.25 s (no line is late) at 40 bytes/s: under the 100 bytes/s floor."""
+    with greeted(strict) as wire:
+        wire.cmd("MAIL FROM:<b@example.com>")
+        wire.cmd(f"RCPT TO:<alice@{DOMAIN}>")
+        assert wire.cmd("DATA").startswith("354")
+        started, lines, answer = time.monotonic(), 0, ""
+        while time.monotonic() - started < 10:
+            try:
+                answer = wire.reply(timeout=0.25)
+                break
+            except TimeoutError:
+                wire.send(b"slow line\r\n")
+                lines += 1
+        assert answer == "421 4.4.2 Timeout during DATA"
+        assert wire.eof()
+        assert lines >= 4  # lines kept coming, faster than the 1 s per-line limit
+    assert not files_with(strict.data_dir, "alice", "slow line")
+    # A client at ordinary speed is unaffected by the same limits.
+    with greeted(strict) as wire:
+        wire.cmd("MAIL FROM:<b@example.com>")
+        wire.cmd(f"RCPT TO:<alice@{DOMAIN}>")
+        wire.cmd("DATA")
+        assert wire.cmd(message("fast enough", msg_id="fast-enough@example.com")
+                        + b".") == "250 2.0.0 OK message accepted"
+
+
+def test_trickling_sessions_hold_only_their_own_address_and_not_for_long(
+        strict: RunningDaemon) -> None:
+    """The slow-loris of the finding: one address fills its 20 slots with trickling
+    sessions; the 21st is refused, another address is served, and the deadline frees all."""
+    source = "127.0.0.3"
+    wires = [SmtpWire(strict.smtp_port, source=source) for _ in range(20)]
+    try:
+        assert all(wire.banner.startswith("220 ") for wire in wires)
+        with SmtpWire(strict.smtp_port, source=source) as extra:
+            assert extra.banner == (
+                "421 4.7.0 Too many connections from your address, try again later")
+            assert extra.eof()
+        with greeted(strict) as other:  # another address
+            assert other.cmd("NOOP") == "250 2.0.0 OK"
+        answers, _ = _trickle_until_closed(wires, b"EHLO slow.example\r\n", gap=0.2)
+        assert answers == ["421 4.4.2 Command not completed in time"] * 20
+        deadline = time.monotonic() + 5
+        while True:  # the slots are released as the closes are processed
+            again = SmtpWire(strict.smtp_port, source=source)
+            if again.banner.startswith("220 ") or time.monotonic() > deadline:
+                break
+            again.close()
+            time.sleep(0.1)
+        with again:
+            assert again.banner.startswith("220 ")
+    finally:
+        for wire in wires:
+            wire.close()
 
 
 def test_socket_is_alive_during_tests(plain: RunningDaemon) -> None:

@@ -190,6 +190,7 @@ def bare_cr_lf(target: Target) -> AbuseReport:
     Each DATA gets exactly one reply after the real CRLF.CRLF; a bare LF or
     NUL is refused with 550; no smuggled transaction is ever answered or
     stored (its sender ``smuggled@evil.example`` must not appear on disk).
+    A bare CR in a command line gets 501 and nothing of the line is obeyed.
     """
     report = AbuseReport("bare CR/LF and smuggling", marker=f"barecr-{uuid.uuid4().hex[:8]}")
     with target.wire(report) as wire:
@@ -213,10 +214,11 @@ def bare_cr_lf(target: Target) -> AbuseReport:
             report.expect(extra == b"",
                           f"smuggling via {terminator!r}: extra replies {extra[:120]!r}")
             _in_sync(wire, report, f"smuggling via {terminator!r}")
-        for line in (b"NOOP\r\r\n", b"\rNOOP\r\n", b"RSET\n"):
+        for line, code in ((b"NOOP\r\r\n", "501"), (b"\rNOOP\r\n", "501"),
+                           (b"RSET\rDATA\r\n", "501"), (b"RSET\n", "250")):
             wire.send(line, commands=1)
             answer = wire.reply()
-            report.expect(answer[:1] in "25", f"{line!r} answered {answer!r}")
+            report.expect(answer[:3] == code, f"{line!r} answered {answer!r}")
         _in_sync(wire, report, "bare CR in commands")
         wire.cmd("QUIT")
     return report
