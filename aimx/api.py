@@ -172,6 +172,10 @@ def not_authorized() -> ApiError:
     return error("EACCES", "not authorized")
 
 
+def hook_not_found(name: str) -> ApiError:
+    return error("ENOENT", f"hook '{name}' not found")
+
+
 # -- pure request checks -----------------------------------------------------
 
 
@@ -615,16 +619,18 @@ class ApiProtocol(amp.AMP):
 
         return self._in_thread(work)
 
-    def do_hook_delete(self, box, name: str):
+    def do_hook_delete(self, box, name: str, mailbox: str | None):
         config = self.daemon.config
-        owner_mailbox = find_hook(config, name)
-        target = config.mailboxes.get(owner_mailbox) if owner_mailbox else None
-        not_found = error("ENOENT", f"hook '{name}' not found")
-        if owner_mailbox is None:
-            raise not_found
-        if not self.caller.authorize("HOOK-DELETE", owner_mailbox, target):
-            raise not_found
         caller = self.caller
+        try:
+            owner_mailbox = find_hook(config, name, caller, mailbox)
+        except ApiError as exc:
+            foreign = config.find_hook(name) if exc.code == "ENOENT" else None
+            if foreign is not None:  # someone else's: the operator's log says so, the caller not
+                caller.authorize("HOOK-DELETE", foreign[0].name, foreign[0])
+            raise
+        # The decision's log line; find_hook looked only at hooks the caller may delete.
+        caller.authorize("HOOK-DELETE", owner_mailbox, config.mailboxes[owner_mailbox])
 
         def work() -> dict:
             with self.daemon.store.mailbox_lock(owner_mailbox), self.daemon.config_lock:
@@ -749,13 +755,25 @@ def delete_hook(config_path: Path, name: str, mailbox: str,
 # -- listings (pure over a snapshot, plus directory counts) ------------------
 
 
-def find_hook(config: Any, name: str) -> str | None:
-    """The mailbox holding the hook whose effective name is ``name`` (file order)."""
-    for mailbox in config.mailboxes.values():
-        for hook in mailbox.hooks:
-            if hook.effective_name == name:
-                return mailbox.name
-    return None
+def find_hook(config: Any, name: str, caller: Caller, mailbox: str | None = None) -> str:
+    """The mailbox holding the caller's hook whose effective name is ``name``.
+
+    Names are unique per owner, so for a non-root caller there is one match at
+    most among its own mailboxes; other users' hooks are never looked at, and
+    a miss is ``ENOENT`` whoever holds the name. Root sees every mailbox and,
+    when owners share a name, must say which ``mailbox`` it means.
+    """
+    found = [box.name for box in config.mailboxes.values()
+             if (mailbox is None or box.name == mailbox)
+             and (caller.is_root or caller.owns(box))
+             and any(hook.effective_name == name for hook in box.hooks)]
+    if not found:
+        raise hook_not_found(name)
+    if len(found) > 1 and caller.is_root:
+        listed = ", ".join(f"'{box}'" for box in found)
+        raise error("VALIDATION", f"hook name '{name}' is used on mailboxes {listed}; "
+                                  "name the mailbox to delete one")
+    return found[0]
 
 
 def hook_rows(config: Any, caller: Caller) -> list[dict[str, Any]]:

@@ -749,19 +749,25 @@ def _check_hook_fields(hook: Hook, mailbox: str) -> None:
 
 
 def _check_unique_names(mailboxes: Iterable[Mailbox]) -> None:
-    """Step 10, second half: effective names are unique across the whole file."""
-    seen: dict[str, tuple[str, bool]] = {}
+    """Step 10, second half: effective names are unique across the mailboxes of one owner.
+
+    Hooks of different owners may share a name: a file-wide rule would let a
+    user learn, from a refused HOOK-CREATE, which names and commands other
+    users' hooks have and on which mailboxes.
+    """
+    seen: dict[tuple[str, str], tuple[str, bool]] = {}
     for mailbox in mailboxes:
         for hook in mailbox.hooks:
             name, explicit = hook.effective_name, hook.name is not None
-            if name not in seen:
-                seen[name] = (mailbox.name, explicit)
+            key = (mailbox.owner, name)
+            if key not in seen:
+                seen[key] = (mailbox.name, explicit)
                 continue
-            first, first_explicit = seen[name]
+            first, first_explicit = seen[key]
             if explicit and first_explicit:
                 raise ConfigError(
                     f"duplicate hook name '{name}' on mailboxes '{first}' and '{mailbox.name}': "
-                    "hook names must be globally unique"
+                    "hook names must be unique across the mailboxes of one owner"
                 )
             if not explicit and not first_explicit:
                 raise ConfigError(

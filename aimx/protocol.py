@@ -371,7 +371,8 @@ class HookCreate(ApiCommand):
 
 class HookDelete(ApiCommand):
     commandName = b"HOOK-DELETE"
-    arguments = [(b"name", Unicode())]
+    # ``mailbox`` picks one when root sees the name on mailboxes of several owners.
+    arguments = [(b"name", Unicode()), (b"mailbox", Unicode(optional=True))]
     response: ClassVar[list] = []
 
 

@@ -509,10 +509,10 @@ def test_hook_create_field_checks(daemon, args, expected):
 def test_hook_create_duplicate_names_fail_validation(daemon):
     assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="on_receive",
                    cmd=["/bin/true"], name="dup")["ok"]
-    assert outcome(daemon, protocol.HookCreate, mailbox="bob", event="on_receive",
+    assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="on_receive",
                    cmd=["/bin/false"], name="dup") == {"error": [
-        "VALIDATION", "duplicate hook name 'dup' on mailboxes 'alice' and 'bob': "
-                      "hook names must be globally unique"]}
+        "VALIDATION", "duplicate hook name 'dup' on mailboxes 'alice' and 'alice': "
+                      "hook names must be unique across the mailboxes of one owner"]}
 
 
 @pytest.mark.parametrize("key, reason", [

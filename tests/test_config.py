@@ -417,8 +417,8 @@ def test_duplicate_explicit_names(tmp_path):
     text = HEAD + mailbox("alice") + hook(named("x")) + mailbox("bob") + hook(
         'name = "x"\nevent = "after_send"\ncmd = ["/bin/y"]', "bob")
     assert load_error(tmp_path, text) == (
-        "duplicate hook name 'x' on mailboxes 'alice' and 'bob': hook names must be "
-        "globally unique"
+        "duplicate hook name 'x' on mailboxes 'alice' and 'bob': hook names must be unique "
+        "across the mailboxes of one owner"
     )
 
 
@@ -440,11 +440,23 @@ def test_explicit_name_colliding_with_a_derived_one(tmp_path):
     )
 
 
+def test_hooks_of_different_owners_may_share_names(tmp_path):
+    # A file-wide rule would tell one user, through a refused create, what another's
+    # hooks are called and which commands they run.
+    text = (HEAD + mailbox("alice") + hook(ECHO) + hook(named("x"))
+            + mailbox("bob", owner=ORPHAN) + hook(ECHO, "bob") + hook(named("x"), "bob"))
+    config = load_config(write(tmp_path, text))
+    assert [h.effective_name for h in config.mailbox("bob").hooks] == ["9f5503741a28", "x"]
+    # The same owner's mailboxes still share one namespace.
+    text = HEAD + mailbox("alice") + hook(named("x")) + mailbox("bob") + hook(named("x"), "bob")
+    assert load_error(tmp_path, text).startswith("duplicate hook name 'x' on mailboxes")
+
+
 def test_duplicates_within_one_mailbox(tmp_path):
     text = HEAD + mailbox("alice") + hook(named("x")) + hook(named("x"))
     assert load_error(tmp_path, text) == (
-        "duplicate hook name 'x' on mailboxes 'alice' and 'alice': hook names must be "
-        "globally unique"
+        "duplicate hook name 'x' on mailboxes 'alice' and 'alice': hook names must be unique "
+        "across the mailboxes of one owner"
     )
 
 
