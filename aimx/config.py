@@ -47,6 +47,16 @@ MAX_HOOK_TIMEOUT = 600
 DEFAULT_DNS_PORT = 53
 
 MAILBOX_NAME_MAX = 64
+# RFC 2142 role addresses (plus root): mail for them reaches whoever holds the
+# mailbox, so only root may create them.
+ROLE_MAILBOX_NAMES = (
+    "postmaster", "abuse", "hostmaster", "webmaster", "mailer-daemon", "root", "noc", "security",
+)
+
+# Limits no single local user can exhaust (overridable in config.toml).
+DEFAULT_MAX_MAILBOXES_PER_USER = 10
+DEFAULT_SOCKET_MAX_CONNECTIONS = 1024
+DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER = 64
 _MAILBOX_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _RESERVED_MAILBOX_NAMES = ("catchall", "aimx-catchall")
 
@@ -230,6 +240,9 @@ class Config:
     signature: str | None = None
     release_manifest_url: str | None = None
     dns_resolvers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_mailboxes_per_user: int = DEFAULT_MAX_MAILBOXES_PER_USER
+    socket_max_connections: int = DEFAULT_SOCKET_MAX_CONNECTIONS
+    socket_max_connections_per_user: int = DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -456,7 +469,14 @@ _HOOK_TEMPLATE_ERROR = (
 _TOP_KEYS = (
     "domain", "data_dir", "dkim_selector", "trust", "trusted_senders", "mailboxes",
     "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
+    "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
 )
+# Integer limits and the smallest value each accepts.
+_LIMIT_KEYS = {
+    "max_mailboxes_per_user": 0,
+    "socket_max_connections": 1,
+    "socket_max_connections_per_user": 1,
+}
 _MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall")
 _HOOK_KEYS = ("name", "event", "type", "cmd", "fire_on_untrusted", "timeout_secs")
 _UPGRADE_KEYS = ("release_manifest_url",)
@@ -558,6 +578,14 @@ def _bool(value: Any, key: str, table: str) -> bool:
     return value
 
 
+def _limit(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(key, _TOP, "an integer", value)
+    if value < minimum:
+        raise ConfigError(f"invalid {key} = {value}: must be at least {minimum}")
+    return value
+
+
 def _strings(value: Any, key: str, table: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise _type_error(key, table, "an array of strings", value)
@@ -644,6 +672,8 @@ def _decode(data: dict[str, Any], path: Path) -> dict[str, Any]:
             fields[key] = tuple(glob.lower() for glob in _strings(value, key, _TOP))
         elif key == "enable_ipv6":
             fields[key] = _bool(value, key, _TOP)
+        elif key in _LIMIT_KEYS:
+            fields[key] = _limit(value, key, _LIMIT_KEYS[key])
         elif key == "dns_resolvers":
             resolvers = _strings(value, key, _TOP)
             for entry in resolvers:

@@ -52,10 +52,10 @@ def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):  # noqa
     assert aimx(daemon, "hooks", "list", user=bob).stdout == "No hooks.\n"
     assert aimx(daemon, "hooks", "list").stdout == listed.stdout
     assert aimx(daemon, "hooks", "list", "--mailbox", "bob").stdout == "No hooks.\n"
-    # Another user cannot attach hooks to alice's mailbox.
+    # Another user cannot attach hooks to alice's mailbox, nor learn that it exists.
     run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "after_send",
                "--cmd", '["/bin/true"]', user=bob)
-    assert (run.returncode, run.stderr) == (1, "Error: [EACCES] not authorized\n")
+    assert (run.returncode, run.stderr) == (1, "Error: [ENOENT] mailbox 'alice' does not exist\n")
 
 
 def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):  # noqa: F811

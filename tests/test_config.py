@@ -77,7 +77,24 @@ def test_minimal_config_takes_the_documented_defaults(tmp_path):
     assert config.effective_signature == "Sent from AIMX.  \nhttps://aimx.email"
     assert config.release_manifest_url is None
     assert config.dns_resolvers == ()
+    assert (config.max_mailboxes_per_user, config.socket_max_connections,
+            config.socket_max_connections_per_user) == (10, 1024, 64)
     assert config.warnings == ()
+
+
+def test_limits_are_read_and_checked(tmp_path):
+    text = HEAD + ("max_mailboxes_per_user = 0\nsocket_max_connections = 5\n"
+                   "socket_max_connections_per_user = 2\n")
+    config = load_config(write(tmp_path, text))
+    assert (config.max_mailboxes_per_user, config.socket_max_connections,
+            config.socket_max_connections_per_user) == (0, 5, 2)
+    assert load_error(tmp_path, HEAD + "socket_max_connections_per_user = 0\n") == (
+        "invalid socket_max_connections_per_user = 0: must be at least 1")
+    assert load_error(tmp_path, HEAD + "max_mailboxes_per_user = -1\n") == (
+        "invalid max_mailboxes_per_user = -1: must be at least 0")
+    assert load_error(tmp_path, HEAD + 'socket_max_connections = "9"\n') == (
+        "invalid type for 'socket_max_connections' in top-level table: expected an integer, "
+        "found string")
 
 
 def test_full_config_loads_every_field_in_file_order(tmp_path):
