@@ -92,7 +92,8 @@ class Holder:
 @pytest.fixture
 def daemon(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
     text = LIMITS + config_text(dns, users)
-    with RunningDaemon(text) as running:
+    # Held connections must outlive a slow test: no idle drop while they are counted.
+    with RunningDaemon(text, env={"AIMX_API_TIMEOUT": "600"}) as running:
         yield running
 
 
