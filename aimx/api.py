@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import stat
 import struct
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from aimx.protocol import (
     DEFAULT_TIMEOUT_SECS,
     ERROR_CODES,
     MAX_BOX_BYTES,
+    REFUSED_TAG,
     ApiCommand,
     ApiError,
     HookCreate,
@@ -62,6 +65,7 @@ hook_log = logger("aimx::hook")
 
 TIMEOUT_ENV = "AIMX_API_TIMEOUT"
 _GENERIC_REASON = "internal error; see the daemon log"
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one uid's refused connections
 _USERNAME_HINT = "[a-z_][a-z0-9_-]*[$]?"
 _HOOK_NAME_HINT = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
 _LEGACY_HOOK_KEYS = {
@@ -169,8 +173,83 @@ class Caller:
         return False
 
 
-def not_authorized() -> ApiError:
-    return error("EACCES", "not authorized")
+def mailbox_not_found(name: str) -> ApiError:
+    """What a caller hears about a mailbox that is missing *or* someone else's.
+
+    One code and one text for both, so no verb tells another user's mailbox
+    from a name nobody has taken.
+    """
+    return error("ENOENT", f"mailbox '{name}' does not exist")
+
+
+def hook_not_found(name: str) -> ApiError:
+    return error("ENOENT", f"hook '{name}' not found")
+
+
+# -- connection limits -------------------------------------------------------
+
+
+def socket_connection_cap(configured: int, file_limit: int) -> int:
+    """How many non-root connections may be open at once.
+
+    The configured cap, but never more than half the daemon's file limit: the
+    other half stays free for root's connections, SMTP sessions, hook pipes
+    and mail files, so one flood of idle sockets cannot starve them.
+    """
+    if file_limit < 0 or file_limit == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, file_limit // 2))
+
+
+def file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@attrs.define
+class ConnectionLimits:
+    """Open socket connections per non-root uid, and the decision to refuse one more.
+
+    Root (uid 0) is never refused and never counted, so an administrator's
+    commands work whatever other users hold. Refusals are logged at most once
+    a minute per uid (and for the global cap), so a flood cannot flood the log.
+    """
+
+    open_by_uid: Counter[int] = attrs.field(factory=Counter)
+    last_logged: dict[int | None, float] = attrs.field(factory=dict)  # None: the global cap
+
+    @property
+    def total(self) -> int:
+        return sum(self.open_by_uid.values())
+
+    def admit(self, uid: int, per_user: int, cap: int, now: float) -> str | None:
+        """Count a new connection from ``uid``, or return why it is refused."""
+        if uid == 0:
+            return None
+        if self.open_by_uid[uid] >= per_user:
+            if self._should_log(uid, now):
+                log.warning("refusing socket connections from uid %d: %d open, the "
+                            "socket_max_connections_per_user cap", uid, per_user)
+            return f"too many connections for uid {uid} (limit {per_user}); close some and retry"
+        if self.total >= cap:
+            if self._should_log(None, now):
+                log.warning("refusing socket connections from non-root users: %d open, the "
+                            "socket connection cap", cap)
+            return f"the daemon is at its connection limit ({cap}); retry later"
+        self.open_by_uid[uid] += 1
+        return None
+
+    def release(self, uid: int) -> None:
+        """Forget a connection ``admit`` counted."""
+        self.open_by_uid[uid] -= 1
+        if self.open_by_uid[uid] <= 0:
+            del self.open_by_uid[uid]
+
+    def _should_log(self, key: int | None, now: float) -> bool:
+        last = self.last_logged.get(key)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return False
+        self.last_logged[key] = now
+        return True
 
 
 # -- pure request checks -----------------------------------------------------
@@ -209,11 +288,13 @@ def check_hook_fields(event: str, cmd: list[str], hook_type: str,
 # -- blocking helpers (run in the thread pool) -------------------------------
 
 
-def prepare_mailbox_dirs(data_dir: Path, name: str, uid: int, gid: int) -> list[Path]:
+def prepare_mailbox_dirs(data_dir: Path, name: str, uid: int, gid: int, *,
+                         private: bool = False) -> list[Path]:
     """Create or adopt ``inbox/<name>`` and ``sent/<name>`` as ``uid:gid`` 0700.
 
     Returns the directories this call created, so a later failure can remove
-    exactly those and nothing that was there before.
+    exactly those and nothing that was there before. ``private`` (a non-root
+    caller) keeps another user's ids out of the conflict message.
     """
     targets = [storage.mailbox_dir(data_dir, folder, name) for folder in storage.FOLDERS]
     missing = []
@@ -228,6 +309,9 @@ def prepare_mailbox_dirs(data_dir: Path, name: str, uid: int, gid: int) -> list[
         if not stat.S_ISDIR(st.st_mode):
             raise error("ECONFLICT", f"{path} exists but is not a directory; "
                                      "remove it before creating the mailbox")
+        if private and st.st_uid != uid:
+            raise error("ECONFLICT", f"{path} already exists and is not yours; "
+                                     "ask root to remove it, or to create the mailbox")
         if (st.st_uid, st.st_gid) != (uid, gid):
             raise error("ECONFLICT", f"{path} already exists with owner {st.st_uid}:{st.st_gid}, "
                                      f"expected {uid}:{gid}; run `chown -R {uid}:{gid} {path}` "
@@ -318,6 +402,7 @@ class ApiProtocol(amp.AMP):
         self.timeout = timeout
         self.caller: Caller | None = None
         self.cred_error: str | None = None
+        self._counted_uid: int | None = None
         self._box_bytes = 0
         self._box_open = False  # a box has begun arriving and has not ended yet
         self._key_bytes = 0  # length of the key whose value comes next
@@ -343,9 +428,31 @@ class ApiProtocol(amp.AMP):
             log.warning("peer cred unavailable: %s", exc)
         else:
             self.caller = Caller(cred.uid, cred.gid, cred.pid)
+        uid = self.caller.uid if self.caller is not None else -1
+        refusal = self.factory.admit(uid)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._counted_uid = uid
         self._arm("idle")
 
+    def _refuse(self, reason: str) -> None:
+        """Answer with one error box, then close: a refused socket holds no descriptor.
+
+        No request has been read, so the box carries ``REFUSED_TAG`` instead
+        of an ask's tag; clients raise it as the call's error.
+        """
+        self._dropped = True
+        self.transport.write(amp.AmpBox({
+            amp.ERROR: REFUSED_TAG, amp.ERROR_CODE: b"TEMP",
+            amp.ERROR_DESCRIPTION: clean_reason(reason).encode("utf-8"),
+        }).serialize())
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted's name)
+        if self._counted_uid is not None:
+            self.factory.release(self._counted_uid)
+            self._counted_uid = None
         self._disarm()
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
@@ -521,10 +628,8 @@ class ApiProtocol(amp.AMP):
             raise error("NOTFOUND", f"email id '{id}' contains invalid characters")
         config = self.daemon.config
         target = config.mailboxes.get(mailbox)
-        if target is None:
-            raise error("ENOENT", f"mailbox '{mailbox}' does not exist")
-        if not self.caller.authorize(verb, mailbox, target):
-            raise not_authorized()
+        if target is None or not self.caller.authorize(verb, mailbox, target):
+            raise mailbox_not_found(mailbox)
 
         def work() -> dict:
             self.daemon.store.set_read(mailbox, target.owner, id, read)
@@ -548,17 +653,22 @@ class ApiProtocol(amp.AMP):
             if not owner:
                 raise error("VALIDATION", "MAILBOX-CREATE requires an Owner: header")
         else:
+            if name in configmod.ROLE_MAILBOX_NAMES:
+                raise error("EACCES", f"mailbox name '{name}' is a role address reserved for "
+                                      "root (RFC 2142); ask root to create it")
             owner = username_of(caller.uid)
             if owner is None:
                 raise error("VALIDATION", f"uid {caller.uid} has no passwd entry")
         caller.authorize("MAILBOX-CREATE", name, None, open_to_all=True)
-        if name in self.daemon.config.mailboxes:
+        config = self.daemon.config
+        if name in config.mailboxes:
             raise error("MAILBOX", f"mailbox '{name}' already exists")
+        owner_limit = None if caller.is_root else config.max_mailboxes_per_user
 
         def work() -> dict:
             with self.daemon.store.mailbox_lock(name), self.daemon.config_lock:
                 new = create_mailbox(self.daemon.config_path, self._data_dir(), name, owner,
-                                     self.daemon.data_dir_override)
+                                     self.daemon.data_dir_override, owner_limit=owner_limit)
                 self._swap_later(new)
             log.info("mailbox created verb=MAILBOX-CREATE mailbox=%s owner=%s caller_uid=%d",
                      name, owner, caller.uid)
@@ -592,10 +702,8 @@ class ApiProtocol(amp.AMP):
                        type: str | None, timeout_secs: int | None):
         config = self.daemon.config
         target = config.mailboxes.get(mailbox)
-        if target is None:
-            raise error("ENOENT", f"mailbox '{mailbox}' does not exist")
-        if not self.caller.authorize("HOOK-CREATE", mailbox, target):
-            raise not_authorized()
+        if target is None or not self.caller.authorize("HOOK-CREATE", mailbox, target):
+            raise mailbox_not_found(mailbox)
         if target.is_catchall(config.domain):
             raise error("MAILBOX", f"mailbox '{mailbox}' is the catchall; "
                                    "hooks on the catchall are forbidden")
@@ -630,16 +738,18 @@ class ApiProtocol(amp.AMP):
 
         return self._in_thread(work)
 
-    def do_hook_delete(self, box, name: str):
+    def do_hook_delete(self, box, name: str, mailbox: str | None):
         config = self.daemon.config
-        owner_mailbox = find_hook(config, name)
-        target = config.mailboxes.get(owner_mailbox) if owner_mailbox else None
-        not_found = error("ENOENT", f"hook '{name}' not found")
-        if owner_mailbox is None:
-            raise not_found
-        if not self.caller.authorize("HOOK-DELETE", owner_mailbox, target):
-            raise not_found
         caller = self.caller
+        try:
+            owner_mailbox = find_hook(config, name, caller, mailbox)
+        except ApiError as exc:
+            foreign = config.find_hook(name) if exc.code == "ENOENT" else None
+            if foreign is not None:  # someone else's: the operator's log says so, the caller not
+                caller.authorize("HOOK-DELETE", foreign[0].name, foreign[0])
+            raise
+        # The decision's log line; find_hook looked only at hooks the caller may delete.
+        caller.authorize("HOOK-DELETE", owner_mailbox, config.mailboxes[owner_mailbox])
 
         def work() -> dict:
             with self.daemon.store.mailbox_lock(owner_mailbox), self.daemon.config_lock:
@@ -701,21 +811,37 @@ def _on_disk(config_path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def create_mailbox(config_path: Path, data_dir: Path, name: str, owner: str,
-                   data_dir_override: Path | None = None) -> Any:
-    """MAILBOX-CREATE after the request checks: dirs (§4), then the rewrite (§3)."""
+                   data_dir_override: Path | None = None, *,
+                   owner_limit: int | None = None) -> Any:
+    """MAILBOX-CREATE after the request checks: dirs (§4), then the rewrite (§3).
+
+    ``owner_limit`` is set for a non-root caller: the most mailboxes the owner
+    may hold, counted in the file under the lock so parallel creates cannot
+    overshoot; it also keeps other users' ids out of conflict messages.
+    """
     domain, mailboxes = _on_disk(config_path)
     if name in mailboxes:
         raise error("MAILBOX", f"mailbox '{name}' already exists")
     ids = configmod.owner_ids(owner)
     if ids is None:
         raise error("VALIDATION", f"unknown owner '{owner}'")
-    created = prepare_mailbox_dirs(data_dir, name, *ids)
+    owned = count_owned(mailboxes, ids[0])
+    if owner_limit is not None and owned >= owner_limit:
+        raise error("EACCES", f"user '{owner}' owns {owned} mailboxes and may not create more "
+                              f"(max_mailboxes_per_user = {owner_limit}); ask root")
+    created = prepare_mailbox_dirs(data_dir, name, *ids, private=owner_limit is not None)
     try:
         return _edit(configedit.add_mailbox, config_path, name, f"{name}@{domain}", owner,
                      data_dir_override=data_dir_override)
     except BaseException:
         remove_dirs(created)
         raise
+
+
+def count_owned(mailboxes: dict[str, Any], uid: int) -> int:
+    """How many raw ``[mailboxes.*]`` tables have an owner resolving to ``uid``."""
+    owners = (table.get("owner") for table in mailboxes.values() if isinstance(table, dict))
+    return sum(1 for owner in owners if isinstance(owner, str) and owner_uid(owner) == uid)
 
 
 def delete_mailbox(config_path: Path, data_dir: Path, name: str, force: bool,
@@ -764,13 +890,25 @@ def delete_hook(config_path: Path, name: str, mailbox: str,
 # -- listings (pure over a snapshot, plus directory counts) ------------------
 
 
-def find_hook(config: Any, name: str) -> str | None:
-    """The mailbox holding the hook whose effective name is ``name`` (file order)."""
-    for mailbox in config.mailboxes.values():
-        for hook in mailbox.hooks:
-            if hook.effective_name == name:
-                return mailbox.name
-    return None
+def find_hook(config: Any, name: str, caller: Caller, mailbox: str | None = None) -> str:
+    """The mailbox holding the caller's hook whose effective name is ``name``.
+
+    Names are unique per owner, so for a non-root caller there is one match at
+    most among its own mailboxes; other users' hooks are never looked at, and
+    a miss is ``ENOENT`` whoever holds the name. Root sees every mailbox and,
+    when owners share a name, must say which ``mailbox`` it means.
+    """
+    found = [box.name for box in config.mailboxes.values()
+             if (mailbox is None or box.name == mailbox)
+             and (caller.is_root or caller.owns(box))
+             and any(hook.effective_name == name for hook in box.hooks)]
+    if not found:
+        raise hook_not_found(name)
+    if len(found) > 1 and caller.is_root:
+        listed = ", ".join(f"'{box}'" for box in found)
+        raise error("VALIDATION", f"hook name '{name}' is used on mailboxes {listed}; "
+                                  "name the mailbox to delete one")
+    return found[0]
 
 
 def hook_rows(config: Any, caller: Caller) -> list[dict[str, Any]]:
@@ -831,6 +969,17 @@ class ApiFactory(protocol.Factory):
     def __init__(self, daemon: Any, timeout: float | None = None) -> None:
         self.daemon = daemon
         self.timeout = api_timeout() if timeout is None else timeout
+        self.limits = ConnectionLimits()
+
+    def admit(self, uid: int) -> str | None:
+        """Count a connection from ``uid`` against the live config's caps, or say why not."""
+        config = self.daemon.config
+        cap = socket_connection_cap(config.socket_max_connections, file_limit())
+        return self.limits.admit(uid, config.socket_max_connections_per_user, cap,
+                                 self.daemon.reactor.seconds())
+
+    def release(self, uid: int) -> None:
+        self.limits.release(uid)
 
     def buildProtocol(self, addr) -> ApiProtocol:  # noqa: N802 (Twisted's name)
         proto = ApiProtocol(self.daemon, self.timeout)

@@ -20,6 +20,7 @@ from typing import Any
 from aimx import paths
 from aimx.protocol import (
     MAX_BOX_BYTES,
+    REFUSED_TAG,
     ApiCommand,
     error,
     parse_answer,
@@ -143,12 +144,17 @@ class Client:
         request = request_box(command, arguments, tag).serialize()
         with self.connect() as sock:
             try:
-                sock.sendall(request)
+                try:
+                    sock.sendall(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a refused connection: its error box is waiting to be read
                 reply = read_box(sock)
             except TimeoutError:
                 raise MalformedReply("timed out waiting for the daemon") from None
             except OSError as exc:
                 raise MalformedReply(f"connection failed: {exc}") from None
+        if reply.get(b"_error") == REFUSED_TAG:
+            return interpret_reply(command, reply)  # raises the refusal's ApiError
         if reply.get(b"_answer", reply.get(b"_error")) != tag:
             raise MalformedReply("reply does not answer the request")
         return interpret_reply(command, reply)

@@ -48,6 +48,16 @@ MAX_HOOK_TIMEOUT = 600
 DEFAULT_DNS_PORT = 53
 
 MAILBOX_NAME_MAX = 64
+# RFC 2142 role addresses (plus root): mail for them reaches whoever holds the
+# mailbox, so only root may create them.
+ROLE_MAILBOX_NAMES = (
+    "postmaster", "abuse", "hostmaster", "webmaster", "mailer-daemon", "root", "noc", "security",
+)
+
+# Limits no single local user can exhaust (overridable in config.toml).
+DEFAULT_MAX_MAILBOXES_PER_USER = 10
+DEFAULT_SOCKET_MAX_CONNECTIONS = 1024
+DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER = 64
 _MAILBOX_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _RESERVED_MAILBOX_NAMES = ("catchall", "aimx-catchall")
 
@@ -231,6 +241,9 @@ class Config:
     signature: str | None = None
     release_manifest_url: str | None = None
     dns_resolvers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_mailboxes_per_user: int = DEFAULT_MAX_MAILBOXES_PER_USER
+    socket_max_connections: int = DEFAULT_SOCKET_MAX_CONNECTIONS
+    socket_max_connections_per_user: int = DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -328,7 +341,14 @@ _HOOK_TEMPLATE_ERROR = (
 _TOP_KEYS = (
     "domain", "data_dir", "dkim_selector", "trust", "trusted_senders", "mailboxes",
     "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
+    "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
 )
+# Integer limits and the smallest value each accepts.
+_LIMIT_KEYS = {
+    "max_mailboxes_per_user": 0,
+    "socket_max_connections": 1,
+    "socket_max_connections_per_user": 1,
+}
 _MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall")
 _HOOK_KEYS = ("name", "event", "type", "cmd", "fire_on_untrusted", "timeout_secs")
 _UPGRADE_KEYS = ("release_manifest_url",)
@@ -430,6 +450,14 @@ def _bool(value: Any, key: str, table: str) -> bool:
     return value
 
 
+def _limit(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(key, _TOP, "an integer", value)
+    if value < minimum:
+        raise ConfigError(f"invalid {key} = {value}: must be at least {minimum}")
+    return value
+
+
 def _strings(value: Any, key: str, table: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise _type_error(key, table, "an array of strings", value)
@@ -516,6 +544,8 @@ def _decode(data: dict[str, Any], path: Path) -> dict[str, Any]:
             fields[key] = tuple(glob.lower() for glob in _strings(value, key, _TOP))
         elif key == "enable_ipv6":
             fields[key] = _bool(value, key, _TOP)
+        elif key in _LIMIT_KEYS:
+            fields[key] = _limit(value, key, _LIMIT_KEYS[key])
         elif key == "dns_resolvers":
             resolvers = _strings(value, key, _TOP)
             for entry in resolvers:
@@ -621,19 +651,25 @@ def _check_hook_fields(hook: Hook, mailbox: str) -> None:
 
 
 def _check_unique_names(mailboxes: Iterable[Mailbox]) -> None:
-    """Step 10, second half: effective names are unique across the whole file."""
-    seen: dict[str, tuple[str, bool]] = {}
+    """Step 10, second half: effective names are unique across the mailboxes of one owner.
+
+    Hooks of different owners may share a name: a file-wide rule would let a
+    user learn, from a refused HOOK-CREATE, which names and commands other
+    users' hooks have and on which mailboxes.
+    """
+    seen: dict[tuple[str, str], tuple[str, bool]] = {}
     for mailbox in mailboxes:
         for hook in mailbox.hooks:
             name, explicit = hook.effective_name, hook.name is not None
-            if name not in seen:
-                seen[name] = (mailbox.name, explicit)
+            key = (mailbox.owner, name)
+            if key not in seen:
+                seen[key] = (mailbox.name, explicit)
                 continue
-            first, first_explicit = seen[name]
+            first, first_explicit = seen[key]
             if explicit and first_explicit:
                 raise ConfigError(
                     f"duplicate hook name '{name}' on mailboxes '{first}' and '{mailbox.name}': "
-                    "hook names must be globally unique"
+                    "hook names must be unique across the mailboxes of one owner"
                 )
             if not explicit and not first_explicit:
                 raise ConfigError(

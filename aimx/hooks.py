@@ -64,7 +64,8 @@ REAP_GIVE_UP_SECS = 2.0
 SLOW_MS = 5_000
 DEDUP_WINDOW_SECS = 24 * 3600
 PRUNE_EVERY_SECS = 3600
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Fixed: the daemon's own PATH may name directories under root's home.
+HOOK_PATH = "/usr/local/bin:/usr/bin:/bin"
 TRAMPOLINE = Path(__file__).with_name("hooktrampoline.py")
 REPORT_FD = 3  # the trampoline's "exec never happened" channel
 
@@ -195,11 +196,11 @@ def after_send_env(hook_name: str, mailbox: str, info: AfterSendInfo,
     }
 
 
-def process_env(aimx_env: Mapping[str, str], owner: Owner,
-                path: str | None) -> dict[str, str]:
-    """The complete environment of a hook: nothing of the daemon's leaks in (D23)."""
+def process_env(aimx_env: Mapping[str, str], owner: Owner) -> dict[str, str]:
+    """The complete environment of a hook: the ``AIMX_*`` values, a fixed ``PATH`` and
+    the owner's identity; nothing of the daemon's leaks in (D23)."""
     env = dict(aimx_env)
-    env.update(PATH=path or DEFAULT_PATH, HOME=owner.home, USER=owner.name, LOGNAME=owner.name)
+    env.update(PATH=HOOK_PATH, HOME=owner.home, USER=owner.name, LOGNAME=owner.name)
     return env
 
 
@@ -769,7 +770,7 @@ class HookRunner:
         payload, warning = yield self._in_thread(read_stdin_payload, job.stdin_path)
         if warning:
             log.warning(warning)
-        env = process_env(job.aimx_env, owner, os.environ.get("PATH"))
+        env = process_env(job.aimx_env, owner)
         root = os.geteuid() == 0
         if self.sandbox == SANDBOX_SYSTEMD:
             cmd = systemd_run_argv(self._systemd_run, job.cmd, owner=owner,

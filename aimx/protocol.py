@@ -43,6 +43,10 @@ ANSWER = b"_answer"
 ERROR = b"_error"
 ERROR_CODE = b"_error_code"
 ERROR_DESCRIPTION = b"_error_description"
+# The tag of the one error box a refused connection gets before the daemon
+# closes it (over a connection cap): no request was read, so there is no ask
+# to answer. Clients never use it for a request.
+REFUSED_TAG = b"0"
 
 
 class Box(dict):
@@ -371,7 +375,8 @@ class HookCreate(ApiCommand):
 
 class HookDelete(ApiCommand):
     commandName = b"HOOK-DELETE"
-    arguments = [(b"name", Unicode())]
+    # ``mailbox`` picks one when root sees the name on mailboxes of several owners.
+    arguments = [(b"name", Unicode()), (b"mailbox", Unicode(optional=True))]
     response: ClassVar[list] = []
 
 

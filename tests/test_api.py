@@ -214,7 +214,7 @@ def test_mark_verbs_pass_for_owner_and_root_and_refuse_others(daemon, users):
     assert run_as(alice, daemon, protocol.MarkRead, mailbox="alice", id=first) == {"ok": {}}
     assert is_read(daemon, "alice", first)
     denied = run_as(bob, daemon, protocol.MarkUnread, mailbox="alice", id=first)
-    assert denied == {"error": ["EACCES", "not authorized"]}
+    assert denied == {"error": ["ENOENT", "mailbox 'alice' does not exist"]}  # as if missing
     assert is_read(daemon, "alice", first)
     assert run_as(bob, daemon, protocol.MarkRead, mailbox="alice", id=second) == denied
     assert not is_read(daemon, "alice", second)
@@ -270,7 +270,8 @@ def test_hook_create_passes_for_owner_and_root_only(daemon, users):
                 cmd=["/bin/echo", "hi"])
     assert ok == {"ok": {"name": "9f5503741a28"}}
     assert run_as(bob, daemon, protocol.HookCreate, mailbox="alice", event="after_send",
-                  cmd=["/bin/true"], name="bobs") == {"error": ["EACCES", "not authorized"]}
+                  cmd=["/bin/true"], name="bobs") == {
+        "error": ["ENOENT", "mailbox 'alice' does not exist"]}
     assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="after_send",
                    cmd=["/bin/true"], name="ops-audit", timeout_secs=5) == {
         "ok": {"name": "ops-audit"}}
@@ -402,11 +403,11 @@ def test_create_adopts_matching_dirs_and_refuses_foreign_ones(daemon, users):
     assert (daemon.data_dir / "inbox" / "mine" / "old.md").read_text() == "kept"
 
     theirs = daemon.data_dir / "inbox" / "theirs"
-    assert run_as(alice, daemon, protocol.MailboxCreate, name="theirs") == {"error": [
-        "ECONFLICT",
-        f"{theirs} already exists with owner {bob.uid}:{bob.gid}, expected "
-        f"{alice.uid}:{alice.gid}; run `chown -R {alice.uid}:{alice.gid} {theirs}` "
-        "(and the matching sibling) and retry"]}
+    assert outcome(daemon, protocol.MailboxCreate, name="theirs", owner=alice.name) == {
+        "error": ["ECONFLICT",
+                  f"{theirs} already exists with owner {bob.uid}:{bob.gid}, expected "
+                  f"{alice.uid}:{alice.gid}; run `chown -R {alice.uid}:{alice.gid} {theirs}` "
+                  "(and the matching sibling) and retry"]}
     (daemon.data_dir / "inbox" / "afile").write_text("x")
     assert outcome(daemon, protocol.MailboxCreate, name="afile", owner=alice.name) == {
         "error": ["ECONFLICT", f"{daemon.data_dir / 'inbox' / 'afile'} exists but is not a "
@@ -509,10 +510,10 @@ def test_hook_create_field_checks(daemon, args, expected):
 def test_hook_create_duplicate_names_fail_validation(daemon):
     assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="on_receive",
                    cmd=["/bin/true"], name="dup")["ok"]
-    assert outcome(daemon, protocol.HookCreate, mailbox="bob", event="on_receive",
+    assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="on_receive",
                    cmd=["/bin/false"], name="dup") == {"error": [
-        "VALIDATION", "duplicate hook name 'dup' on mailboxes 'alice' and 'bob': "
-                      "hook names must be globally unique"]}
+        "VALIDATION", "duplicate hook name 'dup' on mailboxes 'alice' and 'alice': "
+                      "hook names must be unique across the mailboxes of one owner"]}
 
 
 @pytest.mark.parametrize("key, reason", [

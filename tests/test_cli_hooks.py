@@ -52,10 +52,10 @@ def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):  # noqa
     assert aimx(daemon, "hooks", "list", user=bob).stdout == "No hooks.\n"
     assert aimx(daemon, "hooks", "list").stdout == listed.stdout
     assert aimx(daemon, "hooks", "list", "--mailbox", "bob").stdout == "No hooks.\n"
-    # Another user cannot attach hooks to alice's mailbox.
+    # Another user cannot attach hooks to alice's mailbox, nor learn that it exists.
     run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "after_send",
                "--cmd", '["/bin/true"]', user=bob)
-    assert (run.returncode, run.stderr) == (1, "Error: [EACCES] not authorized\n")
+    assert (run.returncode, run.stderr) == (1, "Error: [ENOENT] mailbox 'alice' does not exist\n")
 
 
 def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):  # noqa: F811
@@ -163,10 +163,17 @@ def test_daemon_down_root_edits_directly(stopped):
     assert "this comment must survive" in stopped.config_path.read_text()
     listed = aimx(stopped, "hooks", "list")
     assert listed.stdout.splitlines()[1].startswith("greeter ")
+    # Names are unique per owner: bob's mailbox may have a "greeter" too.
     dup = aimx(stopped, "hooks", "create", "--mailbox", "bob", "--event", "on_receive",
                "--cmd", '["/bin/true"]', "--name", "greeter")
-    assert dup.stderr == ("Error: [VALIDATION] duplicate hook name 'greeter' on mailboxes "
-                          "'alice' and 'bob': hook names must be globally unique\n")
+    assert dup.returncode == 0, dup.stderr
+    ambiguous = aimx(stopped, "hooks", "delete", "--yes", "greeter")
+    assert (ambiguous.returncode, ambiguous.stderr) == (
+        1, "Error: [VALIDATION] hook name 'greeter' is used on mailboxes 'alice', 'bob'; "
+           "name the mailbox to delete one\n")
+    run = aimx(stopped, "hooks", "delete", "--yes", "greeter", "--mailbox", "bob")
+    assert run.returncode == 0, run.stderr
+    assert hooks_of(stopped, "bob") == [] and len(hooks_of(stopped, "alice")) == 1
     run = aimx(stopped, "hooks", "delete", "--yes", "greeter")
     assert run.returncode == 0, run.stderr
     assert run.stdout == "[OK] Hook 'greeter' deleted.\n" + NOTE

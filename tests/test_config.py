@@ -77,7 +77,24 @@ def test_minimal_config_takes_the_documented_defaults(tmp_path):
     assert config.effective_signature == "Sent from AIMX.  \nhttps://aimx.email"
     assert config.release_manifest_url is None
     assert config.dns_resolvers == ()
+    assert (config.max_mailboxes_per_user, config.socket_max_connections,
+            config.socket_max_connections_per_user) == (10, 1024, 64)
     assert config.warnings == ()
+
+
+def test_limits_are_read_and_checked(tmp_path):
+    text = HEAD + ("max_mailboxes_per_user = 0\nsocket_max_connections = 5\n"
+                   "socket_max_connections_per_user = 2\n")
+    config = load_config(write(tmp_path, text))
+    assert (config.max_mailboxes_per_user, config.socket_max_connections,
+            config.socket_max_connections_per_user) == (0, 5, 2)
+    assert load_error(tmp_path, HEAD + "socket_max_connections_per_user = 0\n") == (
+        "invalid socket_max_connections_per_user = 0: must be at least 1")
+    assert load_error(tmp_path, HEAD + "max_mailboxes_per_user = -1\n") == (
+        "invalid max_mailboxes_per_user = -1: must be at least 0")
+    assert load_error(tmp_path, HEAD + 'socket_max_connections = "9"\n') == (
+        "invalid type for 'socket_max_connections' in top-level table: expected an integer, "
+        "found string")
 
 
 def test_full_config_loads_every_field_in_file_order(tmp_path):
@@ -417,8 +434,8 @@ def test_duplicate_explicit_names(tmp_path):
     text = HEAD + mailbox("alice") + hook(named("x")) + mailbox("bob") + hook(
         'name = "x"\nevent = "after_send"\ncmd = ["/bin/y"]', "bob")
     assert load_error(tmp_path, text) == (
-        "duplicate hook name 'x' on mailboxes 'alice' and 'bob': hook names must be "
-        "globally unique"
+        "duplicate hook name 'x' on mailboxes 'alice' and 'bob': hook names must be unique "
+        "across the mailboxes of one owner"
     )
 
 
@@ -440,11 +457,23 @@ def test_explicit_name_colliding_with_a_derived_one(tmp_path):
     )
 
 
+def test_hooks_of_different_owners_may_share_names(tmp_path):
+    # A file-wide rule would tell one user, through a refused create, what another's
+    # hooks are called and which commands they run.
+    text = (HEAD + mailbox("alice") + hook(ECHO) + hook(named("x"))
+            + mailbox("bob", owner=ORPHAN) + hook(ECHO, "bob") + hook(named("x"), "bob"))
+    config = load_config(write(tmp_path, text))
+    assert [h.effective_name for h in config.mailbox("bob").hooks] == ["9f5503741a28", "x"]
+    # The same owner's mailboxes still share one namespace.
+    text = HEAD + mailbox("alice") + hook(named("x")) + mailbox("bob") + hook(named("x"), "bob")
+    assert load_error(tmp_path, text).startswith("duplicate hook name 'x' on mailboxes")
+
+
 def test_duplicates_within_one_mailbox(tmp_path):
     text = HEAD + mailbox("alice") + hook(named("x")) + hook(named("x"))
     assert load_error(tmp_path, text) == (
-        "duplicate hook name 'x' on mailboxes 'alice' and 'alice': hook names must be "
-        "globally unique"
+        "duplicate hook name 'x' on mailboxes 'alice' and 'alice': hook names must be unique "
+        "across the mailboxes of one owner"
     )
 
 

@@ -286,7 +286,7 @@ def test_hand_edits_on_disk_are_kept(cfg):
      "disambiguate"),
     (lambda p: configedit.add_hook(p, "bob", Hook("after_send", ["/bin/x"], name="archive")),
      "VALIDATION", "duplicate hook name 'archive' on mailboxes 'alice' and 'bob': hook names "
-     "must be globally unique"),
+     "must be unique across the mailboxes of one owner"),
     (lambda p: configedit.add_hook(p, "catchall", Hook("on_receive", ["/bin/x"])),
      "VALIDATION", "mailbox 'catchall' is the catchall but has hooks attached; catchall does "
      "not support hooks"),

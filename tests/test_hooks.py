@@ -130,7 +130,9 @@ def run_driver(tmp_path: Path, spec: dict[str, Any], timeout: float = 120) -> Ru
     spec.setdefault("state_dir", str(tmp_path / "state"))
     spec_file = tmp_path / f"spec-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, DAEMON_ONLY_SECRET="must-not-leak")
+    # The daemon's PATH starts with a directory under root's home: hooks must not get it.
+    env = dict(os.environ, DAEMON_ONLY_SECRET="must-not-leak",
+               PATH=f"/root/.local/bin:{os.environ.get('PATH', '/usr/bin:/bin')}")
     proc = subprocess.run([sys.executable, "-m", "tests.test_hooks", str(spec_file)], cwd=REPO,
                           env=env, capture_output=True, timeout=timeout, check=False)
     log = proc.stderr.decode("utf-8", "replace").splitlines()
@@ -222,7 +224,7 @@ def test_hook_runs_as_owner_with_clean_env_cwd_stdin_and_own_session(
     assert set(environ) == ENV_KEYS_RECEIVE
     assert environ["HOME"] == alice.home
     assert environ["USER"] == environ["LOGNAME"] == alice.name
-    assert environ["PATH"] == os.environ.get("PATH", environ["PATH"])
+    assert environ["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     assert environ["AIMX_HOOK_NAME"] == "probe" and environ["AIMX_EVENT"] == "on_receive"
     assert environ["AIMX_MAILBOX"] == "alice"
     assert environ["AIMX_FROM"] == "Ann <ann@example.com>"

@@ -50,6 +50,8 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
 
     delete = sub.add_parser("delete", parents=parents, description="delete a hook by name")
     delete.add_argument("name")
+    delete.add_argument("--mailbox", metavar="NAME",
+                        help="the hook's mailbox, when the name is on mailboxes of several owners")
     delete.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
@@ -135,11 +137,9 @@ def _precheck_with_config(args: argparse.Namespace) -> None:
     from aimx import api
 
     mailbox = config.mailboxes.get(args.mailbox)
-    if mailbox is None:
-        raise CommandError(f"Mailbox '{args.mailbox}' does not exist")
     caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
-    if not caller.is_root and not caller.owns(mailbox):
-        raise CommandError(f"not authorized: caller does not own mailbox '{args.mailbox}'")
+    if mailbox is None or not (caller.is_root or caller.owns(mailbox)):
+        raise CommandError(f"Mailbox '{args.mailbox}' does not exist")
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -208,7 +208,8 @@ def _delete(args: argparse.Namespace) -> int:
 
         offline_config = _offline_config(args, "delete")
         rows = api.hook_rows(offline_config, api.Caller(0, 0, 0))
-    row = next((r for r in rows if r["name"] == name), None)
+    matches = [r for r in rows if r["name"] == name and args.mailbox in (None, r["mailbox"])]
+    row = matches[0] if len(matches) == 1 else None  # several: the daemon asks for --mailbox
     if row is not None and not args.yes:
         print("About to delete hook:")
         print(f"  name:    {row['name']}")
@@ -221,7 +222,7 @@ def _delete(args: argparse.Namespace) -> int:
             return 0
     if offline_config is None:
         try:
-            call(HookDelete, name=name)
+            call(HookDelete, name=name, mailbox=args.mailbox)
         except DaemonDown:
             offline_config = _offline_config(args, "delete")
         else:
@@ -237,10 +238,8 @@ def _delete_offline(args: argparse.Namespace, config: Any, name: str) -> None:
     from aimx import api
     from aimx.storage import MailStore
 
-    mailbox = api.find_hook(config, name)
     try:
-        if mailbox is None:
-            raise api.error("ENOENT", f"hook '{name}' not found")
+        mailbox = api.find_hook(config, name, api.Caller(0, 0, 0), args.mailbox)
         with MailStore(Path(config.data_dir)).mailbox_lock(mailbox):
             api.delete_hook(Path(config.path), name, mailbox,
                             paths.data_dir_override(args.data_dir))
