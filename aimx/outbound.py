@@ -355,13 +355,14 @@ def _check_parties(config: configmod.Config, headers: list[_Header],
         raise SendError("DOMAIN", f"sender domain '{sender_domain}' does not match aimx domain "
                                   f"'{config.domain}'")
     mailbox = resolve_sender_mailbox(config, sender)
+    if mailbox is not None and not _authorized(mailbox, caller_uid):
+        # Someone else's mailbox answers exactly like a missing one; the log says which.
+        log.warning("send refused: uid=%s is not the owner (%s) of mailbox %s (From: %s)",
+                    caller_uid, kv(mailbox.owner), kv(mailbox.name), kv(sender))
+        mailbox = None
     if mailbox is None:
         raise SendError("MAILBOX", f"no mailbox matches From: {sender} (run `aimx mailboxes "
                                    "create <name>` to register one; catchall is inbound-only)")
-    if not _authorized(mailbox, caller_uid):
-        log.warning("send refused: uid=%s is not the owner (%s) of mailbox %s (From: %s)",
-                    caller_uid, kv(mailbox.owner), kv(mailbox.name), kv(sender))
-        raise SendError("EACCES", "not authorized")
     to_header = _first(headers, "To")
     if to_header is None:
         raise SendError("MALFORMED", "missing required header: To")

@@ -159,13 +159,17 @@ def test_only_root_or_the_owner_may_send(test_users):
     config = make_config(owner=alice.name)
     assert send(request(BASIC), config=config, caller_uid=alice.uid).mailbox.name == "alice"
     assert send(request(BASIC), config=config, caller_uid=0).mailbox.name == "alice"
+    # To bob, alice's mailbox looks exactly like one that does not exist.
     error = refusal(request(BASIC), config=config, caller_uid=bob.uid)
-    assert (error.code, error.reason) == ("EACCES", "not authorized")
+    missing = refusal(request(BASIC.replace("alice@", "nobody@", 1)), config=config,
+                      caller_uid=bob.uid)
+    assert (error.code, error.reason) == (missing.code, missing.reason.replace("nobody@", "alice@"))
+    assert error.code == "MAILBOX"
 
 
 def test_unknown_owner_authorizes_nobody_but_root():
     config = make_config(owner="no-such-user-aimx")
-    assert refusal(request(BASIC), config=config, caller_uid=4242).code == "EACCES"
+    assert refusal(request(BASIC), config=config, caller_uid=4242).code == "MAILBOX"
     assert send(request(BASIC), config=config, caller_uid=0).mailbox.name == "alice"
 
 
@@ -259,7 +263,7 @@ def test_sender_header_must_name_the_from_address():
 def test_sender_checks_come_before_recipient_checks():
     raw = request("From: mallory@other.org\nSubject: no recipient")
     assert refusal(raw).code == "DOMAIN"
-    assert refusal(request("From: alice@example.com"), caller_uid=4242).code == "EACCES"
+    assert refusal(request("From: alice@example.com"), caller_uid=4242).code == "MAILBOX"
 
 
 def test_headers_are_found_in_any_case_and_folded():

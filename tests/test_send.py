@@ -445,8 +445,9 @@ def test_only_the_owner_sends_and_never_from_catchall_or_foreign_domains(daemon,
         own = send(users["bob"], daemon, "x@ok.test", "Bob's own", sender=f"bob@{DOMAIN}")
         assert own.returncode == 0, own.stderr
         assert len(sink.messages()) == 1  # only bob's own mail left the host
-    assert (stranger.returncode, stranger.stderr) == (
-        1, f"Error: not authorized: alice@{DOMAIN}\n")
+    assert (stranger.returncode, stranger.stderr) == (  # as if alice's mailbox did not exist
+        1, f"Error [MAILBOX]: no mailbox matches From: alice@{DOMAIN} (run `aimx mailboxes "
+           "create <name>` to register one; catchall is inbound-only)\n")
     assert (catchall.returncode, catchall.stderr) == (
         1, f"Error [MAILBOX]: no mailbox matches From: anyone@{DOMAIN} (run `aimx mailboxes "
            "create <name>` to register one; catchall is inbound-only)\n")
