@@ -156,11 +156,12 @@ def owners_of(dir_fd: int) -> frozenset[int]:
 
 
 def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
-                   prepare: Callable[[int], None] | None = None) -> None:
+                   prepare: Callable[[int], None] | None = None) -> os.stat_result:
     """Create ``name`` in ``dir_fd`` exclusively (never through a link), write and fsync it.
 
     ``prepare(fd)`` runs before the first byte is written (to set the owner);
     the file is created with ``mode`` and removed again if anything fails.
+    Returns the file's ``fstat`` (see :func:`is_entry`).
     """
     _parts(name)
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -173,6 +174,7 @@ def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
+        return os.fstat(fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dir_fd)
@@ -198,6 +200,16 @@ def lexists_at(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def is_entry(dir_fd: int, name: str, made: os.stat_result) -> bool:
+    """Whether ``name`` in ``dir_fd`` is still the file or dir ``made`` describes (not a
+    link or anything else put in its place)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino)
 
 
 def fsync_fd(fd: int) -> None:

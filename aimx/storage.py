@@ -313,10 +313,10 @@ def _pause_before_rename() -> None:
 
 
 def _write_file(dir_fd: int, name: str, data: bytes, ids: tuple[int, int] | None,
-                label: str, mode: int = 0o600) -> None:
+                label: str, mode: int = 0o600) -> os.stat_result:
     """Create ``name`` in ``dir_fd`` exclusively (owned, ``mode``), write everything, fsync."""
-    safefs.create_file_at(dir_fd, name, data, mode=mode,
-                          prepare=lambda fd: _apply_owner(fd, ids, mode, label))
+    return safefs.create_file_at(dir_fd, name, data, mode=mode,
+                                 prepare=lambda fd: _apply_owner(fd, ids, mode, label))
 
 
 def _remove_quietly(dir_fd: int, name: str, label: str) -> None:
@@ -354,9 +354,9 @@ def _stage_bundle(
     files: Sequence[tuple[str, bytes]],
     ids: tuple[int, int] | None,
     label: str,
-) -> str:
+) -> tuple[str, os.stat_result]:
     """Build a complete bundle in a dot-named staging dir of ``dir_fd`` (every file and the
-    dir fsync'd); returns the staging dir's name.
+    dir fsync'd); returns the staging dir's name and ``fstat``.
 
     The files are created through the staging dir's own descriptor, checked to
     be the dir this call made: whatever the owner renames or plants under the
@@ -366,7 +366,8 @@ def _stage_bundle(
     try:
         os.mkdir(staging, 0o700, dir_fd=dir_fd)
         with safefs.closing_fd(safefs.open_dir_at(dir_fd, staging)) as staging_fd:
-            if os.fstat(staging_fd).st_uid != os.geteuid():
+            made = os.fstat(staging_fd)
+            if made.st_uid != os.geteuid():
                 raise safefs.UnsafeFileError(errno.EPERM, f"staging dir {label} was replaced")
             _apply_owner(staging_fd, ids, 0o700, label)
             for name, data in files:
@@ -376,7 +377,7 @@ def _stage_bundle(
     except BaseException:
         _remove_quietly(dir_fd, staging, label)
         raise
-    return staging
+    return staging, made
 
 
 def _name_taken(dir_fd: int, stem: str) -> bool:
@@ -1434,8 +1435,8 @@ class MailStore:
                     final = f"{stem}.md"
                     path = directory / final
                     source = _temp_name(final)
-                    _write_file(dir_fd, source, frontmatter.render_email(record, body), ids,
-                                str(path))
+                    made = _write_file(dir_fd, source, frontmatter.render_email(record, body),
+                                       ids, str(path))
                 else:
                     unique = unique_attachment_names(names, reserved=(f"{stem}.md",))
                     files = [(name, bytes(a.data))
@@ -1446,7 +1447,7 @@ class MailStore:
                         for (name, data), a in zip(files, attachments, strict=True)
                     ]
                     markdown = frontmatter.render_email(record, body)
-                    source = _stage_bundle(dir_fd, stem, markdown, files, ids, label)
+                    source, made = _stage_bundle(dir_fd, stem, markdown, files, ids, label)
                     final = stem
                     path = directory / stem / f"{stem}.md"
                 _pause_before_rename()
@@ -1455,6 +1456,9 @@ class MailStore:
                     # under the same flock, so this check is final.
                     taken = _name_taken(dir_fd, stem)
                     if not taken:
+                        if not safefs.is_entry(dir_fd, source, made):
+                            raise safefs.UnsafeFileError(
+                                errno.EPERM, f"{label}: the staged email was replaced")
                         os.rename(source, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                         source = None
                         if dedup is not None:
