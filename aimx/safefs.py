@@ -159,9 +159,9 @@ def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
                    prepare: Callable[[int], None] | None = None) -> os.stat_result:
     """Create ``name`` in ``dir_fd`` exclusively (never through a link), write and fsync it.
 
-    ``prepare(fd)`` runs before the first byte is written (to set the owner);
-    the file is created with ``mode`` and removed again if anything fails.
-    Returns the file's ``fstat`` (see :func:`is_entry`).
+    ``prepare(fd)``, when given, runs before the first byte is written and sets
+    the owner and ``mode`` itself; otherwise ``mode`` is set here. The file is
+    removed again if anything fails. Returns its ``fstat`` (see :func:`is_entry`).
     """
     _parts(name)
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -169,7 +169,8 @@ def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
     try:
         if prepare is not None:
             prepare(fd)
-        os.fchmod(fd, mode)  # umask-proof, and after any chown (which clears set-id bits)
+        else:
+            os.fchmod(fd, mode)  # umask-proof
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

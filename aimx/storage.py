@@ -541,11 +541,7 @@ def _email_entries_at(mailbox_fd: int | None) -> Iterator[tuple[str, str]]:
     dir ``<d>/<d>.md``."""
     if mailbox_fd is None:
         return
-    try:
-        entries = list(os.scandir(mailbox_fd))
-    except OSError:
-        return
-    for entry in entries:
+    for entry in list(os.scandir(mailbox_fd)):
         name = entry.name
         if name.startswith("."):
             continue
@@ -929,8 +925,8 @@ class MailboxIndex:
         state = self._dir_state()
         if self._trusted(self._meta(conn), state):
             return True
-        if not self._writable:
-            return False
+        if not self._writable or (mailbox_fd is None and state is not None):
+            return False  # (a dir that exists but could not be opened is not empty)
         checked_ns = time.time_ns()
         entries = dict(_email_entries_at(mailbox_fd))
         disk = {email_id: str(Path(self.directory) / relative)

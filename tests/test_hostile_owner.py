@@ -261,3 +261,35 @@ def test_an_800_mb_email_is_refused_without_being_read(dns, users) -> None:
         time.sleep(0.2)
         assert peak_memory_kib(daemon.pid) - before < 32 * 1024
         assert daemon.running()
+
+
+# -- the same rule in the blocking storage calls root makes at start-up and for listings -------
+
+
+def test_start_up_cleanup_and_counts_never_follow_an_owners_link(users, vault, shared) -> None:
+    """Crash cleanup removes temp names in bundle dirs, and counts read every email:
+    through a bundle an owner swapped for a link, neither may touch the root-only dir."""
+    from aimx import storage
+
+    alice = users["alice"]
+    shared.chmod(0o755)
+    data = storage.ensure_data_dir(shared / "data")
+    inbox = storage.ensure_mailbox_dir(data, "inbox", "alice", (alice.uid, alice.gid))
+    bait = vault / ".bait.md.tmp.0123456789ab"
+    bait.write_text("root's temp file\n")
+    (vault / "2026-01-01-000000-x.md").write_text('+++\nread = true\n+++\n')
+    (vault / "2026-01-01-000000-x.md").chmod(0o600)
+    hostile_steps = (
+        f"ln -s {vault} {inbox}/2026-01-01-000000-x && "
+        f"printf '+++\\nread = true\\n+++\\n' > {inbox}/2026-01-01-000001-y.md && "
+        f"ln {inbox}/2026-01-01-000001-y.md {inbox}/2026-01-01-000002-z.md")
+    subprocess.run(["/bin/sh", "-c", hostile_steps], preexec_fn=alice.preexec(), check=True)
+
+    assert storage.cleanup_temp_files(data) == 0
+    assert bait.exists()
+    # The link is no email; the two names of one hard-linked file are listed but not
+    # believed (a hard link could name a file the owner may not hand over).
+    assert storage.list_email_ids(inbox) == ["2026-01-01-000002-z", "2026-01-01-000001-y"]
+    assert storage.scan_counts(inbox) == (2, 2)
+    assert storage.count_emails(inbox) == (2, 2)
+    assert storage.resolve_email_path(inbox, "2026-01-01-000000-x") is None
