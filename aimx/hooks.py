@@ -310,16 +310,53 @@ def lookup_owner(name: str) -> Owner | None:
     return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, group)
 
 
-def read_stdin_payload(path: str) -> tuple[bytes, str | None]:
-    """The bytes to pipe to a hook, and a warning when reading failed."""
-    if not path:
-        return b"", None
-    try:
-        return Path(path).read_bytes(), None
-    except FileNotFoundError:
-        return b"", None
-    except OSError as exc:
-        return b"", f"hook stdin: read {path} failed: {exc}; piping empty payload"
+@attrs.define
+class _Stdin:
+    """The stored email that every hook of one fire reads on stdin.
+
+    Opened once, checked and without following any link (``storage.open_stored_email``),
+    right before the fire's first hook process starts; each hook then gets the bytes
+    read from that descriptor. Hooks run as the mailbox owner, who may replace the
+    file's path with anything: that changes nothing for a later hook of the fire, as
+    the path is never opened again. Blocking methods: call them off the reactor thread.
+    """
+
+    path: str
+    folder: str
+    mailbox: str
+    fd: int | None = None
+    opened: bool = False
+
+    def open(self) -> str | None:
+        """Open the file; returns a warning when it cannot be (the hooks then get nothing)."""
+        from aimx import storage
+
+        self.opened = True
+        if not self.path:
+            return None
+        try:
+            self.fd = storage.open_stored_email(self.path, self.folder, self.mailbox)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"hook stdin: read {self.path} failed: {exc}; piping empty payload"
+        return None
+
+    def read(self) -> tuple[bytes, str | None]:
+        """The bytes to pipe to a hook, and a warning when reading failed."""
+        from aimx import storage
+
+        if self.fd is None:
+            return b"", None
+        try:
+            return storage.read_stored_email(self.fd), None
+        except OSError as exc:
+            return b"", f"hook stdin: read {self.path} failed: {exc}; piping empty payload"
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class FiredLog:
@@ -602,13 +639,18 @@ class HookRunner:
         """Fire the hooks of emails a crash stored but never fired; fires with their count."""
 
         def load() -> list[Any]:
-            from aimx import frontmatter
+            from aimx import frontmatter, storage
             from aimx.ingest import IngestResult
 
             results = []
             for mailbox, path in self.pending.entries():
                 try:
-                    fields, _body = frontmatter.read_email(Path(path).read_bytes())
+                    fd = storage.open_stored_email(path, "inbox", mailbox)
+                    try:
+                        data = storage.read_stored_email(fd)
+                    finally:
+                        os.close(fd)
+                    fields, _body = frontmatter.read_email(data)
                 except (OSError, frontmatter.FrontmatterError) as exc:
                     log.warning(f"pending hooks for {path} dropped: {exc}")
                     self.pending.remove(path)
@@ -744,13 +786,19 @@ class HookRunner:
     @defer.inlineCallbacks
     def _run_in_order(self, jobs: list[_Job]) -> Any:
         outcomes: list[HookOutcome] = []
-        for job in jobs:
-            try:
-                outcome = yield self._slots.run(self._run_job, job)
-            except Exception:
-                log.exception(f"hook_name={job.hook_name} runner error")
-                continue
-            outcomes.append(outcome)
+        first = jobs[0]
+        stdin = _Stdin(first.stdin_path, "inbox" if first.event == ON_RECEIVE else "sent",
+                       first.mailbox)
+        try:
+            for job in jobs:
+                try:
+                    outcome = yield self._slots.run(self._run_job, job, stdin)
+                except Exception:
+                    log.exception(f"hook_name={job.hook_name} runner error")
+                    continue
+                outcomes.append(outcome)
+        finally:
+            stdin.close()
         return outcomes
 
     def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -758,7 +806,7 @@ class HookRunner:
                                          func, *args)
 
     @defer.inlineCallbacks
-    def _run_job(self, job: _Job) -> Any:
+    def _run_job(self, job: _Job, stdin: _Stdin) -> Any:
         started = time.monotonic()
         log.info(f"firing hook_name={job.hook_name} event={job.event} "
                  f"mailbox={job.mailbox} owner={job.owner}")
@@ -767,7 +815,11 @@ class HookRunner:
             return self._finished(job, started, sandbox=SANDBOX_NONE, exit_code=-1,
                                   error_kind="user-not-found",
                                   error=f"user '{job.owner}' not found on this host")
-        payload, warning = yield self._in_thread(read_stdin_payload, job.stdin_path)
+        if not stdin.opened:
+            warning = yield self._in_thread(stdin.open)
+            if warning:
+                log.warning(warning)
+        payload, warning = yield self._in_thread(stdin.read)
         if warning:
             log.warning(warning)
         env = process_env(job.aimx_env, owner)

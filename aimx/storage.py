@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import stat
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from aimx import frontmatter
+from aimx import frontmatter, safefs
 from aimx.config import owner_ids
 from aimx.fsutil import fsync_dir
 from aimx.logs import kv, logger
@@ -48,8 +47,11 @@ SLUG_MAX_CHARS = 20
 ATTACHMENT_NAME_MAX_BYTES = 200
 DEDUP_WINDOW = datetime.timedelta(hours=24)
 DEDUP_CAP = 100_000
-DEDUP_SCAN_BYTES = 16 * 1024
 FRONTMATTER_SCAN_LIMIT = 1024 * 1024
+#: The largest email file aimx reads whole (MARK-READ, hook stdin). A stored email
+#: comes from at most a 25 MiB message or a SEND of two 25 MiB bodies, plus its
+#: frontmatter; anything bigger was not written by aimx and is refused, not loaded.
+EMAIL_FILE_LIMIT = 64 * 1024 * 1024
 
 # Test seam: sleep this many seconds between writing a temp file and renaming it,
 # so a test can kill the writer at the one moment a crash is most interesting.
@@ -212,21 +214,15 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def _apply_owner(path: Path | int, ids: tuple[int, int] | None, mode: int, label: str) -> None:
-    """chown (root only) then chmod; failures are warnings because the mail matters more."""
+def _apply_owner(fd: int, ids: tuple[int, int] | None, mode: int, label: str) -> None:
+    """fchown (root only) then fchmod; failures are warnings because the mail matters more."""
     if ids is not None and _is_root():
         try:
-            if isinstance(path, int):
-                os.fchown(path, *ids)
-            else:
-                os.chown(path, *ids, follow_symlinks=False)
+            os.fchown(fd, *ids)
         except OSError as exc:
             log.warning("chown failed path=%s uid=%d error=%s", kv(label), ids[0], kv(exc))
     try:
-        if isinstance(path, int):
-            os.fchmod(path, mode)
-        else:
-            os.chmod(path, mode)
+        os.fchmod(fd, mode)
     except OSError as exc:
         log.warning("chmod failed path=%s mode=%o error=%s", kv(label), mode, kv(exc))
 
@@ -256,16 +252,54 @@ def ensure_data_dir(data_dir: str | os.PathLike[str]) -> Path:
     return data
 
 
+def open_mailbox_dir(directory: str | os.PathLike[str]) -> int:
+    """A descriptor of a mailbox dir, opened from its root-owned parent without following links.
+
+    Everything aimx does inside a mailbox goes through this descriptor (see
+    ``aimx.safefs``): the owner may rearrange the dir's entries at will, but
+    never the dir itself, whose entry lives in root's ``inbox/`` or ``sent/``.
+    """
+    path = Path(directory)
+    return safefs.open_dir_beneath(path.parent, path.name)
+
+
+def _mailbox_fd(data_dir: str | os.PathLike[str], folder: str, mailbox: str,
+                ids: tuple[int, int] | None, *, repair: bool = False) -> int:
+    """The mailbox dir's descriptor, created if missing; owner and 0700 set when they differ
+    (or always, with ``repair``), through the descriptor."""
+    path = mailbox_dir(data_dir, folder, mailbox)
+    try:
+        fd = open_mailbox_dir(path)
+        created = False
+    except FileNotFoundError:
+        data = ensure_data_dir(data_dir)
+        _make_dir(data / folder, 0o755)
+        with safefs.closing_fd(safefs.open_trusted_dir(data / folder)) as folder_fd:
+            try:
+                os.mkdir(mailbox, 0o700, dir_fd=folder_fd)
+                created = True
+            except FileExistsError:
+                created = False
+            fd = safefs.open_dir_at(folder_fd, mailbox)
+            if created:
+                safefs.fsync_fd(folder_fd)
+    try:
+        st = os.fstat(fd)
+        if (repair or created or stat.S_IMODE(st.st_mode) != 0o700
+                or (ids is not None and _is_root() and (st.st_uid, st.st_gid) != ids)):
+            _apply_owner(fd, ids, 0o700, str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def ensure_mailbox_dir(
     data_dir: str | os.PathLike[str], folder: str, mailbox: str, ids: tuple[int, int] | None
 ) -> Path:
     """Create ``<folder>/`` (0755) and the mailbox dir if missing; (re-)apply owner and 0700."""
-    data = ensure_data_dir(data_dir)
-    _make_dir(data / folder, 0o755)
-    path = mailbox_dir(data, folder, mailbox)
-    _make_dir(path, 0o700)
-    _apply_owner(path, ids, 0o700, str(path))
-    return path
+    os.close(_mailbox_fd(data_dir, folder, mailbox, ids, repair=True))
+    return mailbox_dir(data_dir, folder, mailbox)
 
 
 def _temp_name(final_name: str) -> str:
@@ -278,115 +312,89 @@ def _pause_before_rename() -> None:
         time.sleep(float(value))
 
 
-def _write_file(path: Path, data: bytes, ids: tuple[int, int] | None) -> None:
-    """Create ``path`` exclusively (0600, owned), write everything and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        _apply_owner(fd, ids, 0o600, str(path))
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_file(dir_fd: int, name: str, data: bytes, ids: tuple[int, int] | None,
+                label: str, mode: int = 0o600) -> os.stat_result:
+    """Create ``name`` in ``dir_fd`` exclusively (owned, ``mode``), write everything, fsync."""
+    return safefs.create_file_at(dir_fd, name, data, mode=mode,
+                                 prepare=lambda fd: _apply_owner(fd, ids, mode, label))
 
 
-def _remove_quietly(path: Path) -> None:
+def _remove_quietly(dir_fd: int, name: str, label: str) -> None:
     try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        safefs.remove_at(dir_fd, name)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("could not remove temp path=%s error=%s", kv(str(path)), kv(exc))
+        log.warning("could not remove temp path=%s error=%s", kv(label), kv(exc))
 
 
-def publish_file(directory: Path, name: str, data: bytes, ids: tuple[int, int] | None) -> Path:
-    """Atomically place ``data`` at ``directory/name``: temp, fsync, rename, fsync the dir.
+def publish_file(dir_fd: int, name: str, data: bytes, ids: tuple[int, int] | None, *,
+                 label: str, mode: int = 0o600) -> None:
+    """Atomically place ``data`` at ``name`` in the directory ``dir_fd``: temp, fsync, rename,
+    fsync the dir. ``label`` names the file in log lines.
 
     The rename replaces an existing file, so callers reserve ``name`` under
     the mailbox lock first (or mean to replace, as the read-state rewrite does).
     """
-    temp = directory / _temp_name(name)
-    final = directory / name
+    temp = _temp_name(name)
     try:
-        _write_file(temp, data, ids)
+        _write_file(dir_fd, temp, data, ids, label, mode)
         _pause_before_rename()
-        os.rename(temp, final)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        _remove_quietly(temp)
+        _remove_quietly(dir_fd, temp, label)
         raise
-    fsync_dir(directory)
-    return final
+    safefs.fsync_fd(dir_fd)
 
 
 def _stage_bundle(
-    directory: Path,
+    dir_fd: int,
     stem: str,
     markdown: bytes,
     files: Sequence[tuple[str, bytes]],
     ids: tuple[int, int] | None,
-) -> Path:
-    """Build a complete bundle in a dot-named staging dir (every file and the dir fsync'd)."""
-    staging = directory / _temp_name(stem)
-    try:
-        staging.mkdir(mode=0o700)
-        _apply_owner(staging, ids, 0o700, str(staging))
-        for name, data in files:
-            _write_file(staging / name, data, ids)
-        _write_file(staging / f"{stem}.md", markdown, ids)
-        fsync_dir(staging)
-    except BaseException:
-        _remove_quietly(staging)
-        raise
-    return staging
+    label: str,
+) -> tuple[str, os.stat_result]:
+    """Build a complete bundle in a dot-named staging dir of ``dir_fd`` (every file and the
+    dir fsync'd); returns the staging dir's name and ``fstat``.
 
-
-def _publish_bundle(
-    directory: Path,
-    stem: str,
-    markdown: bytes,
-    files: Sequence[tuple[str, bytes]],
-    ids: tuple[int, int] | None,
-) -> Path:
-    """Build the bundle in a dot-named staging dir, then rename it into place as a whole.
-
-    A crash leaves either the complete bundle or an invisible staging dir
-    that :func:`cleanup_temp_files` removes; never a bundle missing parts.
+    The files are created through the staging dir's own descriptor, checked to
+    be the dir this call made: whatever the owner renames or plants under the
+    staging name meanwhile, nothing is written anywhere else.
     """
-    staging = _stage_bundle(directory, stem, markdown, files, ids)
-    final = directory / stem
+    staging = _temp_name(stem)
     try:
-        _pause_before_rename()
-        if os.path.lexists(final):  # reserved under the lock; an outsider raced us
-            raise FileExistsError(errno.EEXIST, "bundle name taken", str(final))
-        os.rename(staging, final)
+        os.mkdir(staging, 0o700, dir_fd=dir_fd)
+        with safefs.closing_fd(safefs.open_dir_at(dir_fd, staging)) as staging_fd:
+            made = os.fstat(staging_fd)
+            if made.st_uid != os.geteuid():
+                raise safefs.UnsafeFileError(errno.EPERM, f"staging dir {label} was replaced")
+            _apply_owner(staging_fd, ids, 0o700, label)
+            for name, data in files:
+                _write_file(staging_fd, name, data, ids, label)
+            _write_file(staging_fd, f"{stem}.md", markdown, ids, label)
+            safefs.fsync_fd(staging_fd)
     except BaseException:
-        _remove_quietly(staging)
+        _remove_quietly(dir_fd, staging, label)
         raise
-    fsync_dir(directory)
-    return final / f"{stem}.md"
+    return staging, made
 
 
-def _name_taken(directory: str, stem: str) -> bool:
+def _name_taken(dir_fd: int, stem: str) -> bool:
     """Whether ``<stem>.md`` or ``<stem>`` exists (flat and bundle never share an id)."""
-    return os.path.lexists(os.path.join(directory, stem + ".md")) or os.path.lexists(
-        os.path.join(directory, stem))
+    return safefs.lexists_at(dir_fd, stem + ".md") or safefs.lexists_at(dir_fd, stem)
 
 
-def _allocate_stem(directory: Path, base: str) -> str:
+def _allocate_stem(dir_fd: int, base: str) -> str:
     """First free of ``base``, ``base-2``, ``base-3``... (neither ``<stem>.md`` nor ``<stem>``).
 
     Both names are required free for flat and bundle emails alike, so a flat
     email and a bundle can never share an id.
     """
-    return _free_stem(str(directory), base, frozenset())[0]
+    return _free_stem(dir_fd, base, frozenset())[0]
 
 
-def _free_stem(directory: str, base: str, reserved: Set[str], start: int = 1) -> tuple[str, int]:
+def _free_stem(dir_fd: int, base: str, reserved: Set[str], start: int = 1) -> tuple[str, int]:
     """Like :func:`_allocate_stem`, also skipping names ``reserved`` by writes in flight.
 
     Probing begins at counter ``start`` (a hint from the previous allocation
@@ -397,7 +405,7 @@ def _free_stem(directory: str, base: str, reserved: Set[str], start: int = 1) ->
     counter = start
     while True:
         stem = base if counter == 1 else f"{base}-{counter}"
-        if stem not in reserved and not _name_taken(directory, stem):
+        if stem not in reserved and not _name_taken(dir_fd, stem):
             return stem, counter
         counter += 1
 
@@ -406,30 +414,42 @@ def cleanup_temp_files(data_dir: str | os.PathLike[str]) -> int:
     """Remove temp files and staging dirs a crash left behind; returns how many.
 
     Called at daemon start, before anything writes. Looks in the data dir,
-    every mailbox dir and every bundle dir; never follows symlinks.
+    every mailbox dir and every bundle dir, each through its descriptor; never
+    follows symlinks.
     """
     data = Path(data_dir)
     removed = 0
 
-    def sweep(directory: Path, depth: int) -> None:
+    def sweep(dir_fd: int, label: str, depth: int) -> None:
         nonlocal removed
         try:
-            entries = list(os.scandir(directory))
+            entries = list(os.scandir(dir_fd))
         except OSError:
             return
         for entry in entries:
+            where = f"{label}/{entry.name}"
             if _TEMP_NAME.match(entry.name):
-                _remove_quietly(Path(entry.path))
+                _remove_quietly(dir_fd, entry.name, where)
                 removed += 1
             elif depth > 0 and not entry.name.startswith(".") and entry.is_dir(
                 follow_symlinks=False
             ):
-                sweep(Path(entry.path), depth - 1)
+                try:
+                    child = safefs.open_dir_at(dir_fd, entry.name)
+                except OSError:
+                    continue
+                with safefs.closing_fd(child):
+                    sweep(child, where, depth - 1)
 
-    sweep(data, 0)
-    for folder in FOLDERS:
-        sweep(data / folder, 2)  # mailbox dirs, then bundle dirs
-    sweep(data / ".aimx", 1)  # hook bookkeeping (pending markers are written via a temp)
+    # The data dir itself, mailbox dirs then bundle dirs, and hook bookkeeping
+    # (pending markers are written via a temp).
+    for relative, depth in ((".", 0), ("inbox", 2), ("sent", 2), (".aimx", 1)):
+        try:
+            fd = safefs.open_trusted_dir(data / relative)
+        except OSError:
+            continue
+        with safefs.closing_fd(fd):
+            sweep(fd, str(data / relative), depth)
     if removed:
         log.info("removed %d stale temp file(s) under %s", removed, kv(str(data)))
     return removed
@@ -439,54 +459,89 @@ def cleanup_temp_files(data_dir: str | os.PathLike[str]) -> int:
 # Strict lookup and cheap listing
 
 
-def resolve_email_path(directory: str | os.PathLike[str], email_id: str) -> Path | None:
-    """The ``.md`` of an email, or ``None``; symlinks and escapes never resolve.
+def _locate(mailbox_fd: int, email_id: str) -> str | None:
+    """Where email ``email_id`` is inside the mailbox dir ``mailbox_fd``, without following links.
 
     ``<id>.md`` must be a regular file; if that name exists as anything else the
     lookup fails without trying the bundle. Otherwise ``<id>/<id>.md`` inside a
-    real directory. The result must lie inside the canonical mailbox dir.
+    real directory. Returns the path relative to the mailbox dir, or None.
     """
     if not check_email_id(email_id):
         return None
+    flat = f"{email_id}.md"
     try:
-        canonical = Path(os.path.realpath(directory))
-    except OSError:
-        return None
-    flat = canonical / f"{email_id}.md"
-    try:
-        st = os.lstat(flat)
+        st = os.stat(flat, dir_fd=mailbox_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
     except OSError:
         return None
     if st is not None:
-        candidate = flat if stat.S_ISREG(st.st_mode) else None
-    else:
-        bundle = canonical / email_id
-        try:
-            if not stat.S_ISDIR(os.lstat(bundle).st_mode):
-                return None
-            inner = bundle / f"{email_id}.md"
-            if not stat.S_ISREG(os.lstat(inner).st_mode):
-                return None
-        except OSError:
-            return None
-        candidate = inner
-    if candidate is None:
-        return None
-    real = Path(os.path.realpath(candidate))
-    if canonical not in real.parents:
-        return None
-    return candidate
-
-
-def _email_entries(directory: Path) -> Iterator[tuple[str, Path]]:
-    """(id, .md path) of every email entry: regular ``*.md`` or a bundle dir ``<d>/<d>.md``."""
+        return flat if stat.S_ISREG(st.st_mode) else None
     try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
+        with safefs.closing_fd(safefs.open_dir_at(mailbox_fd, email_id)) as bundle_fd:
+            st = os.stat(flat, dir_fd=bundle_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return f"{email_id}/{flat}" if stat.S_ISREG(st.st_mode) else None
+
+
+def resolve_email_path(directory: str | os.PathLike[str], email_id: str) -> Path | None:
+    """The ``.md`` of an email, or ``None``; symlinks and escapes never resolve.
+
+    See :func:`_locate` for the rules; the result is the path below ``directory``.
+    """
+    if not check_email_id(email_id):
+        return None
+    try:
+        with safefs.closing_fd(open_mailbox_dir(directory)) as mailbox_fd:
+            relative = _locate(mailbox_fd, email_id)
+    except OSError:
+        return None
+    return Path(directory) / relative if relative is not None else None
+
+
+def open_stored_email(path: str | os.PathLike[str], folder: str, mailbox: str) -> int:
+    """A checked read descriptor of the email file ``path`` of ``<folder>/<mailbox>``.
+
+    When ``path`` lies in a dir named ``<folder>/<mailbox>`` (flat or in a bundle) it
+    is walked from that dir's root-owned parent without following links; any other
+    path (a file outside the data layout) is opened in its parent dir, which must be
+    root's. The file must pass ``safefs.check_regular`` with the email file limit.
+    Raises ``OSError``.
+    """
+    email = Path(path)
+    for directory in (email.parent, email.parent.parent):
+        if directory.name == mailbox and directory.parent.name == folder:
+            with safefs.closing_fd(open_mailbox_dir(directory)) as mailbox_fd:
+                relative = str(email.relative_to(directory))
+                return _open_email(mailbox_fd, relative, EMAIL_FILE_LIMIT, str(email))[0]
+    with safefs.closing_fd(safefs.open_trusted_dir(email.parent)) as parent_fd:
+        return _open_email(parent_fd, email.name, EMAIL_FILE_LIMIT, str(email))[0]
+
+
+def read_stored_email(fd: int) -> bytes:
+    """The whole content of a descriptor from :func:`open_stored_email`, bounded by the limit."""
+    return safefs.read_bounded(fd, EMAIL_FILE_LIMIT)
+
+
+@contextlib.contextmanager
+def _mailbox_or_none(directory: str | os.PathLike[str]) -> Iterator[int | None]:
+    """The mailbox dir's descriptor for reading, or None when it cannot be opened (missing)."""
+    try:
+        fd = open_mailbox_dir(directory)
+    except OSError:
+        yield None
         return
-    for entry in entries:
+    with safefs.closing_fd(fd):
+        yield fd
+
+
+def _email_entries_at(mailbox_fd: int | None) -> Iterator[tuple[str, str]]:
+    """(id, path relative to the mailbox) of every email entry: regular ``*.md`` or a bundle
+    dir ``<d>/<d>.md``."""
+    if mailbox_fd is None:
+        return
+    for entry in list(os.scandir(mailbox_fd)):
         name = entry.name
         if name.startswith("."):
             continue
@@ -495,57 +550,73 @@ def _email_entries(directory: Path) -> Iterator[tuple[str, Path]]:
                 continue
             if entry.is_file(follow_symlinks=False):
                 if name.endswith(".md") and len(name) > 3:
-                    yield name[:-3], Path(entry.path)
+                    yield name[:-3], name
             elif entry.is_dir(follow_symlinks=False):
-                inner = Path(entry.path) / f"{name}.md"
-                if stat.S_ISREG(os.lstat(inner).st_mode):
-                    yield name, inner
+                with safefs.closing_fd(safefs.open_dir_at(mailbox_fd, name)) as bundle_fd:
+                    st = os.stat(f"{name}.md", dir_fd=bundle_fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    yield name, f"{name}/{name}.md"
         except OSError:
             continue
 
 
+def _email_entries(directory: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """(id, .md path) of every email entry of a mailbox dir."""
+    with _mailbox_or_none(directory) as mailbox_fd:
+        return [(email_id, Path(directory) / relative)
+                for email_id, relative in _email_entries_at(mailbox_fd)]
+
+
 def list_email_ids(directory: str | os.PathLike[str]) -> list[str]:
     """Email ids in a mailbox dir, newest first (ids start with their UTC timestamp)."""
-    return sorted((eid for eid, _ in _email_entries(Path(directory))), reverse=True)
+    return sorted((eid for eid, _ in _email_entries(directory)), reverse=True)
 
 
-def _frontmatter_lines(path: Path) -> Iterator[str]:
-    """Lines between the first two ``+++`` lines, read lazily so bodies are never loaded.
+def _open_email(mailbox_fd: int, relative: str, limit: int | None,
+                label: str) -> tuple[int, os.stat_result]:
+    """A checked read descriptor of an email file (see ``safefs.check_regular``) and its stat.
 
-    Gives up after 1 MiB: no aimx file has a frontmatter that large.
+    The file may belong to this process or to the mailbox dir's owner only.
     """
-    budget = FRONTMATTER_SCAN_LIMIT
-    with open(path, "rb") as handle:
-        opened = False
-        for raw in handle:
-            budget -= len(raw)
-            if budget < 0:
-                return
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if line == _DELIMITER:
-                if opened:
-                    return
-                opened = True
-                continue
-            if opened:
-                yield line
-
-
-def is_read(path: Path) -> bool:
-    """Whether the frontmatter has a ``read = true`` line; unreadable files count unread."""
+    fd = safefs.open_file_at(mailbox_fd, relative)
     try:
-        return any(_READ_TRUE_LINE.match(line) for line in _frontmatter_lines(path))
-    except OSError:
-        return False
+        st = safefs.check_regular(fd, owners=safefs.owners_of(mailbox_fd), limit=limit,
+                                  label=label)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _frontmatter_head(fd: int) -> bytes:
+    """The start of a file holding its whole frontmatter: 16 KiB, more (to 1 MiB) when needed."""
+    head = os.pread(fd, _HEAD_BYTES, 0)
+    if len(head) == _HEAD_BYTES and not _has_frontmatter(head):
+        head += os.pread(fd, FRONTMATTER_SCAN_LIMIT - _HEAD_BYTES, _HEAD_BYTES)
+    return head
+
+
+def _has_frontmatter(head: bytes) -> bool:
+    opening = _CLOSING.search(head)
+    return opening is not None and _CLOSING.search(head, opening.end()) is not None
+
+
+def _has_read_line(head: bytes) -> bool:
+    """Whether the frontmatter in ``head`` has a ``read = true`` line."""
+    return any(_READ_TRUE_LINE.match(line) for line in _frontmatter_text_lines(head))
 
 
 def scan_counts(directory: str | os.PathLike[str]) -> tuple[int, int]:
-    """(total, unread) by opening every email: the reference the index must agree with."""
+    """(total, unread) by opening every email: the reference the index must agree with.
+
+    A file that cannot be read (or is not one aimx would read) counts unread.
+    """
     total = unread = 0
-    for _, path in _email_entries(Path(directory)):
-        total += 1
-        if not is_read(path):
-            unread += 1
+    with _mailbox_or_none(directory) as mailbox_fd:
+        for _, relative in _email_entries_at(mailbox_fd):
+            total += 1
+            if not _read_entry(mailbox_fd, relative)[1]:
+                unread += 1
     return total, unread
 
 
@@ -642,11 +713,15 @@ class IndexedEmail:
     summary: dict[str, Any] | None
 
 
-def _file_facts(path: str) -> tuple[int, int, int] | None:
+def _file_facts(mailbox_fd: int | None, relative: str | None) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of an email file, or None when it is gone or not one to read."""
+    if mailbox_fd is None or relative is None:
+        return None
     try:
-        st = os.stat(path)
+        fd, st = _open_email(mailbox_fd, relative, None, relative)
     except OSError:
         return None
+    os.close(fd)
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
@@ -661,37 +736,43 @@ _HEAD_BYTES = 16 * 1024
 _CLOSING = re.compile(rb"^\+\+\+\r?\n", re.MULTILINE)
 
 
-def _read_entry(path: str) -> tuple[tuple[int, int, int] | None, bool, dict[str, Any] | None]:
+def _read_entry(mailbox_fd: int | None, relative: str | None
+                ) -> tuple[tuple[int, int, int] | None, bool, dict[str, Any] | None]:
     """(file facts, has a read line, summary) straight from the file.
 
     One read of the first 16 KiB serves both the ``read = true`` line check and
     the frontmatter parse when the frontmatter fits (every aimx file); larger
-    ones take the general readers.
+    frontmatters are read on to 1 MiB.
     """
+    if mailbox_fd is None or relative is None:
+        return None, False, None
     try:
-        with open(path, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            head = handle.read(_HEAD_BYTES)
+        fd, st = _open_email(mailbox_fd, relative, None, relative)
+        with safefs.closing_fd(fd):
+            head = _frontmatter_head(fd)
     except OSError:
         return None, False, None
     facts = (st.st_ino, st.st_mtime_ns, st.st_size)
-    opening = _CLOSING.search(head)
-    complete = opening is not None and _CLOSING.search(head, opening.end()) is not None
-    if not complete and len(head) == _HEAD_BYTES:
-        read_line = is_read(Path(path))
-        source: Any = path
-    else:
-        read_line = any(_READ_TRUE_LINE.match(line) for line in _frontmatter_text_lines(head))
-        source = head
     try:
-        summary: dict[str, Any] | None = summarize(frontmatter.read_header_fields(source))
-    except (OSError, frontmatter.FrontmatterError, ValueError):
+        summary: dict[str, Any] | None = summarize(frontmatter.read_header_fields(head))
+    except (frontmatter.FrontmatterError, ValueError):
         summary = None
-    return facts, read_line, summary
+    return facts, _has_read_line(head), summary
+
+
+def _read_entry_fields(mailbox_fd: int, relative: str) -> dict[str, Any] | None:
+    """The whole frontmatter of an email file, or None when it cannot be read or parsed."""
+    try:
+        fd, _st = _open_email(mailbox_fd, relative, None, relative)
+        with safefs.closing_fd(fd):
+            head = _frontmatter_head(fd)
+        return frontmatter.read_header_fields(head)
+    except (OSError, frontmatter.FrontmatterError):
+        return None
 
 
 def _frontmatter_text_lines(data: bytes) -> Iterator[str]:
-    """The lines ``_frontmatter_lines`` yields, from bytes already read."""
+    """The lines between the first two ``+++`` lines of ``data``, decoded leniently."""
     opened = False
     for raw in io.BytesIO(data):  # split exactly as iterating the file does
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -834,15 +915,22 @@ class MailboxIndex:
         racy = _RACY_COARSE_NS if mtime_ns % 1_000_000_000 == 0 else _RACY_NS
         return int(meta.get("checked_ns") or 0) - mtime_ns > racy
 
-    def _synced(self, conn: sqlite3.Connection) -> bool:
+    def _relative(self, path: str) -> str | None:
+        """A row's path relative to the mailbox dir (None for a path outside it)."""
+        prefix = self.directory.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else None
+
+    def _synced(self, conn: sqlite3.Connection, mailbox_fd: int | None) -> bool:
         """Bring the rows in line with the dir's names (writer); False if it cannot be."""
         state = self._dir_state()
         if self._trusted(self._meta(conn), state):
             return True
-        if not self._writable:
-            return False
+        if not self._writable or (mailbox_fd is None and state is not None):
+            return False  # (a dir that exists but could not be opened is not empty)
         checked_ns = time.time_ns()
-        disk = {email_id: str(path) for email_id, path in _email_entries(Path(self.directory))}
+        entries = dict(_email_entries_at(mailbox_fd))
+        disk = {email_id: str(Path(self.directory) / relative)
+                for email_id, relative in entries.items()}
         rows = dict(conn.execute("SELECT id, path FROM emails"))
         gone = [(email_id,) for email_id, path in rows.items() if disk.get(email_id) != path]
         added = [(email_id, path) for email_id, path in disk.items()
@@ -851,7 +939,7 @@ class MailboxIndex:
         try:
             conn.executemany("DELETE FROM emails WHERE id = ?", gone)
             for email_id, path in added:
-                self._put(conn, email_id, path, *_read_entry(path))
+                self._put(conn, email_id, path, *_read_entry(mailbox_fd, entries[email_id]))
             if state is not None and self._dir_state() == state:
                 dev, ino, mtime_ns = state
                 values = {"dev": dev, "ino": ino, "mtime_ns": mtime_ns,
@@ -878,47 +966,49 @@ class MailboxIndex:
                      (email_id, path, ino, mtime_ns, size, int(read_line), text))
 
     def _run(self, work: Any, fallback: Any) -> Any:
-        """``work(conn)`` on a synced index, else ``fallback()`` (a plain scan)."""
+        """``work(conn, mailbox_fd)`` on a synced index, else ``fallback(mailbox_fd)`` (a plain
+        scan); ``mailbox_fd`` is the mailbox dir's descriptor, None when it is missing."""
         import sqlite3
 
-        with self._lock:
-            conn = self._open()
-            if conn is not None:
-                try:
-                    if self._synced(conn):
-                        return work(conn)
-                except sqlite3.Error as exc:
-                    log.info("mailbox index unusable path=%s error=%s", kv(self.index_path),
-                             kv(exc))
-                    self._discard()
-        return fallback()
+        with _mailbox_or_none(self.directory) as mailbox_fd:
+            with self._lock:
+                conn = self._open()
+                if conn is not None:
+                    try:
+                        if self._synced(conn, mailbox_fd):
+                            return work(conn, mailbox_fd)
+                    except sqlite3.Error as exc:
+                        log.info("mailbox index unusable path=%s error=%s",
+                                 kv(self.index_path), kv(exc))
+                        self._discard()
+            return fallback(mailbox_fd)
 
     # -- answers ------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
         """(total, unread): every email, and those without a ``read = true`` line."""
 
-        def from_index(conn: sqlite3.Connection) -> tuple[int, int]:
+        def from_index(conn: sqlite3.Connection, _mailbox_fd: int | None) -> tuple[int, int]:
             total, unread = conn.execute(
                 "SELECT count(*), coalesce(sum(read_line = 0), 0) FROM emails").fetchone()
             return int(total), int(unread)
 
-        return self._run(from_index, lambda: scan_counts(self.directory))
+        return self._run(from_index, lambda _mailbox_fd: scan_counts(self.directory))
 
     def page(self, offset: int, limit: int) -> list[IndexedEmail]:
         """Emails ``offset`` to ``offset + limit`` in newest-first id order."""
         if limit <= 0:
             return []
 
-        def from_index(conn: sqlite3.Connection) -> list[IndexedEmail]:
+        def from_index(conn: sqlite3.Connection, mailbox_fd: int | None) -> list[IndexedEmail]:
             rows = conn.execute("SELECT * FROM emails ORDER BY id DESC LIMIT ? OFFSET ?",
                                 (limit, max(0, offset))).fetchall()
-            return [self._checked(conn, row) for row in rows]
+            return [self._checked(conn, row, mailbox_fd) for row in rows]
 
-        def by_scan() -> list[IndexedEmail]:
-            ids = sorted(_email_entries(Path(self.directory)), reverse=True)
-            return [self._from_file(email_id, str(path))
-                    for email_id, path in ids[max(0, offset):max(0, offset) + limit]]
+        def by_scan(mailbox_fd: int | None) -> list[IndexedEmail]:
+            ids = sorted(_email_entries_at(mailbox_fd), reverse=True)
+            return [_from_file(self.directory, mailbox_fd, email_id, relative)
+                    for email_id, relative in ids[max(0, offset):max(0, offset) + limit]]
 
         return self._run(from_index, by_scan)
 
@@ -931,7 +1021,8 @@ class MailboxIndex:
         """
         after: str | None = None
 
-        def from_index(conn: sqlite3.Connection) -> tuple[list[IndexedEmail], str | None]:
+        def from_index(conn: sqlite3.Connection,
+                       mailbox_fd: int | None) -> tuple[list[IndexedEmail], str | None]:
             if after is None:
                 rows = conn.execute("SELECT * FROM emails ORDER BY id DESC LIMIT ?",
                                     (batch,)).fetchall()
@@ -939,37 +1030,35 @@ class MailboxIndex:
                 rows = conn.execute("SELECT * FROM emails WHERE id < ? ORDER BY id DESC "
                                     "LIMIT ?", (after, batch)).fetchall()
             last = rows[-1][0] if len(rows) == batch else None
-            return [self._checked(conn, row) for row in rows
+            return [self._checked(conn, row, mailbox_fd) for row in rows
                     if keep is None or keep(row[0])], last
 
         while True:
-            chunk = self._run(from_index, lambda: None)
+            chunk = self._run(from_index, lambda _mailbox_fd: None)
             if chunk is None:  # the index cannot be used (now): the rest by scanning
-                ids = sorted(_email_entries(Path(self.directory)), reverse=True)
-                for email_id, path in ids:
-                    if (after is None or email_id < after) and (keep is None or keep(email_id)):
-                        yield self._from_file(email_id, str(path))
+                def rest(email_id: str, after: str | None = after) -> bool:
+                    return ((after is None or email_id < after)
+                            and (keep is None or keep(email_id)))
+
+                yield from _scan_listing(self.directory, rest)
                 return
             found, after = chunk
             yield from found
             if after is None:
                 return
 
-    def _checked(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> IndexedEmail:
+    def _checked(self, conn: sqlite3.Connection, row: tuple[Any, ...],
+                 mailbox_fd: int | None) -> IndexedEmail:
         """A row, re-read from its file if the file is not the one the row was made from."""
         email_id, path, ino, mtime_ns, size, _read_line, text = row
-        facts = _file_facts(path)
+        relative = self._relative(path)
+        facts = _file_facts(mailbox_fd, relative)
         if facts is not None and facts == (ino, mtime_ns, size):
             summary = json.loads(text, object_hook=_json_hook) if text is not None else None
             return IndexedEmail(email_id, path, summary)
-        facts, read_line, summary = _read_entry(path)
+        facts, read_line, summary = _read_entry(mailbox_fd, relative)
         if self._writable and facts is not None:
             self._put(conn, email_id, path, facts, read_line, summary)
-        return IndexedEmail(email_id, path, summary if facts is not None else None)
-
-    @staticmethod
-    def _from_file(email_id: str, path: str) -> IndexedEmail:
-        facts, _read_line, summary = _read_entry(path)
         return IndexedEmail(email_id, path, summary if facts is not None else None)
 
     def note_rewritten(self, email_id: str, path: str | os.PathLike[str]) -> None:
@@ -982,8 +1071,10 @@ class MailboxIndex:
             conn = self._open()
             if conn is None:
                 return
+            with _mailbox_or_none(self.directory) as mailbox_fd:
+                entry = _read_entry(mailbox_fd, self._relative(str(path)))
             try:
-                self._put(conn, email_id, str(path), *_read_entry(str(path)))
+                self._put(conn, email_id, str(path), *entry)
             except sqlite3.Error:
                 self._discard()
 
@@ -1002,9 +1093,10 @@ def list_page(directory: str | os.PathLike[str], offset: int, limit: int) -> lis
     """One page of a mailbox listing, newest first, through the index when there is one."""
     index = MailboxIndex.for_mailbox_dir(directory)
     if index is None:
-        ids = sorted(_email_entries(Path(directory)), reverse=True)
-        return [MailboxIndex._from_file(email_id, str(path))
-                for email_id, path in ids[max(0, offset):max(0, offset) + limit]]
+        with _mailbox_or_none(directory) as mailbox_fd:
+            ids = sorted(_email_entries_at(mailbox_fd), reverse=True)
+            return [_from_file(str(directory), mailbox_fd, email_id, relative)
+                    for email_id, relative in ids[max(0, offset):max(0, offset) + limit]]
     return index.page(offset, limit)
 
 
@@ -1014,11 +1106,24 @@ def iter_listing(directory: str | os.PathLike[str],
     ``keep(id)`` drops emails by id before their files are looked at."""
     index = MailboxIndex.for_mailbox_dir(directory)
     if index is None:
-        for email_id, path in sorted(_email_entries(Path(directory)), reverse=True):
-            if keep is None or keep(email_id):
-                yield MailboxIndex._from_file(email_id, str(path))
+        yield from _scan_listing(str(directory), keep)
         return
     yield from index.entries(keep)
+
+
+def _from_file(directory: str, mailbox_fd: int | None, email_id: str,
+               relative: str) -> IndexedEmail:
+    _facts, _read_line, summary = _read_entry(mailbox_fd, relative)
+    return IndexedEmail(email_id, str(Path(directory) / relative),
+                        summary if _facts is not None else None)
+
+
+def _scan_listing(directory: str, keep: Callable[[str], bool] | None) -> Iterator[IndexedEmail]:
+    """Every email kept by ``keep(id)``, newest first, read from the files (no index)."""
+    with _mailbox_or_none(directory) as mailbox_fd:
+        for email_id, relative in sorted(_email_entries_at(mailbox_fd), reverse=True):
+            if keep is None or keep(email_id):
+                yield _from_file(directory, mailbox_fd, email_id, relative)
 
 
 # ---------------------------------------------------------------------------
@@ -1092,16 +1197,17 @@ class DedupIndex:
 
     @classmethod
     def scan(cls, directory: Path, now: datetime.datetime | None = None) -> DedupIndex:
-        """Rebuild from the files on disk (first 16 KiB of each ``.md``)."""
+        """Rebuild from the files on disk (the frontmatter of each ``.md``)."""
         now = now or _utcnow()
         index = cls()
         oldest_day = (now - DEDUP_WINDOW).strftime("%Y-%m-%d")
-        for email_id, path in _email_entries(directory):
-            if email_id[:10] < oldest_day:
-                continue
-            try:
-                fields = frontmatter.read_header_fields(path, max_bytes=DEDUP_SCAN_BYTES)
-            except (OSError, frontmatter.FrontmatterError):
+        with _mailbox_or_none(directory) as mailbox_fd:
+            found = [] if mailbox_fd is None else [
+                _read_entry_fields(mailbox_fd, relative)
+                for email_id, relative in _email_entries_at(mailbox_fd)
+                if email_id[:10] >= oldest_day]
+        for fields in found:
+            if fields is None:
                 continue
             received = _parse_instant(fields.get("received_at"))
             message_id = fields.get("message_id")
@@ -1278,18 +1384,6 @@ class MailStore:
             with lock:
                 self._in_flight.pop(key).set()
 
-    def _ready_dir(self, folder: str, mailbox: str, ids: tuple[int, int] | None) -> Path:
-        """The mailbox dir, created or repaired (owner, 0700) only when one lstat says so."""
-        path = mailbox_dir(self.data_dir, folder, mailbox)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if (st is not None and stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
-                and (ids is None or not _is_root() or (st.st_uid, st.st_gid) == ids)):
-            return path
-        return ensure_mailbox_dir(self.data_dir, folder, mailbox, ids)
-
     def _publish_inbound(
         self,
         mailbox: str,
@@ -1300,8 +1394,23 @@ class MailStore:
         when: datetime.datetime,
         dedup: tuple[str, datetime.datetime] | None,
     ) -> StoredEmail:
-        directory = self._ready_dir("inbox", mailbox, ids)
-        where = str(directory)
+        directory = mailbox_dir(self.data_dir, "inbox", mailbox)
+        with safefs.closing_fd(_mailbox_fd(self.data_dir, "inbox", mailbox, ids)) as dir_fd:
+            return self._publish_inbound_at(dir_fd, directory, mailbox, ids, fields, body,
+                                            attachments, when, dedup)
+
+    def _publish_inbound_at(
+        self,
+        dir_fd: int,
+        directory: Path,
+        mailbox: str,
+        ids: tuple[int, int] | None,
+        fields: Mapping[str, Any],
+        body: str,
+        attachments: Sequence[Any],
+        when: datetime.datetime,
+        dedup: tuple[str, datetime.datetime] | None,
+    ) -> StoredEmail:
         base = f"{stem_prefix(when)}-{slugify(fields.get('subject'))}"
         lock = self._thread_lock(mailbox)
         reserved = self._reserved.setdefault(("inbox", mailbox), set())
@@ -1309,23 +1418,21 @@ class MailStore:
         while True:
             with lock:
                 hint_base, hint = self._stem_hints.get(("inbox", mailbox), ("", 1))
-                stem, counter = _free_stem(where, base, reserved,
+                stem, counter = _free_stem(dir_fd, base, reserved,
                                            hint if hint_base == base else 1)
                 self._stem_hints[("inbox", mailbox)] = (base, counter)
                 reserved.add(stem)
-            source: Path | None = None
+            source: str | None = None
+            label = str(directory / stem)
             try:
                 record = {"id": stem, **{k: v for k, v in fields.items() if k != "id"}}
                 if not attachments:
                     record.pop("attachments", None)
-                    source = directory / _temp_name(f"{stem}.md")
-                    final = directory / f"{stem}.md"
-                    path = final
-                    try:
-                        _write_file(source, frontmatter.render_email(record, body), ids)
-                    except BaseException:
-                        _remove_quietly(source)
-                        raise
+                    final = f"{stem}.md"
+                    path = directory / final
+                    source = _temp_name(final)
+                    made = _write_file(dir_fd, source, frontmatter.render_email(record, body),
+                                       ids, str(path))
                 else:
                     unique = unique_attachment_names(names, reserved=(f"{stem}.md",))
                     files = [(name, bytes(a.data))
@@ -1336,31 +1443,34 @@ class MailStore:
                         for (name, data), a in zip(files, attachments, strict=True)
                     ]
                     markdown = frontmatter.render_email(record, body)
-                    source = _stage_bundle(directory, stem, markdown, files, ids)
-                    final = directory / stem
-                    path = final / f"{stem}.md"
+                    source, made = _stage_bundle(dir_fd, stem, markdown, files, ids, label)
+                    final = stem
+                    path = directory / stem / f"{stem}.md"
                 _pause_before_rename()
                 with self.mailbox_lock(mailbox):
                     # Reserved in this process; another process (``aimx ingest``) renames
                     # under the same flock, so this check is final.
-                    taken = _name_taken(where, stem)
+                    taken = _name_taken(dir_fd, stem)
                     if not taken:
-                        os.rename(source, final)
+                        if not safefs.is_entry(dir_fd, source, made):
+                            raise safefs.UnsafeFileError(
+                                errno.EPERM, f"{label}: the staged email was replaced")
+                        os.rename(source, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                         source = None
                         if dedup is not None:
                             self._index(mailbox, None).record(dedup[0], dedup[1])
             except BaseException:
                 if source is not None:
-                    _remove_quietly(source)
+                    _remove_quietly(dir_fd, source, label)
                 raise
             finally:
                 with lock:
                     reserved.discard(stem)
             if taken:
-                _remove_quietly(source)
+                _remove_quietly(dir_fd, source, label)
                 continue
             try:
-                fsync_dir(directory)
+                safefs.fsync_fd(dir_fd)
             except BaseException:
                 if dedup is not None:
                     with lock:
@@ -1379,13 +1489,14 @@ class MailStore:
         """Store a sent copy (always flat) in ``sent/<mailbox>/``."""
         ids = _owner_ids(owner)
         _warn_unknown_owner(owner, ids)
-        with self.mailbox_lock(mailbox):
-            directory = ensure_mailbox_dir(self.data_dir, "sent", mailbox, ids)
+        with self.mailbox_lock(mailbox), safefs.closing_fd(
+                _mailbox_fd(self.data_dir, "sent", mailbox, ids, repair=True)) as dir_fd:
             base = f"{stem_prefix(when)}-{slugify(fields.get('subject'))}"
-            stem = _allocate_stem(directory, base)
+            stem = _allocate_stem(dir_fd, base)
             record = {"id": stem, **{k: v for k, v in fields.items() if k != "id"}}
             data = frontmatter.render_email(record, body)
-            path = publish_file(directory, f"{stem}.md", data, ids)
+            path = mailbox_dir(self.data_dir, "sent", mailbox) / f"{stem}.md"
+            publish_file(dir_fd, f"{stem}.md", data, ids, label=str(path))
             return StoredEmail(stem, path, record)
 
     def set_read(
@@ -1404,26 +1515,39 @@ class MailStore:
         if not check_email_id(email_id):
             raise StorageError("NOTFOUND", f"email id '{email_id}' contains invalid characters")
         ids = _owner_ids(owner)
-        with self.mailbox_lock(mailbox):
-            directory = mailbox_dir(self.data_dir, "inbox", mailbox)
-            path = resolve_email_path(directory, email_id)
-            if path is None:
+        directory = mailbox_dir(self.data_dir, "inbox", mailbox)
+        with self.mailbox_lock(mailbox), _mailbox_or_none(directory) as mailbox_fd:
+            relative = None if mailbox_fd is None else _locate(mailbox_fd, email_id)
+            if relative is None:
                 raise StorageError("NOTFOUND", f"email '{email_id}' not found in inbox/{mailbox}")
+            path = directory / relative
+            # The file is read, and its replacement renamed into place, through the
+            # descriptor of the dir it was found in: swapping that dir (or any name on
+            # the way) for a link moves neither the read nor the write elsewhere.
+            bundle, _, name = relative.rpartition("/")
             try:
-                original = path.read_bytes()
+                parent_fd = safefs.open_dir_at(mailbox_fd, bundle) if bundle else os.dup(mailbox_fd)
             except OSError as exc:
                 raise StorageError("IO", f"failed to read {path}: {exc}") from exc
-            try:
-                updated = frontmatter.set_read_state(original, read, rfc3339_utc(now or _utcnow()))
-            except frontmatter.FrontmatterError as exc:
-                if exc.__cause__ is None:  # no +++ block at all
-                    raise StorageError("IO", f"malformed frontmatter in {path}") from exc
-                raise StorageError(
-                    "IO", f"failed to parse frontmatter in {path}: {exc.__cause__}") from exc
-            try:
-                publish_file(path.parent, path.name, updated, ids)
-            except OSError as exc:
-                raise StorageError("IO", f"failed to write {path}: {exc}") from exc
+            with safefs.closing_fd(parent_fd):
+                try:
+                    fd, _st = _open_email(parent_fd, name, EMAIL_FILE_LIMIT, str(path))
+                    with safefs.closing_fd(fd):
+                        original = safefs.read_bounded(fd, EMAIL_FILE_LIMIT)
+                except OSError as exc:
+                    raise StorageError("IO", f"failed to read {path}: {exc}") from exc
+                try:
+                    updated = frontmatter.set_read_state(original, read,
+                                                         rfc3339_utc(now or _utcnow()))
+                except frontmatter.FrontmatterError as exc:
+                    if exc.__cause__ is None:  # no +++ block at all
+                        raise StorageError("IO", f"malformed frontmatter in {path}") from exc
+                    raise StorageError(
+                        "IO", f"failed to parse frontmatter in {path}: {exc.__cause__}") from exc
+                try:
+                    publish_file(parent_fd, name, updated, ids, label=str(path))
+                except OSError as exc:
+                    raise StorageError("IO", f"failed to write {path}: {exc}") from exc
             index = MailboxIndex.for_mailbox_dir(directory)
             if index is not None:
                 index.note_rewritten(email_id, path)
@@ -1467,6 +1591,7 @@ def write_readme(data_dir: str | os.PathLike[str], force: bool = False) -> bool:
             return False
     text = readme_text()
     ensure_data_dir(data_dir)
-    written = publish_file(Path(data_dir), README_NAME, text.encode("utf-8"), None)
-    os.chmod(written, 0o644)
+    with safefs.closing_fd(safefs.open_trusted_dir(data_dir)) as dir_fd:
+        publish_file(dir_fd, README_NAME, text.encode("utf-8"), None,
+                     label=str(Path(data_dir) / README_NAME), mode=0o644)
     return True
