@@ -554,3 +554,47 @@ def test_mail_drop_replaces_delivery_but_nothing_else(dns, users, shared, tmp_pa
         broken = send(users["alice"], d, "bob@nxdomain.test", "Not dropped")
         assert broken.returncode == 1 and broken.stderr.startswith("Error [TEMP]: test mail drop")
         assert len(stored_emails(d.data_dir, "alice", "sent")) == 1
+
+
+# -- what a receiver accepts: valid recipients, folded headers ----------------------------------
+
+
+@pytest.mark.parametrize(("to", "why"), [
+    ("a@@b.com", "an address has exactly one @"),
+    ("dana@", "there is nothing after the @"),
+    ("@example.com", "there is nothing before the @"),
+    ("dana@example..com", "a host name cannot have an empty label"),
+    ("dana@-bad-.com", "label '-bad-' starts or ends with a hyphen"),
+])
+def test_a_malformed_recipient_is_refused_by_name(users, shared, to, why):
+    nowhere = shared / "no-daemon"  # refused before the daemon is asked
+    nowhere.mkdir(exist_ok=True)
+    refused = aimx(users["alice"], None, "send", "--from", f"alice@{DOMAIN}", "--to", to,
+                   "--subject", "s", "--body", "b", runtime_dir=nowhere)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr.startswith(f"Error: Invalid recipient address '{to}': {why}")
+
+
+def test_a_long_subject_goes_out_folded_and_a_giant_word_is_refused(dns, users, tmp_path):
+    drop = tmp_path / "drop.eml"
+    config = {"domain": DOMAIN, "dns_resolvers": [dns.address], "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": users["alice"].name}}}
+    subject = " ".join(["lorem", "ipsum", "dolor", "sit", "amet"] * 350)  # ~10,000 chars
+    with RunningDaemon(config, dkim_key_pem=KEY.private_pem,
+                       env={"AIMX_TEST_MAIL_DROP": str(drop)}) as d:
+        sent = send(users["alice"], d, "bob@nxdomain.test", subject)
+        assert sent.returncode == 0, sent.stderr
+        signed = drop.read_bytes()[len(b"----- AIMX TEST DROP -----\n"):-1]
+        head = signed.split(b"\r\n\r\n", 1)[0]
+        assert max(len(line) for line in head.split(b"\r\n")) <= 78
+        received = email.message_from_bytes(signed, policy=email.policy.default)
+        assert received["Subject"] == subject
+        assert dkim.verify(signed, dnsfunc=published_txt(dns))
+        [copy] = stored_emails(d.data_dir, "alice", "sent")
+        assert frontmatter.parse(copy.read_bytes())["subject"] == subject
+
+        giant = send(users["alice"], d, "bob@nxdomain.test", "see " + "x" * 1200)
+        assert (giant.returncode, giant.stdout) == (1, "")
+        assert giant.stderr == ("Error: Header 'Subject' has a word longer than 998 characters, "
+                                "which cannot be folded into a valid line; shorten it\n")
+        assert len(stored_emails(d.data_dir, "alice", "sent")) == 1
