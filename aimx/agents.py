@@ -146,11 +146,16 @@ def aimx_executable() -> str:
     """The real path of the ``aimx`` command, for agents that start ``aimx mcp`` later.
 
     Agents start MCP servers with their own PATH (often a minimal one), so the
-    registration names an absolute path: the ``aimx`` found on PATH, else the
-    script this process was started as.
+    registration names an absolute path: the ``aimx`` running this code (not
+    another one that happens to be on PATH), else the script we were started as.
     """
-    found = shutil.which("aimx")
-    return str(Path(found or sys.argv[0]).resolve())
+    from aimx.initsystem import ServiceError
+    from aimx.initsystem import aimx_executable as installed
+
+    try:
+        return installed()
+    except ServiceError:
+        return str(Path(sys.argv[0]).resolve())
 
 
 INSTANCE_ENV = ("AIMX_CONFIG_DIR", "AIMX_RUNTIME_DIR")

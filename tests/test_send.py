@@ -150,12 +150,16 @@ def opendkim() -> str | None:
 
 
 def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
-         runtime_dir: Path | None = None, wait: bool = True) -> Any:
-    """Run ``aimx <argv>`` as ``user`` (None: as root)."""
+         runtime_dir: Path | None = None, wait: bool = True,
+         sudo_user: str | None = None) -> Any:
+    """Run ``aimx <argv>`` as ``user`` (None: as root; ``sudo_user`` as if through sudo)."""
     who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user
            else {"uid": None, "gid": None, "name": None})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AIMX_") and k != "SUDO_USER"}
     env.update(NO_COLOR="1")
+    if sudo_user is not None:
+        env["SUDO_USER"] = sudo_user
     if daemon is not None:
         env = daemon.client_env(env)
     if runtime_dir is not None:
@@ -439,11 +443,18 @@ def test_only_the_owner_sends_and_never_from_catchall_or_foreign_domains(daemon,
 
 
 def test_root_is_refused_before_anything_else(tmp_path):
-    result = aimx(None, None, "send", "--from", f"alice@{DOMAIN}", "--to", "b@ok.test",
-                  "--subject", "s", "--body", "b", "--attachment", "/does/not/exist",
-                  runtime_dir=tmp_path)
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "Error: send is a per-user operation, run without sudo\n"
+    argv = ("send", "--from", f"alice@{DOMAIN}", "--to", "b@ok.test", "--subject", "s",
+            "--body", "b", "--attachment", "/does/not/exist")
+    through_sudo = aimx(None, None, *argv, runtime_dir=tmp_path, sudo_user="alice")
+    assert (through_sudo.returncode, through_sudo.stdout) == (2, "")
+    assert through_sudo.stderr == "Error: send is a per-user operation, run without sudo\n"
+    # Someone logged in as root did not use sudo: the refusal says what to do instead.
+    root_login = aimx(None, None, *argv, runtime_dir=tmp_path)
+    assert (root_login.returncode, root_login.stdout) == (2, "")
+    assert root_login.stderr == (
+        "Error: send is a per-user operation, run without sudo\n"
+        "hint: you are logged in as root; run aimx send as the user who owns the mailbox you "
+        "send from (root cannot own one)\n")
 
 
 def test_client_side_errors_and_missing_daemon(users, shared):
