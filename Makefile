@@ -11,9 +11,6 @@ STAMP  := $(VENV)/.installed-stamp
 LOCK   := requirements.lock
 # Build tools pinned alongside the runtime: the editable install builds without isolation.
 BUILD_REQUIREMENTS := 'pip>=23.1' 'setuptools>=68' 'wheel>=0.41'
-# twisted/plugins must stay importable from the checkout, which only the compat
-# editable mode (a .pth entry) gives.
-EDITABLE_MODE := --config-settings editable_mode=compat
 
 .PHONY: install system-deps test test-latest test-lowest lock run lint bench clean
 
@@ -22,7 +19,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . $(EDITABLE_MODE)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Re-resolve the pins from setup.cfg (newest versions in its ranges) and rewrite the lock.
@@ -54,7 +51,7 @@ test-latest: system-deps
 	$(PYTHON) -m venv $(VENV)-latest
 	$(VENV)-latest/bin/python -m pip install -q --upgrade $(BUILD_REQUIREMENTS)
 	$(VENV)-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
-	  --no-build-isolation -e '.[test,dev]' $(EDITABLE_MODE)
+	  --no-build-isolation -e '.[test,dev]'
 	$(VENV)-latest/bin/python -m pip list --format=freeze --exclude-editable > $(VENV)-latest/resolved.txt
 	$(VENV)-latest/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -67,7 +64,7 @@ test-lowest: install system-deps
 	  --extra test --extra dev --resolution lowest-direct --python-version 3.11 \
 	  -o $(VENV)-lowest/requirements.txt
 	$(VENV)-lowest/bin/python -m pip install -q -r $(VENV)-lowest/requirements.txt
-	$(VENV)-lowest/bin/python -m pip install -q --no-deps --no-build-isolation -e . $(EDITABLE_MODE)
+	$(VENV)-lowest/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(VENV)-lowest/bin/python -m pytest $(PYTEST_ARGS)
 
 run: install

@@ -146,18 +146,42 @@ def aimx_executable() -> str:
     """The real path of the ``aimx`` command, for agents that start ``aimx mcp`` later.
 
     Agents start MCP servers with their own PATH (often a minimal one), so the
-    registration names an absolute path: the ``aimx`` found on PATH, else the
-    script this process was started as.
+    registration names an absolute path: the ``aimx`` running this code (not
+    another one that happens to be on PATH), else the script we were started as.
     """
-    found = shutil.which("aimx")
-    return str(Path(found or sys.argv[0]).resolve())
+    from aimx.initsystem import ServiceError
+    from aimx.initsystem import aimx_executable as installed
+
+    try:
+        return installed()
+    except ServiceError:
+        return str(Path(sys.argv[0]).resolve())
 
 
-def mcp_argv(aimx: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """``aimx [--data-dir D] mcp`` as an argv list."""
-    argv = [aimx]
+INSTANCE_ENV = ("AIMX_CONFIG_DIR", "AIMX_RUNTIME_DIR")
+"""The variables that locate an instance besides its data dir: the config and the
+socket. The agent starts ``aimx mcp`` later with an environment of its own."""
+
+
+def instance_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The instance-locating variables set in ``environ``, as absolute paths."""
+    return {name: os.path.abspath(environ[name]) for name in INSTANCE_ENV if environ.get(name)}
+
+
+def mcp_argv(aimx: str, data_dir: str | os.PathLike[str] | None = None,
+             env: Mapping[str, str] | None = None) -> list[str]:
+    """``[env K=V…] aimx [--data-dir D] mcp`` as an argv list.
+
+    ``env`` (see ``instance_env``) is set through ``env(1)``: the one form every
+    agent's registration (a command and its arguments) can carry.
+    """
+    argv = []
+    if env:
+        argv += [str(Path(shutil.which("env") or "/usr/bin/env").resolve()),
+                 *(f"{name}={value}" for name, value in sorted(env.items()))]
+    argv.append(aimx)
     if data_dir:
-        argv += ["--data-dir", str(data_dir)]
+        argv += ["--data-dir", os.path.abspath(data_dir)]
     return argv + ["mcp"]
 
 

@@ -3,8 +3,8 @@
 The client builds an unsigned RFC 5322 message from what the agent gave it and
 reads attachment files as the calling user (the daemon never opens a path on a
 user's behalf). The daemon re-checks everything, renders Markdown and signs; the
-client's job is a well-formed message: encoded non-ASCII headers, one recipient,
-no header injection, threading headers for replies.
+client's job is a well-formed message: encoded non-ASCII headers, folded long
+headers, one valid recipient, no header injection, threading headers for replies.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from collections.abc import Mapping, Sequence
 from email.header import Header
 from pathlib import Path
 
+from aimx.addressing import header_address, mailbox_problem
+
 CRLF = "\r\n"
+FOLD_WIDTH = 78  # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters
+LINE_LIMIT = 998  # and MUST stay within 998
 
 MUTUALLY_EXCLUSIVE = "AIMX/1 SEND: --text-only and --html-body are mutually exclusive"
 """The canonical text for a send that asks for both ``text_only`` and ``html_body``."""
@@ -33,6 +37,49 @@ def check_header_value(name: str, value: str) -> None:
     """Refuse a header value that would end the header early (header injection)."""
     if "\r" in value or "\n" in value:
         raise ComposeError(f"Header '{name}' contains CRLF characters. Possible header injection")
+
+
+class HeaderTooLong(ComposeError):
+    """A header holds a word that no folding can fit in a 998-character line."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Header '{name}' has a word longer than {LINE_LIMIT} characters, "
+                         "which cannot be folded into a valid line; shorten it")
+        self.name = name
+
+
+_FOLD_TOKEN = re.compile(r"[ \t]*[^ \t]+|[ \t]+$")
+
+
+def fold_header(field: str) -> str:
+    """An ASCII header field (``Name: value``, possibly folded already) as wire lines.
+
+    Lines are broken before whitespace only, so unfolding (dropping each CRLF)
+    gives the value back exactly; they stay within 78 characters where the words
+    allow. A field already folded within 78 is kept as it is. Raises
+    ``HeaderTooLong`` when a word cannot fit in 998.
+    """
+    lines = field.split(CRLF)
+    if all(len(line) <= FOLD_WIDTH for line in lines):
+        return field
+    tokens = _FOLD_TOKEN.findall("".join(lines))
+    folded = [tokens[0] + (tokens[1] if len(tokens) > 1 else "")]
+    for token in tokens[2:]:
+        if len(folded[-1]) + len(token) <= FOLD_WIDTH or not token.strip():
+            folded[-1] += token
+        else:
+            folded.append(token)
+    if any(len(line) > LINE_LIMIT for line in folded):
+        raise HeaderTooLong(field.split(":", 1)[0])
+    return CRLF.join(folded)
+
+
+def recipient_problem(value: str) -> tuple[str, str] | None:
+    """(the address as written, why it is invalid) for a ``To:`` value naming one
+    address, or ``None`` when it can be sent to."""
+    address = header_address(value)
+    problem = mailbox_problem(address)
+    return None if problem is None else (address, problem)
 
 
 def normalize_crlf(text: str) -> str:
@@ -178,6 +225,9 @@ def compose_message(*, from_addr: str, to: str, subject: str, body: str,
     if len(recipients) > 1:
         raise ComposeError(
             f"Only one recipient per message is supported; To has {len(recipients)} addresses")
+    invalid = recipient_problem(to)
+    if invalid is not None:
+        raise ComposeError(f"Invalid recipient address '{invalid[0]}': {invalid[1]}")
     when = now or datetime.datetime.now(datetime.UTC)
     sender = bare_address(from_addr)
     id_domain = sender.split("@", 1)[1] if sender and sender.split("@", 1)[1] else "localhost"
@@ -194,6 +244,7 @@ def compose_message(*, from_addr: str, to: str, subject: str, body: str,
         parent = bracket_id(parent)
         chain = _strip_line_breaks(references or "").strip()
         headers += ["In-Reply-To: " + parent, "References: " + (chain or parent)]
+    headers = [fold_header(header) for header in headers]
     headers.append("MIME-Version: 1.0")
 
     text = normalize_crlf(body)

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from aimx import paths
+from aimx.addressing import domain_problem
 from aimx.logs import logger
 from aimx.tomltext import toml_lines
 
@@ -703,6 +704,10 @@ def parse_config_text(
     fields = _decode(data, path)
     mailboxes: tuple[Mailbox, ...] = fields.get("mailboxes", ())
     domain: str = fields["domain"]
+    problem = domain_problem(domain)
+    if problem is not None:
+        raise ConfigError(f"invalid domain '{domain}': {problem}; `domain` must be the host "
+                          "name mail is addressed to, e.g. agent.example.com")
 
     for mailbox in mailboxes:
         if not mailbox.owner.strip():

@@ -6,6 +6,11 @@ self-signed certificate, the data and runtime dirs. Outbound mail goes to
 ``.dev/outbox.txt`` (``AIMX_TEST_MAIL_DROP``) instead of the internet. The
 listener binds ``127.0.0.1:2525``. Re-running keeps every generated file, so
 the mail you received survives restarts.
+
+Under ``sudo`` the mailboxes belong to the user who ran sudo, so that user can
+send from their shell. Root itself cannot own a mailbox that sends (and
+``aimx send`` refuses root), so a plain root login gets the catch-all only and
+the printed instructions say how to get a sending mailbox.
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ import ipaddress
 import os
 import pwd
 import re
+import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 
-from aimx.config import ConfigError, parse_config_text, validate_mailbox_name
+from aimx.config import (
+    ConfigError,
+    load_config,
+    owner_ids,
+    parse_config_text,
+    validate_mailbox_name,
+)
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEV_DOMAIN = "aimx.localhost"
@@ -164,10 +177,37 @@ def make_self_signed(cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def prepare(root: Path, bind: str = DEV_BIND) -> DevInstance:
+def owner_login(environ: Mapping[str, str]) -> str:
+    """Who the dev mailboxes belong to: the caller, or under sudo the user who ran it."""
+    login = pwd.getpwuid(os.getuid()).pw_name
+    invoker = environ.get("SUDO_USER", "")
+    if os.getuid() == 0 and invoker and invoker != "root":
+        ids = owner_ids(invoker)
+        if ids is not None and ids[0] != 0:
+            return invoker
+    return login
+
+
+def ensure_mailbox_dirs(instance: DevInstance) -> None:
+    """Every mailbox's directories now, so a fresh instance is complete (``aimx doctor``);
+    the catch-all gets no ``sent/``, as it never sends."""
+    from aimx.storage import ensure_mailbox_dir
+
+    try:
+        config = load_config(instance.config_path)
+    except ConfigError:
+        return  # a hand-edited config the daemon will refuse, saying why
+    for mailbox in config.mailboxes.values():
+        folders = ("inbox",) if mailbox.is_catchall(config.domain) else ("inbox", "sent")
+        for folder in folders:
+            ensure_mailbox_dir(config.data_dir, folder, mailbox.name, owner_ids(mailbox.owner))
+
+
+def prepare(root: Path, bind: str = DEV_BIND,
+            environ: Mapping[str, str] = os.environ) -> DevInstance:
     """Create whatever is missing under ``root``; existing files are kept as they are."""
     root = root.resolve()
-    login = pwd.getpwuid(os.getuid()).pw_name
+    login = owner_login(environ)
     for sub in ("", "config", "data", "run", "tls"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "run").chmod(0o755)
@@ -184,6 +224,7 @@ def prepare(root: Path, bind: str = DEV_BIND) -> DevInstance:
         instance.tls_cert.unlink(missing_ok=True)
         instance.tls_key.unlink(missing_ok=True)
         make_self_signed(instance.tls_cert, instance.tls_key)
+    ensure_mailbox_dirs(instance)
     return instance
 
 
@@ -199,12 +240,23 @@ def _existing_mailbox(config_path: Path) -> str | None:
     return None
 
 
+def aimx_command() -> str:
+    """The ``aimx`` of this checkout's venv, by absolute path: it is not on PATH."""
+    from aimx.initsystem import ServiceError, aimx_executable
+
+    try:
+        return shlex.quote(aimx_executable())
+    except ServiceError:
+        return f"{shlex.quote(sys.executable)} -m aimx.cli.main"
+
+
 def instructions(instance: DevInstance) -> str:
     host, _, port = instance.bind.rpartition(":")
     inbox = instance.data_dir / "inbox" / instance.landing_mailbox
-    exports = " ".join(f"{k}={v}" for k, v in instance.env().items()
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in instance.env().items()
                        if k != "AIMX_TEST_MAIL_DROP")
-    return "\n".join([
+    aimx = aimx_command()
+    lines = [
         f"aimx dev instance for {DEV_DOMAIN} on {instance.bind} (files under {instance.root})",
         "",
         "Send it a message from another terminal:",
@@ -219,11 +271,32 @@ def instructions(instance: DevInstance) -> str:
         "    EOF",
         "",
         f"It lands in {inbox}/ as a Markdown file.",
-        f"Outbound mail is not delivered: it is appended to {instance.mail_drop}.",
-        f"Use the CLI against this instance with: env {exports} aimx ...",
-        "Stop with Ctrl-C.",
         "",
-    ])
+        "Use the CLI against this instance (these work from any directory):",
+        "",
+        f"    export {exports}",
+        f"    {aimx} doctor",
+    ]
+    if instance.mailbox is not None:
+        lines += [
+            f"    {aimx} send --from {instance.mailbox}@{DEV_DOMAIN} --to someone@example.com "
+            "--subject 'Hello' --body 'Sent from my local aimx.'",
+            f"    {aimx} agents setup claude-code   # or codex, goose, ...: MCP for this instance",
+            "",
+            f"Outbound mail is not delivered: it is appended to {instance.mail_drop}.",
+        ]
+        if os.getuid() == 0:
+            lines.append(f"Run aimx send and agents setup as {instance.login} (your own shell, "
+                         "not sudo): the mailbox is theirs and aimx send refuses root.")
+    else:
+        lines += [
+            "",
+            "This instance has no mailbox to send from: aimx send refuses root, and root",
+            "cannot own a mailbox that sends. For one named after you, stop this instance,",
+            f"remove {instance.root}, and run `sudo make run` from your own user's shell (or",
+            "`make run` as that user): the mailboxes are then yours, and you send as yourself.",
+        ]
+    return "\n".join(lines + ["Stop with Ctrl-C.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,14 +171,19 @@ def _group_name(gid: int) -> str:
 
 
 def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
-    """Existence, type, owner, group and mode of ``inbox/<n>`` and ``sent/<n>``."""
+    """Existence, type, owner, group and mode of ``inbox/<n>`` and ``sent/<n>``.
+
+    The catch-all never sends, so its ``sent/`` dir may be missing; when it
+    exists it is checked like any other.
+    """
     findings: list[Finding] = []
     dirs = [storage.mailbox_dir(config.data_dir, folder, mailbox.name)
             for folder in storage.FOLDERS]
     states = [_lstat(path) for path in dirs]
     ids = owner_ids(mailbox.owner)
+    catchall = mailbox.is_catchall(config.domain)
     if all(state is None for state in states):
-        if mailbox.is_catchall(config.domain):
+        if catchall:
             fix = "run `sudo aimx setup` again; it re-creates the catchall directories"
         else:
             fix = (f"remove the entry with `sudo aimx mailboxes delete {mailbox.name}` if it "
@@ -188,7 +193,9 @@ def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
             f"mailbox '{mailbox.name}' is configured but neither {dirs[0]} nor {dirs[1]} exists",
             fix,
         )]
-    for path, state in zip(dirs, states, strict=True):
+    for folder, path, state in zip(storage.FOLDERS, dirs, states, strict=True):
+        if state is None and catchall and folder == "sent":
+            continue
         if state is None:
             owner_group = (f"-o {mailbox.owner} -g {_group_name(ids[1])} " if ids else "")
             findings.append(Finding(
@@ -341,6 +348,9 @@ def service_section(probes: Probes) -> list[str]:
         try:
             tag, git_hash = probes.server_version(socket_path)
             server = f"{tag} ({git_hash})"
+            # A daemon that answers is running, whether or not a service manager
+            # started it (`aimx serve` by hand, `make run`, a second instance).
+            running = True
         except DaemonDown:
             server = term.style(f"(daemon not reachable on {socket_path})", "dim")
         except (ApiError, ConnectFailed, MalformedReply, ProbeError, OSError) as exc:
@@ -376,6 +386,11 @@ def mailboxes_section(config: Config) -> list[str]:
 
 def dns_section(config: Config, probes: Probes) -> list[str]:
     lines = [heading("DNS")]
+    domain = config.domain.lower().rstrip(".")
+    if domain == "localhost" or domain.endswith(".localhost"):
+        # RFC 6761: such names never resolve on the internet (the dev instance uses one).
+        return lines + [f"  skipped - {config.domain} is a local-only name; no DNS records "
+                        "can be published for it"]
     ipv4, ipv6 = probes.addresses()
     if ipv4 is None:
         return lines + ["  skipped - could not determine server IP"]

@@ -372,17 +372,29 @@ def _strip_brackets(value: str) -> str:
 
 
 def compute_thread_id(
-    in_reply_to_raw: str | None, references_raw: str | None, message_id_raw: str | None
+    in_reply_to_raw: str | None, references_raw: str | None, message_id_raw: str | None,
+    *, lone_root: str = "",
 ) -> str:
     """Spec 20 §8 / D3: sha256 of the first id of In-Reply-To, else of References, else the
-    message's own id (one pair of brackets stripped); the first 16 hex digits."""
+    message's own id (one pair of brackets stripped); the first 16 hex digits.
+
+    ``lone_root`` stands in when the message names no id at all, so such messages
+    do not all share the thread of the empty string.
+    """
     root = _first_id(in_reply_to_raw) or _first_id(references_raw) or _first_id(message_id_raw)
-    root = _strip_brackets(root)
+    root = _strip_brackets(root) or lone_root
     try:
         data = root.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         data = root.encode("utf-8", "replace")
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _lone_root(raw: bytes, received: datetime.datetime) -> str:
+    """The thread root of a message without Message-ID, In-Reply-To and References: its
+    own bytes and the moment it arrived, so even two identical ones get threads of their
+    own (the same message delivered to several recipients at once keeps one)."""
+    return f"{hashlib.sha256(raw).hexdigest()}@{received.isoformat()}"
 
 
 def _reference_chain(raw: str | None) -> str | None:
@@ -773,7 +785,8 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         references=_reference_chain(references_raw),
         list_id=_trimmed(headers.get("list-id")),
         auto_submitted=_trimmed(headers.get("auto-submitted")),
-        thread_id=compute_thread_id(in_reply_to_raw, references_raw, message_id_raw),
+        thread_id=compute_thread_id(in_reply_to_raw, references_raw, message_id_raw,
+                                    lone_root=_lone_root(raw, now)),
         body=body,
         attachments=tuple(attachments),
         from_addresses=tuple(address for _name, address in from_pairs),

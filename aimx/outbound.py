@@ -28,14 +28,18 @@ from aimx import config as configmod
 from aimx import emailauth, message
 from aimx.compose import (
     CRLF,
+    LINE_LIMIT,
     MUTUALLY_EXCLUSIVE,
+    HeaderTooLong,
     addresses,
     attachment_headers,
     base64_lines,
     encode_address_list,
     encode_unstructured,
+    fold_header,
     new_boundary,
     normalize_crlf,
+    recipient_problem,
 )
 from aimx.logs import kv, logger
 from aimx.render import MARKDOWN_CAP, render_markdown
@@ -311,7 +315,7 @@ def _multipart(subtype: str, parts: list[_Part]) -> _Part:
     boundary = new_boundary()
     chunks = [f"--{boundary}{CRLF}" + CRLF.join(part.headers) + CRLF + CRLF + part.body + CRLF
               for part in parts]
-    return _Part((f'Content-Type: multipart/{subtype}; boundary="{boundary}"',),
+    return _Part((fold_header(f'Content-Type: multipart/{subtype}; boundary="{boundary}"'),),
                  "".join(chunks) + f"--{boundary}--{CRLF}")
 
 
@@ -321,12 +325,26 @@ def _attachment_part(filename: str, content_type: str, data: bytes) -> _Part:
 
 
 def _wire_header(header: _Header) -> str:
-    """A client header for the wire: verbatim when ASCII, else RFC 2047 encoded."""
+    """A client header for the wire: RFC 2047 encoded when not ASCII, and folded."""
     if header.raw.isascii():
-        return header.raw
-    if header.name.lower() in _ADDRESS_HEADERS:
-        return f"{header.name}: {encode_address_list(header.value)}"
-    return f"{header.name}: {encode_unstructured(header.name, header.value)}"
+        field = header.raw
+    elif header.name.lower() in _ADDRESS_HEADERS:
+        field = f"{header.name}: {encode_address_list(header.value)}"
+    else:
+        field = f"{header.name}: {encode_unstructured(header.name, header.value)}"
+    try:
+        return fold_header(field)
+    except HeaderTooLong:
+        raise SendError("MALFORMED", f"header '{header.name}' has a word longer than "
+                                     f"{LINE_LIMIT} characters and cannot be folded") from None
+
+
+def _check_recipient(to_value: str, recipient: str) -> None:
+    """The recipient must be a valid mailbox, both as written in To: and as extracted."""
+    for invalid in (recipient_problem(to_value), recipient_problem(recipient)):
+        if invalid is not None:
+            raise SendError("MALFORMED",
+                            f"invalid recipient address '{invalid[0]}': {invalid[1]}")
 
 
 # --- the pipeline --------------------------------------------------------------------------
@@ -379,6 +397,7 @@ def _check_parties(config: configmod.Config, headers: list[_Header],
         if extra is not None and addresses(extra.value):
             raise SendError("MALFORMED",
                             f"a send has exactly one recipient; {name}: is not supported")
+    _check_recipient(to_header.value, recipient)
     return sender, mailbox, recipient
 
 

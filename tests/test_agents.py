@@ -156,6 +156,23 @@ def test_claude_registration_carries_the_data_dir(run):
                              "--data-dir", "/srv/aimx data", "mcp"]
 
 
+def test_registration_carries_the_instance_it_was_made_for(run):
+    """A non-default instance is found by its socket and config dirs, not only its data
+    dir: the agent starts `aimx mcp` later with its own environment."""
+    log = fake_cli(run, "claude")
+    env = run.env(AIMX_CONFIG_DIR="/srv/dev/config", AIMX_RUNTIME_DIR="/srv/dev/run",
+                  AIMX_DATA_DIR="/srv/dev/data")
+    done = run("agents", "setup", "claude-code", env=env)
+    assert done.returncode == 0, done.stderr
+    assert calls(log)[1][6:] == ["/usr/bin/env", "AIMX_CONFIG_DIR=/srv/dev/config",
+                                 "AIMX_RUNTIME_DIR=/srv/dev/run", AIMX_REAL,
+                                 "--data-dir", "/srv/dev/data", "mcp"]
+    listed = run("agents", "list", env=env)
+    assert ("activation:  run: codex mcp add aimx -- /usr/bin/env AIMX_CONFIG_DIR=/srv/dev/config "
+            f"AIMX_RUNTIME_DIR=/srv/dev/run {AIMX_REAL} --data-dir /srv/dev/data mcp"
+            ) in listed.stdout
+
+
 def test_claude_legacy_plugin_dir_is_removed(run):
     fake_cli(run, "claude")
     legacy = run.home / ".claude" / "plugins" / "aimx"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import pwd
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,34 @@ def test_missing_file(tmp_path):
 def test_syntax_error_names_the_file(tmp_path):
     message = load_error(tmp_path, 'domain = "test.com"\ntrust = \n')
     assert message.startswith(f"failed to parse {tmp_path / 'config.toml'}: ")
+
+
+@pytest.mark.parametrize(("domain", "why"), [
+    ("", "the domain is empty"),
+    ("not a domain", "a space is not allowed in a host name"),
+    ("a..b", "a host name cannot have an empty label"),
+    ("-mail.example.com", "label '-mail' starts or ends with a hyphen"),
+    ("mail.example.com.", "a host name cannot have an empty label"),
+])
+def test_a_domain_that_is_not_a_host_name_stops_the_daemon_saying_so(tmp_path, domain, why):
+    """Checked before anything else about the mailboxes, whose errors would mislead."""
+    (tmp_path / "config.toml").write_text(
+        f'domain = "{domain}"\n\n[mailboxes.catchall]\naddress = "*@{domain}"\n'
+        'owner = "root"\n')
+    env = {"PATH": "/usr/bin:/bin", "AIMX_CONFIG_DIR": str(tmp_path),
+           "AIMX_DATA_DIR": str(tmp_path / "data"), "AIMX_RUNTIME_DIR": str(tmp_path)}
+    for argv in (["serve", "--bind", "127.0.0.1:1", "--no-tls"], ["doctor"]):
+        done = subprocess.run([sys.executable, "-m", "aimx.cli.main", *argv], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert f"invalid domain '{domain}': {why}" in done.stderr
+        assert "allow_root_catchall" not in done.stderr
+
+
+@pytest.mark.parametrize("domain", ["agent.example.com", "aimx.localhost", "localhost",
+                                    "xn--bcher-kva.example", "bücher.example", "MAIL.Example.COM"])
+def test_host_names_are_accepted_as_the_domain(tmp_path, domain):
+    assert load_config(write(tmp_path, f'domain = "{domain}"\n')).domain == domain
 
 
 # --------------------------------------------------------------------------- step 2: legacy

@@ -369,3 +369,25 @@ def test_real_daemon_version_and_piped_output_without_escapes(tmp_path):
         assert "[[" not in text
         assert "  DMARC: [FAIL] - No DMARC record found" in text or "skipped" in text
         assert result.returncode == 0, result.stderr
+
+
+def test_a_running_daemon_and_a_catchall_without_sent_dir_are_healthy(test_users):
+    """What a fresh `make run` looks like: the daemon started by hand (no service
+    manager), mail only in the catch-all's inbox, a local-only domain."""
+    alice = test_users["alice"]
+    config = ('domain = "aimx.localhost"\n\n[mailboxes.catchall]\n'
+              f'address = "*@aimx.localhost"\nowner = "{alice.name}"\n')
+    with RunningDaemon(config) as daemon:
+        inbox = daemon.data_dir / "inbox" / "catchall"
+        inbox.mkdir(parents=True, exist_ok=True)
+        os.chown(inbox, alice.uid, alice.gid)
+        inbox.chmod(0o700)
+        env = daemon.client_env({**os.environ, "NO_COLOR": "1"})
+        done = subprocess.run([str(AIMX), "doctor"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "  SMTP server:      running" in lines
+    assert "  skipped - aimx.localhost is a local-only name; no DNS records can be published " \
+           "for it" in lines
+    assert section(done.stdout, "Checks") == ["  All checks passed."]

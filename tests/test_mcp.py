@@ -669,6 +669,42 @@ def test_send_with_threading_and_attachment(daemon, users, tmp_path):
     assert html is not None and "<h1" in html.get_content()
 
 
+def test_send_folds_a_long_subject_and_refuses_bad_recipients_by_name(daemon, users):
+    alice = users["alice"]
+    subject = " ".join(f"topic{i}" for i in range(2900))  # ~20,000 characters
+    before = len(dropped_messages(daemon))
+
+    async def body(session: ClientSession):
+        sent = await ok(session, "email_send", from_mailbox="alice", to="carol@example.com",
+                        subject=subject, body="b")
+        refused = [await fails(session, "email_send", from_mailbox="alice", to=to,
+                               subject="s", body="b")
+                   for to in ("a@@b.com", "dana@", "Dana <dana@example..com>",
+                              "dana@-bad-.com")]
+        giant = await fails(session, "email_send", from_mailbox="alice", to="carol@example.com",
+                            subject="x" * 1000, body="b")
+        return sent, refused, giant
+
+    sent, refused, giant = with_mcp(daemon, alice, body)
+    [message] = dropped_messages(daemon)[before:]
+    assert sent == f"Email sent to carol@example.com. Message-ID: {message['Message-ID']}"
+    assert message["Subject"] == subject
+    raw_head = daemon.mail_drop.read_bytes().rsplit(b"----- AIMX TEST DROP -----\n", 1)[1]
+    raw_head = raw_head.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in raw_head.split(b"\r\n")) <= 78
+    assert refused == [
+        "Invalid recipient address 'a@@b.com': an address has exactly one @",
+        "Invalid recipient address 'dana@': there is nothing after the @",
+        "Invalid recipient address 'dana@example..com': a host name cannot have an empty "
+        "label (a dot at either end or two in a row)",
+        "Invalid recipient address 'dana@-bad-.com': label '-bad-' starts or ends with a "
+        "hyphen",
+    ]
+    assert giant == ("Header 'Subject' has a word longer than 998 characters, which cannot be "
+                     "folded into a valid line; shorten it")
+    assert len(dropped_messages(daemon)) == before + 1
+
+
 def test_reply_threading_rules(daemon, users, alice_inbox):
     alice = users["alice"]
     store(alice_inbox, "2025-06-15-120000-a", alice, subject="RE: status",

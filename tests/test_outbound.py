@@ -553,3 +553,47 @@ def test_mail_drop_write_failure_is_temp(tmp_path):
     with pytest.raises(SendError) as failed:
         mail_drop(blocker / "drop.eml", b"message")
     assert failed.value.code == "TEMP"
+
+
+# -- recipients and header lines a receiver accepts ------------------------------------------
+
+
+@pytest.mark.parametrize(("to", "named", "why"), [
+    ("a@@b.com", "a@@b.com", "exactly one @"),
+    ("dana@", "dana@", "nothing after the @"),
+    ("@example.com", "@example.com", "nothing before the @"),
+    ("Dana <dana@example..com>", "dana@example..com", "empty label"),
+    ("dana@-bad-.com", "dana@-bad-.com", "starts or ends with a hyphen"),
+    ("dana@xn--zz.com", "dana@xn--zz.com", "not valid IDNA"),
+    ("dana@[192.0.2.1]", "dana@[192.0.2.1]", "address literals"),
+])
+def test_a_malformed_recipient_is_refused_by_name(to, named, why):
+    """A client that writes the request itself gets the same refusal as aimx send."""
+    error = refusal(request(BASIC.replace("bob@remote.example", to)))
+    assert error.code == "MALFORMED"
+    assert error.reason.startswith(f"invalid recipient address '{named}': ")
+    assert why in error.reason
+
+
+@pytest.mark.parametrize("to", ["dana@exämple.com", "dänä@example.com", '"dana b"@example.com',
+                                "Dana <dana@mail.example.com>"])
+def test_international_and_quoted_recipients_are_accepted(to):
+    assert send(request(BASIC.replace("bob@remote.example", to))).envelope_to == \
+        to.removeprefix("Dana <").removesuffix(">")
+
+
+def test_a_long_ascii_header_is_folded_on_the_wire():
+    subject = " ".join(f"word{i}" for i in range(3000))  # ~26 KB on one line
+    prepared = send(request(BASIC.replace("Subject: Hi", "Subject: " + subject)))
+    head = prepared.signed.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(prepared.signed, policy=email.policy.default)
+    assert parsed["Subject"] == subject and prepared.subject == subject
+    assert dkim_verifies(prepared.signed)
+
+
+def test_a_header_word_that_cannot_fit_in_998_is_refused():
+    error = refusal(request(BASIC.replace("Subject: Hi", "Subject: see " + "x" * 1000)))
+    assert (error.code, error.reason) == (
+        "MALFORMED", "header 'Subject' has a word longer than 998 characters and cannot be "
+                     "folded")

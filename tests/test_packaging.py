@@ -241,3 +241,28 @@ def test_upgrade_prints_the_pip_command(capsys):
     # The command names the interpreter of this very installation (its venv).
     assert f"  {sys.executable} -m pip install --upgrade aimx==9.9.9\n" in out
     assert "sudo systemctl restart aimx" in out
+
+
+# --------------------------------------------------------------------------- dev install
+
+def test_editable_install_builds_without_warnings_and_keeps_the_twistd_plugin(tmp_path):
+    """`make install` builds the editable wheel the way pip does; any warning fails here,
+    and the wheel must put the checkout root on sys.path (Twisted scans it for plugins)."""
+    checkout = Path(aimx.__file__).resolve().parent.parent
+    build = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import sys; from setuptools import build_meta; "
+         "print(build_meta.build_editable(sys.argv[1]))", str(tmp_path)],
+        cwd=checkout, capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    assert "Warning" not in build.stderr
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / build.stdout.split()[-1]) as wheel:
+        [pth] = [name for name in wheel.namelist() if name.endswith(".pth")]
+        assert wheel.read(pth).decode().split() == [str(checkout)]
+    twistd = Path(sys.executable).parent / "twistd"
+    listed = subprocess.run([str(twistd), "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert any(line.split()[:1] == ["aimx"] for line in listed.stdout.splitlines()), \
+        listed.stdout

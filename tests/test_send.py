@@ -157,16 +157,19 @@ def opendkim() -> str | None:
 
 
 def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
-         runtime_dir: Path | None = None, wait: bool = True, send_body: str | None = None
-         ) -> Any:
-    """Run ``aimx <argv>`` as ``user`` (None: as root); with ``send_body``, hand that
-    message to SEND instead."""
+         runtime_dir: Path | None = None, wait: bool = True, send_body: str | None = None,
+         sudo_user: str | None = None) -> Any:
+    """Run ``aimx <argv>`` as ``user`` (None: as root; ``sudo_user`` as if through sudo);
+    with ``send_body``, hand that message to SEND instead."""
     who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user
            else {"uid": None, "gid": None, "name": None})
     if send_body is not None:
         who["send_body"] = send_body
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AIMX_") and k != "SUDO_USER"}
     env.update(NO_COLOR="1")
+    if sudo_user is not None:
+        env["SUDO_USER"] = sudo_user
     if daemon is not None:
         env = daemon.client_env(env)
     if runtime_dir is not None:
@@ -458,11 +461,18 @@ def test_only_the_owner_sends_and_never_from_catchall_or_foreign_domains(daemon,
 
 
 def test_root_is_refused_before_anything_else(tmp_path):
-    result = aimx(None, None, "send", "--from", f"alice@{DOMAIN}", "--to", "b@ok.test",
-                  "--subject", "s", "--body", "b", "--attachment", "/does/not/exist",
-                  runtime_dir=tmp_path)
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "Error: send is a per-user operation, run without sudo\n"
+    argv = ("send", "--from", f"alice@{DOMAIN}", "--to", "b@ok.test", "--subject", "s",
+            "--body", "b", "--attachment", "/does/not/exist")
+    through_sudo = aimx(None, None, *argv, runtime_dir=tmp_path, sudo_user="alice")
+    assert (through_sudo.returncode, through_sudo.stdout) == (2, "")
+    assert through_sudo.stderr == "Error: send is a per-user operation, run without sudo\n"
+    # Someone logged in as root did not use sudo: the refusal says what to do instead.
+    root_login = aimx(None, None, *argv, runtime_dir=tmp_path)
+    assert (root_login.returncode, root_login.stdout) == (2, "")
+    assert root_login.stderr == (
+        "Error: send is a per-user operation, run without sudo\n"
+        "hint: you are logged in as root; run aimx send as the user who owns the mailbox you "
+        "send from (root cannot own one)\n")
 
 
 def test_client_side_errors_and_missing_daemon(users, shared):
@@ -625,4 +635,48 @@ def test_mail_drop_replaces_delivery_but_nothing_else(dns, users, shared, tmp_pa
         drop.parent.write_text("a file where the drop directory should be")
         broken = send(users["alice"], d, "bob@nxdomain.test", "Not dropped")
         assert broken.returncode == 1 and broken.stderr.startswith("Error [TEMP]: test mail drop")
+        assert len(stored_emails(d.data_dir, "alice", "sent")) == 1
+
+
+# -- what a receiver accepts: valid recipients, folded headers ----------------------------------
+
+
+@pytest.mark.parametrize(("to", "why"), [
+    ("a@@b.com", "an address has exactly one @"),
+    ("dana@", "there is nothing after the @"),
+    ("@example.com", "there is nothing before the @"),
+    ("dana@example..com", "a host name cannot have an empty label"),
+    ("dana@-bad-.com", "label '-bad-' starts or ends with a hyphen"),
+])
+def test_a_malformed_recipient_is_refused_by_name(users, shared, to, why):
+    nowhere = shared / "no-daemon"  # refused before the daemon is asked
+    nowhere.mkdir(exist_ok=True)
+    refused = aimx(users["alice"], None, "send", "--from", f"alice@{DOMAIN}", "--to", to,
+                   "--subject", "s", "--body", "b", runtime_dir=nowhere)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr.startswith(f"Error: Invalid recipient address '{to}': {why}")
+
+
+def test_a_long_subject_goes_out_folded_and_a_giant_word_is_refused(dns, users, tmp_path):
+    drop = tmp_path / "drop.eml"
+    config = {"domain": DOMAIN, "dns_resolvers": [dns.address], "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": users["alice"].name}}}
+    subject = " ".join(["lorem", "ipsum", "dolor", "sit", "amet"] * 350)  # ~10,000 chars
+    with RunningDaemon(config, dkim_key_pem=KEY.private_pem,
+                       env={"AIMX_TEST_MAIL_DROP": str(drop)}) as d:
+        sent = send(users["alice"], d, "bob@nxdomain.test", subject)
+        assert sent.returncode == 0, sent.stderr
+        signed = drop.read_bytes()[len(b"----- AIMX TEST DROP -----\n"):-1]
+        head = signed.split(b"\r\n\r\n", 1)[0]
+        assert max(len(line) for line in head.split(b"\r\n")) <= 78
+        received = email.message_from_bytes(signed, policy=email.policy.default)
+        assert received["Subject"] == subject
+        assert dkim.verify(signed, dnsfunc=published_txt(dns))
+        [copy] = stored_emails(d.data_dir, "alice", "sent")
+        assert frontmatter.parse(copy.read_bytes())["subject"] == subject
+
+        giant = send(users["alice"], d, "bob@nxdomain.test", "see " + "x" * 1200)
+        assert (giant.returncode, giant.stdout) == (1, "")
+        assert giant.stderr == ("Error: Header 'Subject' has a word longer than 998 characters, "
+                                "which cannot be folded into a valid line; shorten it\n")
         assert len(stored_emails(d.data_dir, "alice", "sent")) == 1

@@ -90,7 +90,7 @@ def _homes() -> Homes:
 
 def _mcp_argv(args: argparse.Namespace) -> list[str]:
     data_dir = paths.data_dir_override(getattr(args, "data_dir", None))
-    return agents.mcp_argv(agents.aimx_executable(), data_dir)
+    return agents.mcp_argv(agents.aimx_executable(), data_dir, agents.instance_env(os.environ))
 
 
 def _lookup(name: str, message: str) -> Agent:

@@ -18,6 +18,8 @@ from typing import Any
 from aimx.cli.main import CommandError, describe
 
 ROOT_REFUSAL = "send is a per-user operation, run without sudo"
+ROOT_LOGIN_HINT = ("hint: you are logged in as root; run aimx send as the user who owns the "
+                   "mailbox you send from (root cannot own one)")
 DAEMON_DOWN = "aimx daemon not running. Check 'systemctl status aimx'"
 # The codes a SEND can answer with; any other code means the reply is not understood.
 SEND_CODES = frozenset({"MALFORMED", "PROTOCOL", "DOMAIN", "MAILBOX", "EACCES",
@@ -49,6 +51,8 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
 
 def run(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
+        if not os.environ.get("SUDO_USER"):  # "without sudo" alone would puzzle a root login
+            raise CommandError(f"{ROOT_REFUSAL}\n{ROOT_LOGIN_HINT}", 2)
         raise CommandError(ROOT_REFUSAL, 2)
 
     from aimx import compose
