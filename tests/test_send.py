@@ -355,7 +355,7 @@ def test_rejected_send_keeps_a_failed_copy(daemon, dns, hosts, users, shared):
         result = send(users["alice"], daemon, "bob@reject.test", "Refused mail")
     detail = "Rejected by mx0.reject.test: 550 5.7.1 Message content rejected by the test sink"
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == f"Error [DELIVERY]: {detail}\n"
+    assert result.stderr == f"Error: [DELIVERY] {detail}\n"
     [copy] = [p for p in sent_copies(daemon) if "refused-mail" in p.name]
     fields = frontmatter.parse(copy.read_bytes())
     assert fields["delivery_status"] == "failed" and fields["delivery_details"] == detail
@@ -369,7 +369,7 @@ def test_deferred_send_keeps_no_copy(daemon, dns, hosts, users, shared):
     with hosts.sink(1, "defer"):
         result = send(users["alice"], daemon, "bob@later.test", "Try later")
     assert result.returncode == 1
-    assert result.stderr.startswith("Error [TEMP]: All MX servers for later.test unreachable: "
+    assert result.stderr.startswith("Error: [TEMP] All MX servers for later.test unreachable: "
                                     "mx0.later.test: 451 4.7.1 <bob@later.test>: greylisted")
     assert not [p for p in sent_copies(daemon) if "try-later" in p.name]
     hook = hook_record(shared, "Try later")
@@ -382,7 +382,7 @@ def test_null_mx_fails_with_a_copy(daemon, dns, users):
     dns.reload()
     result = send(users["alice"], daemon, "bob@void.test", "Nowhere")
     assert result.returncode == 1
-    assert result.stderr == "Error [DELIVERY]: Domain void.test does not accept mail (null MX)\n"
+    assert result.stderr == "Error: [DELIVERY] Domain void.test does not accept mail (null MX)\n"
     [copy] = [p for p in sent_copies(daemon) if "nowhere" in p.name]
     assert frontmatter.parse(copy.read_bytes())["delivery_status"] == "failed"
 
@@ -428,7 +428,7 @@ def test_silent_mx_is_abandoned_while_the_daemon_keeps_serving(daemon, dns, host
                 pending.communicate()
     elapsed = time.monotonic() - started
     assert pending.returncode == 1
-    assert err == ("Error [TEMP]: All MX servers for silent.test unreachable: mx0.silent.test: "
+    assert err == ("Error: [TEMP] All MX servers for silent.test unreachable: mx0.silent.test: "
                    f"connection timed out (no reply within {CLIENT_TIMEOUT_SECS}s)\n")
     assert CLIENT_TIMEOUT_SECS <= elapsed < CLIENT_TIMEOUT_SECS + 6
 
@@ -449,13 +449,13 @@ def test_only_the_owner_sends_and_never_from_catchall_or_foreign_domains(daemon,
         assert own.returncode == 0, own.stderr
         assert len(sink.messages()) == 1  # only bob's own mail left the host
     assert (stranger.returncode, stranger.stderr) == (  # as if alice's mailbox did not exist
-        1, f"Error [MAILBOX]: no mailbox matches From: alice@{DOMAIN} (run `aimx mailboxes "
+        1, f"Error: [MAILBOX] no mailbox matches From: alice@{DOMAIN} (run `aimx mailboxes "
            "create <name>` to register one; catchall is inbound-only)\n")
     assert (catchall.returncode, catchall.stderr) == (
-        1, f"Error [MAILBOX]: no mailbox matches From: anyone@{DOMAIN} (run `aimx mailboxes "
+        1, f"Error: [MAILBOX] no mailbox matches From: anyone@{DOMAIN} (run `aimx mailboxes "
            "create <name>` to register one; catchall is inbound-only)\n")
     assert (foreign.returncode, foreign.stderr) == (
-        1, f"Error [DOMAIN]: sender domain 'elsewhere.test' does not match aimx domain "
+        1, f"Error: [DOMAIN] sender domain 'elsewhere.test' does not match aimx domain "
            f"'{DOMAIN}'\n")
     assert not [p for p in sent_copies(daemon) if "not-mine" in p.name]
 
@@ -634,7 +634,7 @@ def test_mail_drop_replaces_delivery_but_nothing_else(dns, users, shared, tmp_pa
         shutil.rmtree(drop.parent)
         drop.parent.write_text("a file where the drop directory should be")
         broken = send(users["alice"], d, "bob@nxdomain.test", "Not dropped")
-        assert broken.returncode == 1 and broken.stderr.startswith("Error [TEMP]: test mail drop")
+        assert broken.returncode == 1 and broken.stderr.startswith("Error: [TEMP] test mail drop")
         assert len(stored_emails(d.data_dir, "alice", "sent")) == 1
 
 

@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(ROOT_REFUSAL, 2)
 
     from aimx import compose
-    from aimx.cli import term
     from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
     from aimx.protocol import ApiError, Send
 
@@ -89,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                f"'{exc.code}'", 3) from None
         if exc.code == "EACCES":
             raise CommandError(f"not authorized: {args.from_addr}", 1) from None
-        print(term.style(f"Error [{exc.code}]: {exc.reason}", "red"), file=sys.stderr)
-        return 1
+        raise CommandError(str(exc), 1) from None
 
     message_id = reply.get("message_id", "")
     print(message_id)
