@@ -265,13 +265,17 @@ class AimxService(service.Service):
         def later(handler: Any) -> Any:
             return lambda signum, frame: self.reactor.callFromThread(handler)
 
-        signal.signal(signal.SIGHUP, later(self.daemon.reload))
-        signal.signal(signal.SIGTERM, later(self._terminate))
-        signal.signal(signal.SIGINT, later(self._terminate))
+        def terminate(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._terminate, signal.Signals(signum).name)
 
-    def _terminate(self) -> None:
+        signal.signal(signal.SIGHUP, later(self.daemon.reload))
+        signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGINT, terminate)
+
+    def _terminate(self, signal_name: str) -> None:
+        """Stop on SIGTERM (service manager) or SIGINT (Ctrl-C), logging which one came."""
         if self.reactor.running:
-            log.info("SIGTERM: shutting down")
+            log.info("%s: shutting down", signal_name)
             self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802 (Twisted's name)

@@ -207,6 +207,17 @@ def test_sigterm_when_idle_exits_quickly(owner: str) -> None:
         assert time.monotonic() - started < 10
         assert port_refused(daemon.smtp_port)
         assert not daemon.socket_path.exists()
+        assert "SIGTERM: shutting down" in daemon.log_text()
+
+
+def test_ctrl_c_is_logged_as_sigint_and_drains_like_sigterm(owner: str) -> None:
+    with RunningDaemon(config_for(owner)) as daemon:
+        daemon.signal(signal.SIGINT)
+        assert daemon.proc.wait(20) == 0
+        log = daemon.log_text()
+        assert "SIGINT: shutting down" in log and "SIGTERM" not in log
+        assert "aimx daemon stopped" in log
+        assert not daemon.socket_path.exists()
 
 
 def test_drain_deadline_answers_421_to_stragglers(owner: str) -> None:
