@@ -270,9 +270,8 @@ def check_hook_fields(event: str, cmd: list[str], hook_type: str,
     if not cmd[0].strip():
         raise error("VALIDATION", "hook has blank `cmd[0]`")
     if not cmd[0].startswith("/"):
-        raise error("VALIDATION", f"hook has non-absolute `cmd[0]` '{cmd[0]}': hooks fire from "
-                                  "/var/lib/aimx/... so PATH lookup is brittle; "
-                                  "use an absolute path")
+        raise error("VALIDATION",
+                    f"hook has non-absolute `cmd[0]` '{cmd[0]}': {configmod.HOOK_CMD_ABSOLUTE}")
     if hook_type != "cmd":
         raise error("VALIDATION",
                     f"hook has unsupported type '{hook_type}': only `cmd` is supported")

@@ -65,6 +65,12 @@ _RESERVED_MAILBOX_NAMES = ("catchall", "aimx-catchall")
 _log = logger("aimx::config")
 
 
+# Why a hook's program must be named by an absolute path (hooks.md: working
+# directory `/`, a fixed PATH): shared by the config loader and HOOK-CREATE.
+HOOK_CMD_ABSOLUTE = ("hooks run in working directory / with a fixed PATH, so name the "
+                     "program by its absolute path (e.g. `/bin/echo` instead of `echo`)")
+
+
 class ConfigError(Exception):
     """``config.toml`` is missing, unreadable or invalid; ``str(err)`` is the operator text."""
 
@@ -636,9 +642,7 @@ def _check_hook_fields(hook: Hook, mailbox: str) -> None:
         raise ConfigError(f"{where} has blank `cmd[0]`")
     if not hook.cmd[0].startswith("/"):
         raise ConfigError(
-            f"{where} has non-absolute `cmd[0]` '{hook.cmd[0]}': hooks fire from "
-            "/var/lib/aimx/... so PATH lookup is brittle; use an absolute path "
-            "(e.g. `/bin/echo` instead of `echo`)"
+            f"{where} has non-absolute `cmd[0]` '{hook.cmd[0]}': {HOOK_CMD_ABSOLUTE}"
         )
     if hook.type not in HOOK_TYPES:
         raise ConfigError(f"{where} has unsupported type '{hook.type}': only `cmd` is supported")
@@ -667,21 +671,23 @@ def _check_unique_names(mailboxes: Iterable[Mailbox]) -> None:
                 seen[key] = (mailbox.name, explicit)
                 continue
             first, first_explicit = seen[key]
+            where = (f"mailbox '{first}'" if first == mailbox.name
+                     else f"mailboxes '{first}' and '{mailbox.name}'")
             if explicit and first_explicit:
                 raise ConfigError(
-                    f"duplicate hook name '{name}' on mailboxes '{first}' and '{mailbox.name}': "
+                    f"duplicate hook name '{name}' on {where}: "
                     "hook names must be unique across the mailboxes of one owner"
                 )
             if not explicit and not first_explicit:
                 raise ConfigError(
-                    f"anonymous hooks on mailboxes '{first}' and '{mailbox.name}' have identical "
+                    f"anonymous hooks on {where} have identical "
                     f"event/cmd and derive the same name '{name}': set an explicit `name` on at "
                     "least one to disambiguate"
                 )
             raise ConfigError(
-                f"explicit hook name '{name}' on one mailbox collides with the derived name of "
-                f"an anonymous hook on another (mailboxes '{first}' and '{mailbox.name}'): rename "
-                "the explicit hook or set an explicit `name` on the anonymous one"
+                f"explicit hook name '{name}' collides with the derived name of an anonymous "
+                f"hook ({where}): rename the explicit hook or set an explicit `name` on the "
+                "anonymous one"
             )
 
 

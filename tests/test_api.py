@@ -492,9 +492,10 @@ def test_catchall_is_never_deleted(daemon):
     ({"cmd": []}, ["VALIDATION", 'hook has empty `cmd`: must be a non-empty argv array, '
                                  'e.g. `["/bin/echo", "hi"]`']),
     ({"cmd": [" "]}, ["VALIDATION", "hook has blank `cmd[0]`"]),
-    ({"cmd": ["echo"]}, ["VALIDATION", "hook has non-absolute `cmd[0]` 'echo': hooks fire from "
-                                       "/var/lib/aimx/... so PATH lookup is brittle; use an "
-                                       "absolute path"]),
+    ({"cmd": ["echo"]}, ["VALIDATION", "hook has non-absolute `cmd[0]` 'echo': hooks run in "
+                                       "working directory / with a fixed PATH, so name the "
+                                       "program by its absolute path (e.g. `/bin/echo` instead "
+                                       "of `echo`)"]),
     ({"type": "template"},
      ["VALIDATION", "hook has unsupported type 'template': only `cmd` is supported"]),
     ({"event": "after_send", "fire_on_untrusted": True},
@@ -512,7 +513,7 @@ def test_hook_create_duplicate_names_fail_validation(daemon):
                    cmd=["/bin/true"], name="dup")["ok"]
     assert outcome(daemon, protocol.HookCreate, mailbox="alice", event="on_receive",
                    cmd=["/bin/false"], name="dup") == {"error": [
-        "VALIDATION", "duplicate hook name 'dup' on mailboxes 'alice' and 'alice': "
+        "VALIDATION", "duplicate hook name 'dup' on mailbox 'alice': "
                       "hook names must be unique across the mailboxes of one owner"]}
 
 

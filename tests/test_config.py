@@ -439,9 +439,9 @@ def named(name: str, extra: str = "") -> str:
     ('name = "h"\nevent = "on_receive"\ncmd = ["  "]',
      "hook 'h' on mailbox 'alice' has blank `cmd[0]`"),
     ('event = "on_receive"\ncmd = ["echo", "hi"]',
-     "hook '<anonymous>' on mailbox 'alice' has non-absolute `cmd[0]` 'echo': hooks fire from "
-     "/var/lib/aimx/... so PATH lookup is brittle; use an absolute path (e.g. `/bin/echo` "
-     "instead of `echo`)"),
+     "hook '<anonymous>' on mailbox 'alice' has non-absolute `cmd[0]` 'echo': hooks run in "
+     "working directory / with a fixed PATH, so name the program by its absolute path (e.g. "
+     "`/bin/echo` instead of `echo`)"),
     (named("h", 'type = "webhook"'),
      "hook 'h' on mailbox 'alice' has unsupported type 'webhook': only `cmd` is supported"),
     (named("h", "timeout_secs = 0"),
@@ -481,9 +481,9 @@ def test_explicit_name_colliding_with_a_derived_one(tmp_path):
     text = HEAD + mailbox("alice") + hook(ECHO) + mailbox("bob") + hook(
         'name = "9f5503741a28"\nevent = "after_send"\ncmd = ["/bin/z"]', "bob")
     assert load_error(tmp_path, text) == (
-        "explicit hook name '9f5503741a28' on one mailbox collides with the derived name of an "
-        "anonymous hook on another (mailboxes 'alice' and 'bob'): rename the explicit hook or "
-        "set an explicit `name` on the anonymous one"
+        "explicit hook name '9f5503741a28' collides with the derived name of an anonymous hook "
+        "(mailboxes 'alice' and 'bob'): rename the explicit hook or set an explicit `name` on "
+        "the anonymous one"
     )
 
 
@@ -502,7 +502,7 @@ def test_hooks_of_different_owners_may_share_names(tmp_path):
 def test_duplicates_within_one_mailbox(tmp_path):
     text = HEAD + mailbox("alice") + hook(named("x")) + hook(named("x"))
     assert load_error(tmp_path, text) == (
-        "duplicate hook name 'x' on mailboxes 'alice' and 'alice': hook names must be unique "
+        "duplicate hook name 'x' on mailbox 'alice': hook names must be unique "
         "across the mailboxes of one owner"
     )
 
