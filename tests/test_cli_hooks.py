@@ -11,7 +11,7 @@ import pytest
 from aimx.config import derived_hook_name
 from tests.support.daemon import RunningDaemon
 from tests.test_api import config_text, dns, users  # noqa: F401 (fixtures)
-from tests.test_cli_mailboxes import aimx
+from tests.test_cli_mailboxes import NO_ANSWER, aimx
 
 NEEDS_ROOT = ("Error: not authorized: aimx hooks {verb} requires root (run with sudo)\n"
               "hint: if the daemon is running, hook CRUD over UDS would handle this without "
@@ -58,6 +58,17 @@ def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):  # noqa
     assert (run.returncode, run.stderr) == (1, "Error: [ENOENT] mailbox 'alice' does not exist\n")
 
 
+def test_a_duplicate_name_on_one_mailbox_names_it_once(daemon, users):  # noqa: F811
+    alice = users["alice"]
+    argv = ("hooks", "create", "--mailbox", "alice", "--event", "on_receive", "--name", "x",
+            "--cmd")
+    assert aimx(daemon, *argv, '["/bin/true"]', user=alice).returncode == 0
+    run = aimx(daemon, *argv, '["/bin/false"]', user=alice)
+    assert (run.returncode, run.stderr) == (
+        1, "Error: [VALIDATION] duplicate hook name 'x' on mailbox 'alice': hook names must be "
+           "unique across the mailboxes of one owner\n")
+
+
 def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):  # noqa: F811
     alice = users["alice"]
     argv = ["/usr/local/bin/agent", "--prompt", "summarise the new email and file it " * 2]
@@ -84,8 +95,9 @@ def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, user
     ({"--cmd": '{"a": 1}'}, [], 2,
      "--cmd must be a JSON array of strings, e.g. '[\"/bin/echo\",\"hi\"]'"),
     ({"--cmd": '["echo"]'}, [], 1,
-     "[VALIDATION] hook has non-absolute `cmd[0]` 'echo': hooks fire from /var/lib/aimx/... so "
-     "PATH lookup is brittle; use an absolute path"),
+     "[VALIDATION] hook has non-absolute `cmd[0]` 'echo': hooks run in working directory / "
+     "with a fixed PATH, so name the program by its absolute path (e.g. `/bin/echo` instead "
+     "of `echo`)"),
     ({}, ["--timeout-secs", "601"], 1,
      "[VALIDATION] `timeout_secs = 601` exceeds the max of 600"),
 ])
@@ -119,6 +131,10 @@ def test_delete_shows_the_hook_and_asks(daemon, users):  # noqa: F811
         "  timeout: 5s\n"
         '  cmd:     ["/bin/true"]\n'
         "Continue? [y/N] Cancelled.\n"))
+    # Without a terminal and without -y the command says so instead of cancelling quietly.
+    run = aimx(daemon, "hooks", "delete", "audit", user=alice, input="")
+    assert (run.returncode, run.stderr) == (2, NO_ANSWER)
+    assert run.stdout.endswith("Continue? [y/N] \n")
     assert len(hooks_of(daemon, "alice")) == 1
     # Bob neither sees it nor can delete it: the answer is "not found".
     run = aimx(daemon, "hooks", "delete", "audit", user=bob)

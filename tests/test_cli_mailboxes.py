@@ -23,6 +23,8 @@ from tests.test_api import config_text, deliver, dns, launch_as, users  # noqa: 
 
 DOWN = ("Error: daemon must be running for non-root mailbox CRUD; start `aimx serve` or run "
         "with sudo to fall back to direct config edit.\n")
+NO_ANSWER = ("Error: no answer to the confirmation prompt (standard input is closed); "
+             "pass -y to confirm without a prompt\n")
 HINT = "Hint: Restart the daemon for the change to take effect:\n  sudo systemctl restart aimx\n"
 
 
@@ -76,16 +78,16 @@ def test_root_is_asked_for_an_owner_with_the_local_part_as_default(daemon, users
     assert run.stdout.startswith(
         f"Which Linux user should own `{alice.name}@test.local`? [{alice.name}]: ")
     assert mailboxes(daemon)[alice.name]["owner"] == alice.name
-    # No such user: no default, five tries, a useradd hint each time.
+    # No such user: no default shown, five tries, a useradd hint each time.
     run = aimx(daemon, "mailboxes", "create", "ops", input="ghost1\n" * 5)
     assert run.returncode == 1
-    assert run.stdout.count("Which Linux user should own `ops@test.local`? "
-                            "[(no default, explicit input required)]: ") == 5
+    assert run.stdout == "Which Linux user should own `ops@test.local`? " * 5
     assert run.stderr.count("useradd") == 5
     assert run.stderr.endswith("Error: no valid owner after 5 attempts\n")
-    # A wrong name, then a good one.
-    run = aimx(daemon, "mailboxes", "create", "ops", input=f"ghost1\n{alice.name}\n")
+    # A wrong name, an empty answer, then a good one.
+    run = aimx(daemon, "mailboxes", "create", "ops", input=f"ghost1\n\n{alice.name}\n")
     assert run.returncode == 0, run.stderr
+    assert "An owner is required: type the name of an existing Linux user.\n" in run.stderr
     assert mailboxes(daemon)["ops"]["owner"] == alice.name
     assert "ops2" not in mailboxes(daemon)
 
@@ -158,14 +160,18 @@ def test_list_layout_and_visibility(daemon, users):  # noqa: F811
     os.chown(stray, alice.uid, alice.gid)
     root = aimx(daemon, "mailboxes", "list")
     assert root.stdout == (
+        "MAILBOX              INBOX    SENT\n"
         "alice                3        0\n"
         "bob                  0        0\n"
         "fallback             0        0\n"
         "stray-dir            0        0 (unregistered)\n")
     assert aimx(daemon, "mailbox", "list", user=alice).stdout == (
+        "MAILBOX              INBOX    SENT\n"
         "alice                3        0\n"
         "stray-dir            0        0 (unregistered)\n")
-    assert aimx(daemon, "mailboxes", "list", user=bob).stdout == "bob                  0        0\n"
+    assert aimx(daemon, "mailboxes", "list", user=bob).stdout == (
+        "MAILBOX              INBOX    SENT\n"
+        "bob                  0        0\n")
     refused = aimx(daemon, "mailboxes", "list", "--all", user=bob)
     assert refused.returncode == 1 and "root" in refused.stderr
     coloured = aimx(daemon, "mailboxes", "list", env={"CLICOLOR_FORCE": "1"})
@@ -232,8 +238,10 @@ def test_delete_asks_first_and_no_means_cancelled(daemon, users):  # noqa: F811
     alice = users["alice"]
     run = aimx(daemon, "mailboxes", "delete", "alice", user=alice, input="n\n")
     assert (run.returncode, run.stdout) == (0, "Delete mailbox 'alice'? [y/N] Cancelled.\n")
+    # No answer at all (a script without -y): a usage error that names -y, nothing deleted.
     run = aimx(daemon, "mailboxes", "delete", "alice", user=alice, input="")
-    assert run.returncode == 0 and run.stdout.endswith("Cancelled.\n")
+    assert (run.returncode, run.stdout) == (2, "Delete mailbox 'alice'? [y/N] \n")
+    assert run.stderr == NO_ANSWER
     assert "alice" in mailboxes(daemon)
     run = aimx(daemon, "mailboxes", "delete", "alice", user=alice, input="y\n")
     assert run.returncode == 0, run.stderr

@@ -34,6 +34,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     sub = parser.add_subparsers(dest="agents_command", metavar="<command>", required=True)
 
     setup = sub.add_parser("setup", parents=parents,
+                           help="install the aimx skill and MCP wiring for an agent",
                            description="install the aimx skill bundle and MCP wiring for an agent")
     setup.add_argument("agent", nargs="?", help="agent name (see `aimx agents list`)")
     setup.add_argument("--list", action="store_true", help="list supported agents and exit")
@@ -46,9 +47,11 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     setup.add_argument("--dangerously-allow-root", action="store_true",
                        help="allow running as root (installs into root's own home)")
 
-    sub.add_parser("list", parents=parents, description="list supported agents")
+    sub.add_parser("list", parents=parents, help="list supported agents",
+                   description="list supported agents")
 
     remove = sub.add_parser("remove", parents=parents,
+                            help="remove the aimx skill from an agent",
                             description="remove the aimx skill bundle from an agent")
     remove.add_argument("agent")
     remove.add_argument("--dangerously-allow-root", action="store_true",

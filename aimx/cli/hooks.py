@@ -34,10 +34,12 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     )
     sub = parser.add_subparsers(dest="hooks_command", metavar="<command>", required=True)
 
-    listing = sub.add_parser("list", parents=parents, description="list hooks")
+    listing = sub.add_parser("list", parents=parents, help="list the hooks of your mailboxes",
+                             description="list hooks")
     listing.add_argument("--mailbox", metavar="NAME", help="only hooks of this mailbox")
 
-    create = sub.add_parser("create", parents=parents, description="attach a hook to a mailbox")
+    create = sub.add_parser("create", parents=parents, help="attach a hook to a mailbox",
+                            description="attach a hook to a mailbox")
     create.add_argument("--mailbox", required=True, metavar="NAME")
     create.add_argument("--event", required=True, choices=("on_receive", "after_send"))
     create.add_argument("--cmd", required=True, metavar="JSON",
@@ -48,7 +50,8 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     create.add_argument("--fire-on-untrusted", action="store_true",
                         help="on_receive only: also fire for mail that is not trusted")
 
-    delete = sub.add_parser("delete", parents=parents, description="delete a hook by name")
+    delete = sub.add_parser("delete", parents=parents, help="delete a hook by name",
+                            description="delete a hook by name")
     delete.add_argument("name")
     delete.add_argument("--mailbox", metavar="NAME",
                         help="the hook's mailbox, when the name is on mailboxes of several owners")

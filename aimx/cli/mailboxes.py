@@ -28,7 +28,6 @@ DAEMON_DOWN_TEXT = (
     "to fall back to direct config edit."
 )
 OWNER_ATTEMPTS = 5
-_NO_DEFAULT = "(no default, explicit input required)"
 _CMD_WIDTH = 60
 
 
@@ -40,20 +39,24 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     )
     sub = parser.add_subparsers(dest="mailboxes_command", metavar="<command>", required=True)
 
-    create = sub.add_parser("create", parents=parents, description="create a mailbox")
+    create = sub.add_parser("create", parents=parents, help="create a mailbox",
+                            description="create a mailbox")
     create.add_argument("name", help="mailbox name (the local part of its address)")
     create.add_argument("--owner", metavar="USER",
                         help="Linux user owning the mailbox (honoured for root only)")
 
-    listing = sub.add_parser("list", parents=parents, description="list mailboxes")
+    listing = sub.add_parser("list", parents=parents, help="list your mailboxes (root: all)",
+                             description="list mailboxes")
     listing.add_argument("--all", action="store_true",
                          help="every mailbox (root only; root always sees all)")
 
     show = sub.add_parser("show", parents=parents,
+                          help="show one mailbox's settings, hooks and counts",
                           description="show one mailbox's settings, hooks and counts")
     show.add_argument("name")
 
-    delete = sub.add_parser("delete", parents=parents, description="delete an empty mailbox")
+    delete = sub.add_parser("delete", parents=parents, help="delete a mailbox",
+                            description="delete an empty mailbox")
     delete.add_argument("name")
     delete.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     delete.add_argument("--force", action="store_true",
@@ -120,12 +123,19 @@ def restart_hint() -> None:
 
 
 def confirm(question: str) -> bool:
-    """Ask ``question``; only ``y``/``Y`` is a yes (EOF is a no)."""
+    """Ask ``question``; only ``y``/``Y`` is a yes.
+
+    No answer at all (stdin closed, as under cron or a pipe that is empty) is a
+    usage error naming ``-y``, not a silent "Cancelled.": a script that forgot
+    the flag should fail, not appear to have run.
+    """
     sys.stdout.write(question)
     sys.stdout.flush()
     answer = sys.stdin.readline()
     if not answer:
         sys.stdout.write("\n")
+        raise UsageError("no answer to the confirmation prompt (standard input is closed); "
+                         "pass -y to confirm without a prompt")
     return answer.strip() in ("y", "Y")
 
 
@@ -158,18 +168,19 @@ def prompt_owner(name: str, domain: str) -> str:
             raise CommandError(f"no owner for mailbox '{name}': pass --owner <user> "
                                f"(AIMX_NONINTERACTIVE is set and user '{name}' does not exist)")
         return default
-    question = (f"Which Linux user should own `{name}@{domain}`? "
-                f"[{default if default is not None else _NO_DEFAULT}]: ")
+    question = f"Which Linux user should own `{name}@{domain}`? "
+    if default is not None:
+        question += f"[{default}]: "
     for _ in range(OWNER_ATTEMPTS):
         sys.stdout.write(question)
         sys.stdout.flush()
         line = sys.stdin.readline()
         if not line:
             sys.stdout.write("\n")
-            raise CommandError("no owner given")
+            raise CommandError("no owner given: pass --owner <user>")
         answer = line.strip() or default
         if not answer:
-            term.warn("An owner is required.")
+            term.warn("An owner is required: type the name of an existing Linux user.")
             continue
         if _user_exists(answer):
             return answer
@@ -281,16 +292,18 @@ def _list(args: argparse.Namespace) -> int:
 
         config = load_config(args)
         rows = api.mailbox_rows(config, Path(config.data_dir), api.Caller(0, 0, 0))["rows"]
-    for line in format_mailbox_rows(rows):
-        print(line)
     if not rows:
         print("No mailboxes.")
+        return 0
+    for line in format_mailbox_rows(rows):
+        print(line)
     return 0
 
 
 def format_mailbox_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """``name`` in 20 columns, inbox total in 8, sent count, ``(unregistered)`` marker."""
-    lines = []
+    """A header, then ``name`` in 20 columns, inbox total in 8, sent count and an
+    ``(unregistered)`` marker."""
+    lines = [term.style(f"{'MAILBOX':<20} {'INBOX':<8} SENT", "bold")]
     for row in rows:
         line = f"{term.pad(row['name'], 20)} {term.pad(str(row['total']), 8)} {row['sent_count']}"
         if not row.get("registered", True):
