@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 
@@ -50,6 +51,21 @@ def aimx(d: RunningDaemon, *argv: str, user: LinuxUser | None = None, input: str
 
 def mailboxes(d: RunningDaemon) -> dict:
     return tomllib.loads(d.config_path.read_text())["mailboxes"]
+
+
+@pytest.mark.parametrize("group, subcommands", [
+    ("mailboxes", ["create", "list", "show", "delete"]),
+    ("hooks", ["list", "create", "delete"]),
+    ("agents", ["setup", "list", "remove"]),
+])
+def test_group_help_lists_its_subcommands(group, subcommands):
+    run = subprocess.run([sys.executable, "-m", "aimx.cli.main", group, "--help"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ,
+                                                                         "NO_COLOR": "1"})
+    assert run.returncode == 0, run.stderr
+    listed = [line.split()[0] for line in run.stdout.splitlines()
+              if line.startswith("    ") and len(line.split()) > 1]
+    assert listed == subcommands
 
 
 # -- create -----------------------------------------------------------------------
