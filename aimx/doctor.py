@@ -155,10 +155,43 @@ def format_finding(finding: Finding) -> list[str]:
 # --------------------------------------------------------------------------- storage checks
 
 def _lstat(path: Path) -> os.stat_result | None:
+    """``lstat`` of ``path``; ``None`` when missing (``PermissionError`` escapes)."""
     try:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def running_as() -> str:
+    """``<user> (uid N)`` of this process, for "not checked" findings."""
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def not_checked(what: str, why: str) -> Finding:
+    """What this run could not look at and why; a note, since nothing is known to be wrong."""
+    return Finding("NOT-CHECKED", INFO, f"{what} not checked: {why}",
+                   "run `sudo aimx doctor` for the full report")
+
+
+def readable_counts(path: Path) -> tuple[int, int] | None:
+    """(total, unread) of a mailbox dir; ``None`` when this user may not open it.
+
+    ``storage.count_emails`` reads a dir it cannot open as empty, which would
+    report another user's mailbox as holding no mail.
+    """
+    try:
+        fd = storage.open_mailbox_dir(path)
+    except PermissionError:
+        return None
+    except OSError:
+        pass  # missing: counted as empty below
+    else:
+        os.close(fd)
+    return storage.count_emails(path)
 
 
 def _group_name(gid: int) -> str:
@@ -179,7 +212,11 @@ def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
     findings: list[Finding] = []
     dirs = [storage.mailbox_dir(config.data_dir, folder, mailbox.name)
             for folder in storage.FOLDERS]
-    states = [_lstat(path) for path in dirs]
+    try:
+        states = [_lstat(path) for path in dirs]
+    except PermissionError as exc:
+        return [not_checked(f"the directories of mailbox '{mailbox.name}'",
+                            f"{exc.filename} is not accessible to {running_as()}")]
     ids = owner_ids(mailbox.owner)
     catchall = mailbox.is_catchall(config.domain)
     if all(state is None for state in states):
@@ -244,6 +281,10 @@ def check_orphan_storage(config: Config) -> list[Finding]:
         try:
             names = sorted(entry.name for entry in os.scandir(base))
         except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            findings.append(not_checked(f"unclaimed directories under {base}",
+                                        f"it cannot be listed by {running_as()}"))
             continue
         for name in names:
             if name.startswith(".") or name in config.mailboxes:
@@ -364,19 +405,32 @@ def service_section(probes: Probes) -> list[str]:
     ]
 
 
-def mailboxes_section(config: Config) -> list[str]:
+def mailboxes_section(config: Config, report: Report) -> list[str]:
+    """The counts table; a mailbox this user may not read shows ``?`` and is a NOT-CHECKED note."""
     rows = []
     messages = unread_total = 0
+    unreadable = []
     for mailbox in config.mailboxes.values():
-        total, unread = storage.count_emails(
-            storage.mailbox_dir(config.data_dir, "inbox", mailbox.name))
-        messages += total
-        unread_total += unread
-        rows.append([mailbox.name, mailbox.address, str(total), str(unread),
+        counts = readable_counts(storage.mailbox_dir(config.data_dir, "inbox", mailbox.name))
+        if counts is None:
+            unreadable.append(mailbox.name)
+            total = unread = "?"
+        else:
+            messages += counts[0]
+            unread_total += counts[1]
+            total, unread = str(counts[0]), str(counts[1])
+        rows.append([mailbox.name, mailbox.address, total, unread,
                      config.effective_trust(mailbox), str(len(config.effective_senders(mailbox))),
                      str(len(mailbox.hooks))])
-    lines = [heading("Mailboxes"),
-             field("Total", f"{len(rows)} ({messages} messages, {unread_total} unread)")]
+    summary = f"{len(rows)} ({messages} messages, {unread_total} unread"
+    if unreadable:
+        summary += f"; {len(unreadable)} not readable"
+        listed = ", ".join(f"'{name}'" for name in unreadable)
+        report.findings.append(not_checked(
+            f"message counts of mailbox{'es' if len(unreadable) > 1 else ''} {listed}",
+            f"mailbox directories are readable by their owners only; this run is "
+            f"{running_as()}"))
+    lines = [heading("Mailboxes"), field("Total", summary + ")")]
     if rows:
         header = ["Mailbox", "Address", "Total", "Unread", "Trust", "Senders", "Hooks"]
         right = [False, False, True, True, False, True, True]
@@ -422,6 +476,17 @@ def checks_section(report: Report) -> list[str]:
     return lines
 
 
+def unreadable_config_report(config_path: Path, probes: Probes | None = None) -> Report:
+    """What a user who may not read ``config.toml`` can still learn: the Service section."""
+    probes = probes or Probes()
+    report = Report()
+    report.findings.append(not_checked(
+        "configuration, mailboxes, ownership and DNS",
+        f"{config_path} is not readable by {running_as()}"))
+    report.lines = [*service_section(probes), "", *checks_section(report)]
+    return report
+
+
 def build_report(config: Config, probes: Probes | None = None) -> Report:
     """Run every section and check; nothing is printed here."""
     probes = probes or Probes()
@@ -435,7 +500,7 @@ def build_report(config: Config, probes: Probes | None = None) -> Report:
     sections = [
         configuration_section(config),
         service_section(probes),
-        mailboxes_section(config),
+        mailboxes_section(config, report),
         [heading("Ownership"), *owner_lines],
         dns_section(config, probes),
         logs_section(),

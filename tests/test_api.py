@@ -66,7 +66,7 @@ release_manifest_url = "https://example.invalid/manifest.json"
 # drops to the user (groups, gid, uid) before it touches the socket or config:
 # from the connect on, it is that user as far as the kernel is concerned.
 USER_LAUNCHER = r"""
-import json, os, sys
+import json, os, sqlite3, sys
 spec = json.loads(sys.argv[1])
 import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
 import aimx.cli.main

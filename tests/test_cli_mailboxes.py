@@ -242,6 +242,22 @@ def test_show_prints_settings_hooks_and_counts(dns, users):  # noqa: F811
         assert "Permission denied" not in denied.stderr
 
 
+def test_show_of_another_users_mailbox_looks_like_a_missing_one(daemon, users):  # noqa: F811
+    alice = users["alice"]
+    deliver(daemon, "alice@test.local", 1)
+    deliver(daemon, "bob@test.local", 2)
+    daemon.config_path.chmod(0o644)  # readable: the mailbox dirs are what stays private
+    for name in ("bob", "fallback", "nope"):
+        run = aimx(daemon, "mailboxes", "show", name, user=alice)
+        assert (run.returncode, run.stdout, run.stderr) == (
+            1, "", f"Error: Mailbox '{name}' does not exist\n")
+    own = aimx(daemon, "mailboxes", "show", "alice", user=alice)
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.endswith("Messages\n  inbox: 1 (1 unread)\n  sent:  0\n")
+    assert aimx(daemon, "mailboxes", "show", "bob").stdout.endswith(
+        "  inbox: 2 (2 unread)\n  sent:  0\n")
+
+
 def _derived_after_send() -> str:
     return derived_hook_name("after_send", ["/usr/local/bin/notify", "--channel",
                                             "ops-alerts-for-the-whole-team", "--verbose"], False)

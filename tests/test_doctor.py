@@ -24,6 +24,8 @@ from aimx.cli.main import main
 from aimx.version import version_info
 from tests.support.daemon import RunningDaemon
 from tests.support.dnsserver import DnsServer
+from tests.test_api import deliver, users  # noqa: F401 (fixture)
+from tests.test_cli_mailboxes import aimx
 
 DOMAIN = "agent.example.test"
 IPV4 = "192.0.2.10"
@@ -391,3 +393,67 @@ def test_a_running_daemon_and_a_catchall_without_sent_dir_are_healthy(test_users
     assert "  skipped - aimx.localhost is a local-only name; no DNS records can be published " \
            "for it" in lines
     assert section(done.stdout, "Checks") == ["  All checks passed."]
+
+
+# -- as a user other than root ---------------------------------------------------------------
+
+
+def _two_user_instance(users: dict) -> RunningDaemon:  # noqa: F811
+    """A daemon with alice's and bob's mailboxes (dirs as setup makes them), mail in both."""
+    config = "".join(f'[mailboxes.{short}]\naddress = "{short}@aimx.localhost"\n'
+                     f'owner = "{user.name}"\n\n' for short, user in users.items())
+    daemon = RunningDaemon('domain = "aimx.localhost"\n\n' + config)
+    for short, user in users.items():
+        for folder in ("inbox", "sent"):
+            path = daemon.data_dir / folder / short
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, user.uid, user.gid)
+            path.chmod(0o700)
+    deliver(daemon, "alice@aimx.localhost", 1)
+    deliver(daemon, "bob@aimx.localhost", 2)
+    return daemon
+
+
+def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users):  # noqa: F811
+    alice = users["alice"]
+    with _two_user_instance(users) as daemon:
+        daemon.config_path.chmod(0o644)  # an operator made the config world-readable
+        mine = aimx(daemon, "doctor", user=alice)
+        full = aimx(daemon, "doctor")
+    assert "Traceback" not in mine.stderr
+    assert mine.returncode == 0, mine.stdout + mine.stderr  # a note, not a failure
+    mailboxes = section(mine.stdout, "Mailboxes")
+    assert mailboxes[0] == "  Total:            2 (1 messages, 1 unread; 1 not readable)"
+    assert "  | alice   | alice@aimx.localhost |     1 |      1 | none  |       0 |     0 |" \
+        in mailboxes
+    assert "  | bob     | bob@aimx.localhost   |     ? |      ? | none  |       0 |     0 |" \
+        in mailboxes
+    assert section(mine.stdout, "Checks") == [
+        f"  [INFO] NOT-CHECKED: message counts of mailbox 'bob' not checked: mailbox "
+        f"directories are readable by their owners only; this run is {alice.name} "
+        f"(uid {alice.uid})",
+        "         → run `sudo aimx doctor` for the full report",
+        "  Summary: 0 fail, 0 warn, 1 info",
+    ]
+    # Root reads everything: real counts, nothing left unchecked.
+    assert full.returncode == 0, full.stdout + full.stderr
+    assert section(full.stdout, "Mailboxes")[0] == "  Total:            2 (3 messages, 3 unread)"
+    assert "NOT-CHECKED" not in full.stdout
+
+
+def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_skipped(
+        users):  # noqa: F811
+    alice = users["alice"]
+    with _two_user_instance(users) as daemon:
+        run = aimx(daemon, "doctor", user=alice)
+    assert "Traceback" not in run.stderr
+    assert run.returncode == 1
+    assert section(run.stdout, "Service")[0] == "  SMTP server:      running"
+    assert section(run.stdout, "Checks") == [
+        f"  [INFO] NOT-CHECKED: configuration, mailboxes, ownership and DNS not checked: "
+        f"{daemon.config_path} is not readable by {alice.name} (uid {alice.uid})",
+        "         → run `sudo aimx doctor` for the full report",
+        "  Summary: 0 fail, 0 warn, 1 info",
+    ]
+    assert run.stderr == (f"Error: this command needs to read {daemon.config_path} "
+                          "(root-owned). Re-run with sudo, or use a UDS-backed alternative.\n")

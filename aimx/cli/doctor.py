@@ -1,16 +1,19 @@
 """``aimx doctor``: print the health report and exit 1 when something is broken.
 
-Reads ``config.toml``, so in practice it runs as root. Warnings and notes
-never change the exit code; failing checks and mailboxes whose owner does
-not exist do.
+Reads ``config.toml``, so in practice it runs as root. Another user gets
+what it can see, with NOT-CHECKED notes for the rest: the Service section
+alone when the config is root-only (then exit 1), or a report whose counts
+of other users' mailboxes are ``?``. Warnings and notes never change the
+exit code; failing checks and mailboxes whose owner does not exist do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
-from aimx import doctor
+from aimx import doctor, paths
 from aimx.cli.mailboxes import load_config
 from aimx.cli.main import CommandError, describe
 
@@ -24,6 +27,10 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
 
 
 def run(args: argparse.Namespace, probes: doctor.Probes | None = None) -> int:
+    path = paths.config_path()
+    if path.exists() and not os.access(path, os.R_OK):
+        # Not root: say what can be known without the config, then why the rest is not.
+        print("\n".join(doctor.unreadable_config_report(path, probes).lines), flush=True)
     config = load_config(args)
     report = doctor.build_report(config, probes)
     print("\n".join(report.lines), flush=True)

@@ -15,7 +15,14 @@ from typing import Any
 
 from aimx import paths
 from aimx.cli import term
-from aimx.cli.mailboxes import call, compact_cmd, confirm, is_root, load_config
+from aimx.cli.mailboxes import (
+    call,
+    compact_cmd,
+    confirm,
+    is_root,
+    load_config,
+    visible_mailbox,
+)
 from aimx.cli.main import CommandError, UsageError, describe
 from aimx.client import DaemonDown
 from aimx.protocol import ApiError, HookCreate, HookDelete, HookList
@@ -137,12 +144,7 @@ def _precheck_with_config(args: argparse.Namespace) -> None:
         config = load_config(args)
     except CommandError:
         return  # the daemon has the last word on a config this process cannot load
-    from aimx import api
-
-    mailbox = config.mailboxes.get(args.mailbox)
-    caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
-    if mailbox is None or not (caller.is_root or caller.owns(mailbox)):
-        raise CommandError(f"Mailbox '{args.mailbox}' does not exist")
+    visible_mailbox(config, args.mailbox)
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -114,6 +114,21 @@ def load_config(args: argparse.Namespace) -> Any:
                            "or use a UDS-backed alternative.") from None
 
 
+def visible_mailbox(config: Any, name: str) -> Any:
+    """``name``'s mailbox if this user may see it (root: any; else only their own).
+
+    Another user's mailbox is refused exactly like a missing one, as the
+    daemon does, so the CLI does not tell who has which mailbox.
+    """
+    from aimx import api
+
+    mailbox = config.mailboxes.get(name)
+    caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
+    if mailbox is None or not (caller.is_root or caller.owns(mailbox)):
+        raise CommandError(f"Mailbox '{name}' does not exist")
+    return mailbox
+
+
 def restart_hint() -> None:
     term.hint("Hint: Restart the daemon for the change to take effect:", sys.stdout)
     if not Path("/run/systemd/system").is_dir() and shutil.which("rc-service"):
@@ -319,9 +334,7 @@ def _show(args: argparse.Namespace) -> int:
     from aimx import storage
 
     config = load_config(args)
-    mailbox = config.mailboxes.get(args.name)
-    if mailbox is None:
-        raise CommandError(f"Mailbox '{args.name}' does not exist")
+    mailbox = visible_mailbox(config, args.name)
     data_dir = Path(config.data_dir)
     inbox_total, inbox_unread = storage.count_emails(
         storage.mailbox_dir(data_dir, "inbox", mailbox.name))
