@@ -11,6 +11,7 @@ Pure: no Twisted, no I/O except reading the file and ``getpwnam``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -18,7 +19,7 @@ import pwd
 import re
 import tomllib
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import attrs
 from aimx import paths
 from aimx.addressing import domain_problem
 from aimx.logs import logger
-from aimx.tomltext import toml_lines
+from aimx.tomltext import line_of, toml_lines
 
 EVENTS = ("on_receive", "after_send")
 TRUST_VALUES = ("none", "verified")
@@ -72,11 +73,47 @@ HOOK_CMD_ABSOLUTE = ("hooks run in working directory / with a fixed PATH, so nam
 
 
 class ConfigError(Exception):
-    """``config.toml`` is missing, unreadable or invalid; ``str(err)`` is the operator text."""
+    """``config.toml`` is missing, unreadable or invalid; ``str(err)`` is the operator text.
+
+    ``message`` is the problem alone, as validating an edit reports it. An error
+    found in a file on disk also names the file and, when ``at`` (the TOML path
+    of the table or key at fault) leads to one, the line: ``<file>, line <n>:
+    <message>``, so the operator knows where to look.
+    """
+
+    def __init__(self, message: str, *, at: tuple[str | int, ...] | None = None) -> None:
+        super().__init__(message)
+        self.at = at
+        self.file: Path | None = None
+        self.line: int | None = None
 
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    def locate(self, path: os.PathLike[str] | str, text: str) -> ConfigError:
+        """Name ``path`` (and the line of ``at`` in ``text``) unless the message already does."""
+        if str(path) not in self.message:
+            self.file = Path(path)
+            self.line = line_of(text, self.at) if self.at else None
+        return self
+
+    def __str__(self) -> str:
+        if self.file is None:
+            return self.message
+        where = f"{self.file}, line {self.line}" if self.line else str(self.file)
+        return f"{where}: {self.message}"
+
+
+@contextlib.contextmanager
+def _at(*path: str | int) -> Iterator[None]:
+    """Record ``path`` on a ``ConfigError`` raised inside, unless a deeper one already did."""
+    try:
+        yield
+    except ConfigError as err:
+        if err.at is None:
+            err.at = path
+        raise
 
 
 # --------------------------------------------------------------------------- names
@@ -513,65 +550,86 @@ def _decode_hook(raw: Any, mailbox: str) -> Hook:
     return Hook(**fields)
 
 
+def _decode_mailbox_key(name: str, key: str, value: Any) -> dict[str, Any]:
+    table = f"[mailboxes.{name}]"
+    if key not in _MAILBOX_KEYS:
+        raise _unknown(key, table)
+    if key in ("address", "owner", "trust"):
+        return {key: _string(value, key, table)}
+    if key == "trusted_senders":
+        # D9: globs match case-insensitively, so keep them in the case From is compared in.
+        return {key: tuple(glob.lower() for glob in _strings(value, key, table))}
+    if key == "allow_root_catchall":
+        return {key: _bool(value, key, table)}
+    # hooks
+    if not isinstance(value, list):
+        raise _type_error(key, table, "an array of tables", value)
+    hooks = []
+    for index, hook in enumerate(value):
+        with _at("mailboxes", name, "hooks", index):
+            hooks.append(_decode_hook(hook, name))
+    return {key: tuple(hooks)}
+
+
 def _decode_mailbox(name: str, raw: Any) -> Mailbox:
     table = f"[mailboxes.{name}]"
     if not isinstance(raw, dict):
         raise _type_error(name, "[mailboxes]", "a table", raw)
     fields: dict[str, Any] = {"owner": ""}  # a missing owner gets the step-6 message
     for key, value in raw.items():
-        if key not in _MAILBOX_KEYS:
-            raise _unknown(key, table)
-        if key in ("address", "owner", "trust"):
-            fields[key] = _string(value, key, table)
-        elif key == "trusted_senders":
-            # D9: globs match case-insensitively, so keep them in the case From is compared in.
-            fields[key] = tuple(glob.lower() for glob in _strings(value, key, table))
-        elif key == "allow_root_catchall":
-            fields[key] = _bool(value, key, table)
-        else:  # hooks
-            if not isinstance(value, list):
-                raise _type_error(key, table, "an array of tables", value)
-            fields[key] = tuple(_decode_hook(hook, name) for hook in value)
+        with _at("mailboxes", name, key):
+            fields.update(_decode_mailbox_key(name, key, value))
     if "address" not in fields:
         raise _missing("address", table)
     return Mailbox(name=name, **fields)
+
+
+def _decode_top_key(fields: dict[str, Any], key: str, value: Any) -> None:
+    """One top-level key of step 5 into ``fields``."""
+    if key not in _TOP_KEYS:
+        raise _unknown(key, _TOP)
+    if key in ("domain", "dkim_selector", "trust", "verify_host", "signature"):
+        fields[key] = _string(value, key, _TOP)
+    elif key == "data_dir":
+        fields[key] = Path(_string(value, key, _TOP))
+    elif key == "trusted_senders":
+        fields[key] = tuple(glob.lower() for glob in _strings(value, key, _TOP))
+    elif key == "enable_ipv6":
+        fields[key] = _bool(value, key, _TOP)
+    elif key in _LIMIT_KEYS:
+        fields[key] = _limit(value, key, _LIMIT_KEYS[key])
+    elif key == "dns_resolvers":
+        resolvers = _strings(value, key, _TOP)
+        for entry in resolvers:
+            try:
+                parse_resolver(entry)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        fields[key] = resolvers
+    elif key == "upgrade":
+        if not isinstance(value, dict):
+            raise _type_error(key, _TOP, "a table", value)
+        for sub, sub_value in value.items():
+            with _at("upgrade", sub):
+                if sub not in _UPGRADE_KEYS:
+                    raise _unknown(sub, "[upgrade]")
+                fields["release_manifest_url"] = _string(sub_value, sub, "[upgrade]")
+    else:  # mailboxes
+        if not isinstance(value, dict):
+            raise _type_error(key, _TOP, "a table", value)
+        mailboxes = []
+        for name, raw in value.items():
+            with _at("mailboxes", name):
+                mailboxes.append(_decode_mailbox(name, raw))
+        fields[key] = tuple(mailboxes)
 
 
 def _decode(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Step 5: types, required and unknown keys, in file order."""
     fields: dict[str, Any] = {"path": path}
     for key, value in data.items():
-        if key not in _TOP_KEYS:
-            raise _unknown(key, _TOP)
-        if key in ("domain", "dkim_selector", "trust", "verify_host", "signature"):
-            fields[key] = _string(value, key, _TOP)
-        elif key == "data_dir":
-            fields[key] = Path(_string(value, key, _TOP))
-        elif key == "trusted_senders":
-            fields[key] = tuple(glob.lower() for glob in _strings(value, key, _TOP))
-        elif key == "enable_ipv6":
-            fields[key] = _bool(value, key, _TOP)
-        elif key in _LIMIT_KEYS:
-            fields[key] = _limit(value, key, _LIMIT_KEYS[key])
-        elif key == "dns_resolvers":
-            resolvers = _strings(value, key, _TOP)
-            for entry in resolvers:
-                try:
-                    parse_resolver(entry)
-                except ValueError as err:
-                    raise ConfigError(str(err)) from None
-            fields[key] = resolvers
-        elif key == "upgrade":
-            if not isinstance(value, dict):
-                raise _type_error(key, _TOP, "a table", value)
-            for sub, sub_value in value.items():
-                if sub not in _UPGRADE_KEYS:
-                    raise _unknown(sub, "[upgrade]")
-                fields["release_manifest_url"] = _string(sub_value, sub, "[upgrade]")
-        else:  # mailboxes
-            if not isinstance(value, dict):
-                raise _type_error(key, _TOP, "a table", value)
-            fields[key] = tuple(_decode_mailbox(name, raw) for name, raw in value.items())
+        with _at(key):
+            _decode_top_key(fields, key, value)
     if "domain" not in fields:
         raise _missing("domain", _TOP)
     return fields
@@ -580,9 +638,11 @@ def _decode(data: dict[str, Any], path: Path) -> dict[str, Any]:
 def _trust_error(mailbox: Mailbox | None, value: str) -> ConfigError:
     allowed = '["none", "verified"]'
     if mailbox is None:
-        return ConfigError(f"invalid top-level trust value '{value}': expected one of {allowed}")
+        return ConfigError(f"invalid top-level trust value '{value}': expected one of {allowed}",
+                           at=("trust",))
     return ConfigError(
-        f"invalid trust value '{value}' on mailbox '{mailbox.name}': expected one of {allowed}"
+        f"invalid trust value '{value}' on mailbox '{mailbox.name}': expected one of {allowed}",
+        at=("mailboxes", mailbox.name, "trust"),
     )
 
 
@@ -664,31 +724,38 @@ def _check_unique_names(mailboxes: Iterable[Mailbox]) -> None:
     """
     seen: dict[tuple[str, str], tuple[str, bool]] = {}
     for mailbox in mailboxes:
-        for hook in mailbox.hooks:
-            name, explicit = hook.effective_name, hook.name is not None
-            key = (mailbox.owner, name)
-            if key not in seen:
-                seen[key] = (mailbox.name, explicit)
-                continue
-            first, first_explicit = seen[key]
-            where = (f"mailbox '{first}'" if first == mailbox.name
-                     else f"mailboxes '{first}' and '{mailbox.name}'")
-            if explicit and first_explicit:
-                raise ConfigError(
-                    f"duplicate hook name '{name}' on {where}: "
-                    "hook names must be unique across the mailboxes of one owner"
-                )
-            if not explicit and not first_explicit:
-                raise ConfigError(
-                    f"anonymous hooks on {where} have identical "
-                    f"event/cmd and derive the same name '{name}': set an explicit `name` on at "
-                    "least one to disambiguate"
-                )
-            raise ConfigError(
-                f"explicit hook name '{name}' collides with the derived name of an anonymous "
-                f"hook ({where}): rename the explicit hook or set an explicit `name` on the "
-                "anonymous one"
-            )
+        for index, hook in enumerate(mailbox.hooks):
+            with _at("mailboxes", mailbox.name, "hooks", index):
+                _check_unique_name(seen, mailbox, hook)
+
+
+def _check_unique_name(seen: dict[tuple[str, str], tuple[str, bool]], mailbox: Mailbox,
+                       hook: Hook) -> None:
+    """One hook against the names ``seen`` so far (owner, name) -> (mailbox, explicit)."""
+    name, explicit = hook.effective_name, hook.name is not None
+    key = (mailbox.owner, name)
+    if key not in seen:
+        seen[key] = (mailbox.name, explicit)
+        return
+    first, first_explicit = seen[key]
+    where = (f"mailbox '{first}'" if first == mailbox.name
+             else f"mailboxes '{first}' and '{mailbox.name}'")
+    if explicit and first_explicit:
+        raise ConfigError(
+            f"duplicate hook name '{name}' on {where}: "
+            "hook names must be unique across the mailboxes of one owner"
+        )
+    if not explicit and not first_explicit:
+        raise ConfigError(
+            f"anonymous hooks on {where} have identical "
+            f"event/cmd and derive the same name '{name}': set an explicit `name` on at "
+            "least one to disambiguate"
+        )
+    raise ConfigError(
+        f"explicit hook name '{name}' collides with the derived name of an anonymous "
+        f"hook ({where}): rename the explicit hook or set an explicit `name` on the "
+        "anonymous one"
+    )
 
 
 def parse_config_text(
@@ -713,13 +780,13 @@ def parse_config_text(
     problem = domain_problem(domain)
     if problem is not None:
         raise ConfigError(f"invalid domain '{domain}': {problem}; `domain` must be the host "
-                          "name mail is addressed to, e.g. agent.example.com")
+                          "name mail is addressed to, e.g. agent.example.com", at=("domain",))
 
     for mailbox in mailboxes:
         if not mailbox.owner.strip():
             raise ConfigError(
                 f"mailbox '{mailbox.name}' is missing required field 'owner'; re-run "
-                "'sudo aimx setup' or hand-edit config.toml"
+                "'sudo aimx setup' or hand-edit config.toml", at=("mailboxes", mailbox.name)
             )
     if fields.get("trust", "none") not in TRUST_VALUES:
         raise _trust_error(None, fields["trust"])
@@ -730,21 +797,23 @@ def parse_config_text(
         if mailbox.hooks and mailbox.is_catchall(domain):
             raise ConfigError(
                 f"mailbox '{mailbox.name}' is the catchall but has hooks attached; "
-                "catchall does not support hooks"
+                "catchall does not support hooks", at=("mailboxes", mailbox.name, "hooks", 0)
             )
-        for hook in mailbox.hooks:
+        for index, hook in enumerate(mailbox.hooks):
             if hook.fire_on_untrusted and hook.event == "after_send":
                 raise ConfigError(
                     f"hook '{hook.label}' on mailbox '{mailbox.name}' sets "
                     "`fire_on_untrusted = true` on event 'after_send': fire_on_untrusted is "
-                    "on_receive only"
+                    "on_receive only", at=("mailboxes", mailbox.name, "hooks", index)
                 )
     warnings: list[str] = []
     for mailbox in mailboxes:
-        _check_owner(mailbox, domain, warnings)
+        with _at("mailboxes", mailbox.name):
+            _check_owner(mailbox, domain, warnings)
     for mailbox in mailboxes:
-        for hook in mailbox.hooks:
-            _check_hook_fields(hook, mailbox.name)
+        for index, hook in enumerate(mailbox.hooks):
+            with _at("mailboxes", mailbox.name, "hooks", index):
+                _check_hook_fields(hook, mailbox.name)
     _check_unique_names(mailboxes)
 
     fields["warnings"] = tuple(warnings)
@@ -775,4 +844,7 @@ def load_config(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"failed to parse {path}: invalid UTF-8: {err}") from None
-    return parse_config_text(text, path, data_dir_override)
+    try:
+        return parse_config_text(text, path, data_dir_override)
+    except ConfigError as err:
+        raise err.locate(path, text) from None

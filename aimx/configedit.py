@@ -228,6 +228,11 @@ def _apply(
     try:
         config = parse_config_text(new_text, path, data_dir_override)
     except ConfigError as err:
+        try:
+            parse_config_text(text, path, data_dir_override)
+        except ConfigError as broken:
+            # The file was invalid before this edit: point the operator at it, not the request.
+            raise ConfigEditError("IO", str(broken.locate(path, text))) from None
         raise ConfigEditError("VALIDATION", str(err)) from None
     write_config_text(path, new_text)
     return config

@@ -531,7 +531,7 @@ class Wizard:
             self.config = load_config(path)
             self.config_text = path.read_text(encoding="utf-8")
         except (ConfigError, OSError) as exc:
-            raise SetupError(f"existing {path} cannot be used: {exc}. Fix or remove it, "
+            raise SetupError(f"the existing config cannot be used: {exc}. Fix or remove it, "
                              "then re-run `sudo aimx setup`.") from exc
         self.selector = self.config.dkim_selector
         self.enable_ipv6 = self.config.enable_ipv6

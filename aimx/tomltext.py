@@ -139,3 +139,34 @@ def toml_lines(text: str) -> list[TomlLine]:
             _scan_value(text, key_end, end, state)
         pos = end
     return lines
+
+
+def line_of(text: str, path: tuple[str | int, ...]) -> int | None:
+    """The 1-based line where ``path`` (or the first thing inside it) is defined.
+
+    For error messages that point at a table or key. A trailing integer picks
+    one table of an array of tables (``("mailboxes", "a", "hooks", 1)`` is the
+    second ``[[mailboxes.a.hooks]]``); when the array is written inline the
+    line of the array itself is given. ``None`` when nothing matches.
+    """
+    if path and isinstance(path[-1], int):
+        prefix, index = path[:-1], path[-1]
+        seen = 0
+        for number, line in enumerate(toml_lines(text), 1):
+            if line.kind == "header" and line.is_array and line.path == prefix:
+                if seen == index:
+                    return number
+                seen += 1
+        return line_of(text, prefix)
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(toml_lines(text), 1):
+        if line.path is None or line.kind not in ("header", "key"):
+            continue
+        if line.kind == "header":
+            table = line.path
+            defined = table
+        else:
+            defined = table + line.path
+        if defined[:len(path)] == path:
+            return number
+    return None

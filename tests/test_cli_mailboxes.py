@@ -121,6 +121,23 @@ def test_noninteractive_root_takes_the_default_or_fails(daemon, users):  # noqa:
     assert "ops" not in mailboxes(daemon)
 
 
+def test_a_broken_config_is_reported_with_its_file_and_line(daemon, stopped, users):  # noqa: F811
+    alice = users["alice"]
+    for instance in (daemon, stopped):
+        text = instance.config_path.read_text() + '\n[mailboxes.zed]\nowner = "root"\n'
+        instance.write_config(text)
+        line = text.splitlines().index("[mailboxes.zed]") + 1
+        where = f"{instance.config_path}, line {line}: missing required field 'address' in " \
+                "[mailboxes.zed]"
+        if instance is daemon:  # the daemon refuses to edit a file that is already invalid
+            run = aimx(instance, "mailboxes", "create", "ops", user=alice)
+            assert (run.returncode, run.stderr) == (1, f"Error: [IO] {where}\n")
+        run = aimx(instance, "mailboxes", "create", "ops", "--owner", alice.name)
+        assert (run.returncode, run.stderr) == (1, f"Error: {where}\n" if instance is stopped
+                                                else f"Error: [IO] {where}\n")
+        assert instance.config_path.read_text() == text
+
+
 def test_daemon_down_non_root_exits_2_and_touches_nothing(stopped, users):  # noqa: F811
     alice = users["alice"]
     before = stopped.config_path.read_bytes()

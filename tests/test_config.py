@@ -60,7 +60,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def load_error(tmp_path: Path, text: str) -> str:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
-    return str(caught.value)
+    return caught.value.message
 
 
 # --------------------------------------------------------------------------- happy paths
@@ -505,6 +505,34 @@ def test_duplicates_within_one_mailbox(tmp_path):
         "duplicate hook name 'x' on mailbox 'alice': hook names must be unique "
         "across the mailboxes of one owner"
     )
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    # line 1 is the domain; mailbox("alice") starts with a blank line, then its header (3)
+    (HEAD + mailbox("alice") + '\n[mailboxes.zed]\nowner = "root"\n', 7,
+     "missing required field 'address' in [mailboxes.zed]"),
+    (HEAD + mailbox("alice", 'colour = "red"\n'), 6,
+     "unknown field 'colour' in [mailboxes.alice]"),
+    (HEAD + mailbox("alice") + hook(named("a")) + hook(named("b", "timeout_secs = 0")), 13,
+     "hook 'b' on mailbox 'alice' has `timeout_secs = 0`: must be > 0"),
+    (HEAD + mailbox("alice") + hook(named("x")) + hook(named("x")), 13,
+     "duplicate hook name 'x' on mailbox 'alice': hook names must be unique across the "
+     "mailboxes of one owner"),
+    (HEAD + mailbox("alice", owner="Zed"), 3,
+     "mailbox 'alice' has invalid owner 'Zed': must be 'root', 'aimx-catchall', or a valid "
+     "Linux username matching [a-z_][a-z0-9_-]*[$]?"),
+    ('trust = "sometimes"\n' + HEAD, 1,
+     "invalid top-level trust value 'sometimes': expected one of [\"none\", \"verified\"]"),
+])
+def test_an_error_in_the_file_names_the_file_and_line(tmp_path, text, line, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}, line {line}: {message}"
+    # Checking text that is not (yet) on disk reports the problem alone.
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text, path)
+    assert str(caught.value) == message
 
 
 def test_first_failure_in_file_order_wins(tmp_path):

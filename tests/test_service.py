@@ -89,7 +89,8 @@ def test_invalid_config_is_fatal_with_the_loader_text(owner: str) -> None:
     with RunningDaemon('domain = "test.local"\ntrusted_sender = []\n', start=False) as daemon:
         result = run_once(daemon)
     assert result.returncode == 1
-    assert "Error: unknown field 'trusted_sender' in top-level table" in result.stderr
+    assert (f"Error: {daemon.config_path}, line 2: unknown field 'trusted_sender' in top-level "
+            "table") in result.stderr
 
 
 def test_unreadable_dkim_key_is_fatal(owner: str) -> None:
