@@ -69,6 +69,15 @@ def test_a_duplicate_name_on_one_mailbox_names_it_once(daemon, users):  # noqa: 
            "unique across the mailboxes of one owner\n")
 
 
+def test_a_config_dir_closed_to_users_leaves_the_socket_path_working(daemon, users):  # noqa: F811
+    alice = users["alice"]
+    daemon.config_dir.chmod(0o700)
+    run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "on_receive",
+               "--cmd", '["/bin/true"]', "--name", "ok", user=alice)
+    assert (run.returncode, run.stderr) == (0, "")
+    assert [hook["name"] for hook in hooks_of(daemon, "alice")] == ["ok"]
+
+
 def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):  # noqa: F811
     alice = users["alice"]
     argv = ["/usr/local/bin/agent", "--prompt", "summarise the new email and file it " * 2]

@@ -441,10 +441,13 @@ def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users
     assert "NOT-CHECKED" not in full.stdout
 
 
+@pytest.mark.parametrize("private", ["file", "directory"])
 def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_skipped(
-        users):  # noqa: F811
+        users, private):  # noqa: F811
     alice = users["alice"]
     with _two_user_instance(users) as daemon:
+        if private == "directory":  # not even whether the file exists can be seen
+            daemon.config_dir.chmod(0o700)
         run = aimx(daemon, "doctor", user=alice)
     assert "Traceback" not in run.stderr
     assert run.returncode == 1

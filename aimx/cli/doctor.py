@@ -10,11 +10,10 @@ exit code; failing checks and mailboxes whose owner does not exist do.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from aimx import doctor, paths
-from aimx.cli.mailboxes import load_config
+from aimx.cli.mailboxes import config_unreadable, load_config
 from aimx.cli.main import CommandError, describe
 
 
@@ -28,7 +27,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
 
 def run(args: argparse.Namespace, probes: doctor.Probes | None = None) -> int:
     path = paths.config_path()
-    if path.exists() and not os.access(path, os.R_OK):
+    if config_unreadable(path):
         # Not root: say what can be known without the config, then why the rest is not.
         print("\n".join(doctor.unreadable_config_report(path, probes).lines), flush=True)
     config = load_config(args)

@@ -18,6 +18,7 @@ from aimx.cli import term
 from aimx.cli.mailboxes import (
     call,
     compact_cmd,
+    config_unreadable,
     confirm,
     is_root,
     load_config,
@@ -138,7 +139,7 @@ def parse_cmd(text: str) -> list[str]:
 def _precheck_with_config(args: argparse.Namespace) -> None:
     """When this process can read the config, the mailbox must exist and be the caller's."""
     path = paths.config_path()
-    if not (path.is_file() and os.access(path, os.R_OK)):
+    if config_unreadable(path) or not os.path.isfile(path):
         return
     try:
         config = load_config(args)

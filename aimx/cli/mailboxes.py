@@ -96,13 +96,24 @@ def api_to_command(exc: ApiError) -> CommandError:
     return CommandError(str(exc))
 
 
+def config_unreadable(path: Path) -> bool:
+    """Whether ``path`` exists but this user may not read it (or may not even look)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return not os.access(path, os.R_OK)
+
+
 def load_config(args: argparse.Namespace) -> Any:
     """The on-disk config with this process's data-dir override (root paths only)."""
     from aimx.config import ConfigError
     from aimx.config import load_config as load
 
     path = paths.config_path()
-    if path.exists() and not os.access(path, os.R_OK):
+    if config_unreadable(path):
         raise CommandError(f"this command needs to read {path} (root-owned). Re-run with sudo, "
                            "or use a UDS-backed alternative.")
     try:
