@@ -68,7 +68,7 @@ test-lowest: install system-deps
 	$(VENV)-lowest/bin/python -m pytest $(PYTEST_ARGS)
 
 run: install
-	$(BIN)/python -m aimx.devrun
+	$(BIN)/python -m aimx.ops.devrun
 
 lint: install
 	$(BIN)/ruff check .

@@ -25,8 +25,8 @@ from typing import Any
 import attrs
 
 from aimx import paths
-from aimx.addressing import domain_problem
 from aimx.logs import logger
+from aimx.mail.addressing import domain_problem
 from aimx.tomltext import toml_lines
 
 EVENTS = ("on_receive", "after_send")

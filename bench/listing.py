@@ -1,7 +1,7 @@
 """Listing a mailbox of 100,000 messages: ``mailbox_list`` and ``email_list`` pages.
 
 The mailbox is written straight to disk (real aimx files, rendered by
-``aimx.frontmatter``, without fsync: only reading is measured here), then a
+``aimx.mail.frontmatter``, without fsync: only reading is measured here), then a
 daemon is started on the data dir.
 
 - ``mailbox_list``: the MAILBOX-LIST request the MCP tool makes, round trip
@@ -11,7 +11,7 @@ daemon is started on the data dir.
   the listing code of ``aimx mcp`` as it stands (``mcpserver.list_emails``:
   a directory scan plus one file read per row looked at, with its in-process
   header cache cold and warm), and the same rows built from
-  ``aimx.storage``'s per-mailbox index.
+  ``aimx.storage.mailstore``'s per-mailbox index.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 
 import attrs
 
-from aimx import frontmatter, storage
+from aimx.mail import frontmatter
+from aimx.storage import mailstore as storage
 from bench.targets import DOMAIN, MAILBOX, OWNER
 from tests.support.daemon import RunningDaemon
 
@@ -95,7 +96,7 @@ class ListingResult:
 
 def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict[str, Any]]:
     """``email_list`` rows from the index, with the MCP tool's own row and filter rules."""
-    from aimx import mcpserver
+    from aimx.mcp import server as mcpserver
 
     if not filters.active:
         return [mcpserver.list_row(e.id, e.summary, "inbox")
@@ -121,8 +122,9 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
 
 
 def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
-    from aimx import mcpserver, protocol
-    from aimx.client import Client
+    from aimx.daemon import protocol
+    from aimx.daemon.client import Client
+    from aimx.mcp import server as mcpserver
 
     daemon = RunningDaemon({"domain": DOMAIN,
                             "mailboxes": {MAILBOX: {"address": f"{MAILBOX}@{DOMAIN}",

@@ -13,9 +13,9 @@ import time
 import attrs
 import pytest
 
-from aimx import dnsresolve, emailauth
-from aimx.dnsresolve import Budget
-from aimx.emailauth import AuthResults, authenticate
+from aimx.smtp import dnsresolve, emailauth
+from aimx.smtp.dnsresolve import Budget
+from aimx.smtp.emailauth import AuthResults, authenticate
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
 
@@ -27,7 +27,7 @@ STRANGER_IP = "198.51.100.7"  # in nobody's record
 
 @attrs.frozen
 class Parsed:
-    """Stand-in for aimx.message.ParsedMessage: the fields authentication reads."""
+    """Stand-in for aimx.mail.message.ParsedMessage: the fields authentication reads."""
 
     from_: str
     from_addresses: tuple[str, ...]

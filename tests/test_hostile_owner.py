@@ -269,7 +269,7 @@ def test_an_800_mb_email_is_refused_without_being_read(dns, users) -> None:
 def test_start_up_cleanup_and_counts_never_follow_an_owners_link(users, vault, shared) -> None:
     """Crash cleanup removes temp names in bundle dirs, and counts read every email:
     through a bundle an owner swapped for a link, neither may touch the root-only dir."""
-    from aimx import storage
+    from aimx.storage import mailstore as storage
 
     alice = users["alice"]
     shared.chmod(0o755)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from aimx import emailauth, ingest, storage
 from aimx.config import parse_config_text
+from aimx.smtp import emailauth, ingest
+from aimx.storage import mailstore as storage
 from tests.support.dnsserver import DnsServer
 from tests.support.users import ensure_user
 

@@ -18,8 +18,8 @@ import pytest
 
 from aimx.cli.main import CommandError
 from aimx.cli.portcheck import ROOT_REQUIRED, portcheck
-from aimx.initsystem import System
-from aimx.setup import (
+from aimx.ops.initsystem import System
+from aimx.ops.setup import (
     INBOUND_UNREACHABLE,
     OUTBOUND_BLOCKED,
     CheckFailed,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx import storage
+from aimx.storage import mailstore as storage
 from tests.support.daemon import REPO_ROOT, RunningDaemon, SmtpWire, free_port, stored_emails
 
 DOMAIN = "test.local"
@@ -297,7 +297,7 @@ def test_devrun_serves_mail_into_the_dev_mailbox(tmp_path: Path) -> None:
     env["PYTHONUNBUFFERED"] = "1"
     log_path = tmp_path / "devrun.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "aimx.devrun", "--dir", str(dev),
+        proc = subprocess.Popen([sys.executable, "-m", "aimx.ops.devrun", "--dir", str(dev),
                                  "--bind", f"127.0.0.1:{port}"], env=env, cwd=str(REPO_ROOT),
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -321,7 +321,7 @@ def test_devrun_serves_mail_into_the_dev_mailbox(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     key_before = (dev / "config" / "dkim" / "private.key").read_bytes()
-    from aimx.devrun import prepare
+    from aimx.ops.devrun import prepare
 
     prepare(dev, f"127.0.0.1:{port}")  # a re-run keeps what exists
     assert (dev / "config" / "dkim" / "private.key").read_bytes() == key_before

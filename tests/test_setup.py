@@ -26,9 +26,9 @@ import tomlkit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from aimx import dkimkeys, dnscheck
-from aimx.initsystem import System, run_command
-from aimx.setup import (
+from aimx.ops import dkimkeys, dnscheck
+from aimx.ops.initsystem import System, run_command
+from aimx.ops.setup import (
     NO_TRUST_WARNING,
     OUTBOUND_BLOCKED,
     Console,

@@ -21,8 +21,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from aimx import storage
-from aimx.storage import MailStore, StorageError
+from aimx.storage import mailstore as storage
+from aimx.storage.mailstore import MailStore, StorageError
 from tests.support.users import ensure_user, needs_root
 
 UTC = datetime.UTC
@@ -391,7 +391,7 @@ def test_readers_ignore_temp_files(data: Path) -> None:
 def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> None:
     script = textwrap.dedent(f"""
         import time
-        from aimx.storage import MailStore
+        from aimx.storage.mailstore import MailStore
         store = MailStore({str(data)!r})
         with store.mailbox_lock("alice"):
             print(time.monotonic(), flush=True)
@@ -788,17 +788,17 @@ READER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import sqlite3
-import aimx.mcpserver
-from aimx import storage
+import aimx.mcp.server
+from aimx.storage import mailstore as storage
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])
 box = spec["box"]
 rows = lambda entries: [[e.id, e.summary["subject"], e.summary["read"] is True]
                         for e in entries if e.summary is not None]
-page = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0)
-unread = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0,
-                                    filters=aimx.mcpserver.ListFilters(unread=True))
+page = aimx.mcp.server.list_emails(box, "inbox", limit=50, offset=0)
+unread = aimx.mcp.server.list_emails(box, "inbox", limit=50, offset=0,
+                                    filters=aimx.mcp.server.ListFilters(unread=True))
 print(json.dumps({
     "counts": list(storage.count_emails(box)),
     "page": rows(storage.list_page(box, 0, 100)),

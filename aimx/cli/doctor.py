@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aimx import doctor
 from aimx.cli.mailboxes import load_config
 from aimx.cli.main import CommandError, describe
+from aimx.ops import doctor
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

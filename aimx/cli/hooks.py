@@ -13,12 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.mailboxes import call, compact_cmd, confirm, is_root, load_config
 from aimx.cli.main import CommandError, UsageError, describe
-from aimx.client import DaemonDown
-from aimx.protocol import ApiError, HookCreate, HookDelete, HookList
+from aimx.daemon.client import DaemonDown
+from aimx.daemon.protocol import ApiError, HookCreate, HookDelete, HookList
 
 HOOK_NAME_PATTERN = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
 DEFAULT_TIMEOUT = 60
@@ -83,7 +82,7 @@ def _list(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx import api
+        from aimx.daemon import api
 
         config = _offline_config(args, "list")
         rows = api.hook_rows(config, api.Caller(0, 0, 0))
@@ -134,7 +133,7 @@ def _precheck_with_config(args: argparse.Namespace) -> None:
         config = load_config(args)
     except CommandError:
         return  # the daemon has the last word on a config this process cannot load
-    from aimx import api
+    from aimx.daemon import api
 
     mailbox = config.mailboxes.get(args.mailbox)
     caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
@@ -169,9 +168,9 @@ def _create(args: argparse.Namespace) -> int:
 
 def _create_offline(args: argparse.Namespace, fields: dict[str, Any]) -> str:
     """The daemon's HOOK-CREATE checks and rewrite, run as root in this process."""
-    from aimx import api
     from aimx import config as configmod
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = _offline_config(args, "create")
     mailbox = fields["mailbox"]
@@ -204,7 +203,7 @@ def _delete(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx import api
+        from aimx.daemon import api
 
         offline_config = _offline_config(args, "delete")
         rows = api.hook_rows(offline_config, api.Caller(0, 0, 0))
@@ -235,8 +234,8 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, config: Any, name: str) -> None:
-    from aimx import api
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     try:
         mailbox = api.find_hook(config, name, api.Caller(0, 0, 0), args.mailbox)

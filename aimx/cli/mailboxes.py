@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, UsageError, describe
-from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
-from aimx.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
+from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
+from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
 
 DAEMON_DOWN_TEXT = (
     "daemon must be running for non-root mailbox CRUD; start `aimx serve` or run with sudo "
@@ -208,9 +207,9 @@ def _report_created(name: str, reply: dict[str, Any]) -> None:
 
 def _create_offline(args: argparse.Namespace, config: Any, name: str, owner: str) -> dict:
     """Daemon down, root: the daemon's checks and rewrite, run in this process."""
-    from aimx import api
     from aimx import config as configmod
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = config or load_config(args)
     try:
@@ -251,8 +250,8 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, name: str) -> None:
-    from aimx import api
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = load_config(args)
     try:
@@ -277,7 +276,7 @@ def _list(args: argparse.Namespace) -> int:
     except DaemonDown:
         if not root:
             raise CommandError(DAEMON_DOWN_TEXT, 2) from None
-        from aimx import api
+        from aimx.daemon import api
 
         config = load_config(args)
         rows = api.mailbox_rows(config, Path(config.data_dir), api.Caller(0, 0, 0))["rows"]
@@ -303,7 +302,7 @@ def format_mailbox_rows(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from aimx import storage
+    from aimx.storage import mailstore as storage
 
     config = load_config(args)
     mailbox = config.mailboxes.get(args.name)

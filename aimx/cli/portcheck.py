@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, describe
 from aimx.config import Config, ConfigError, load_config
-from aimx.initsystem import System
-from aimx.setup import (
+from aimx.ops.initsystem import System
+from aimx.ops.setup import (
     CheckFailed,
     Console,
     SetupError,

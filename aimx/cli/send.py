@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{ROOT_REFUSAL}\n{ROOT_LOGIN_HINT}", 2)
         raise CommandError(ROOT_REFUSAL, 2)
 
-    from aimx import compose
-    from aimx.cli import term
-    from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
-    from aimx.protocol import ApiError, Send
+    from aimx import term
+    from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
+    from aimx.daemon.protocol import ApiError, Send
+    from aimx.mail import compose
 
     try:
         message = compose.compose_message(

@@ -4,7 +4,7 @@
 resolve; ``aimx doctor`` prints the same check lines. The order is fixed:
 A, AAAA (IPv6 only), MX, SPF, SPF (IPv6) (IPv6 only), DKIM, DMARC.
 
-Lookups go through ``aimx.dnsresolve`` (the operator's ``dns_resolvers``,
+Lookups go through ``aimx.smtp.dnsresolve`` (the operator's ``dns_resolvers``,
 D11) and block, so callers run this off any reactor. Each question gets up to
 three tries 300 ms apart, two seconds each; any real answer, including
 NXDOMAIN or an empty one, is final.
@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 import attrs
 import dns.resolver
 
-from aimx import dnsresolve
-from aimx.cli import term
-from aimx.dkimkeys import record_name as dkim_record_name
-from aimx.dkimkeys import record_value as dkim_record_value
+from aimx import term
+from aimx.ops.dkimkeys import record_name as dkim_record_name
+from aimx.ops.dkimkeys import record_value as dkim_record_value
+from aimx.smtp import dnsresolve
 
 TRY_SECONDS = 2.0
 TRIES = 3

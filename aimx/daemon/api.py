@@ -33,9 +33,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from aimx import config as configmod
-from aimx import configedit, storage
-from aimx.logs import logger
-from aimx.protocol import (
+from aimx import configedit
+from aimx.daemon.protocol import (
     COMMANDS,
     DEFAULT_TIMEOUT_SECS,
     ERROR_CODES,
@@ -58,6 +57,8 @@ from aimx.protocol import (
     parse_request,
     undeclared_keys,
 )
+from aimx.logs import logger
+from aimx.storage import mailstore as storage
 from aimx.version import version_info
 
 log = logger("aimx::uds")

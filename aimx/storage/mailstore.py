@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from aimx import frontmatter, safefs
 from aimx.config import owner_ids
 from aimx.fsutil import fsync_dir
 from aimx.logs import kv, logger
-from aimx.message import rfc3339_utc
+from aimx.mail import frontmatter
+from aimx.mail.message import rfc3339_utc
+from aimx.storage import safefs
 
 if TYPE_CHECKING:  # imported when an index is first opened: the daemon may never list
     import sqlite3
@@ -41,7 +42,7 @@ log = logger("aimx::storage")
 FOLDERS = ("inbox", "sent")
 README_NAME = "README.md"
 README_MARKER = "<!-- aimx-readme-version: 1 -->"
-README_TEMPLATE = Path(__file__).parent / "data" / "README.md.tmpl"
+README_TEMPLATE = Path(__file__).parents[1] / "data" / "README.md.tmpl"
 
 SLUG_MAX_CHARS = 20
 ATTACHMENT_NAME_MAX_BYTES = 200
@@ -256,7 +257,7 @@ def open_mailbox_dir(directory: str | os.PathLike[str]) -> int:
     """A descriptor of a mailbox dir, opened from its root-owned parent without following links.
 
     Everything aimx does inside a mailbox goes through this descriptor (see
-    ``aimx.safefs``): the owner may rearrange the dir's entries at will, but
+    ``aimx.storage.safefs``): the owner may rearrange the dir's entries at will, but
     never the dir itself, whose entry lives in root's ``inbox/`` or ``sent/``.
     """
     path = Path(directory)

@@ -1,6 +1,6 @@
 """Exec trampoline between the daemon and a hook's own argv.
 
-Run by ``aimx.hooks`` as a fresh interpreter (``python -I -S <this file>``),
+Run by ``aimx.daemon.hooks`` as a fresh interpreter (``python -I -S <this file>``),
 never imported. Twisted's ``spawnProcess`` forks and execs but cannot make
 the child a session leader, and doing the passwd/group lookups of
 ``initgroups`` in a child forked from a multi-threaded daemon can deadlock on

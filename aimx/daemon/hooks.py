@@ -329,7 +329,7 @@ class _Stdin:
 
     def open(self) -> str | None:
         """Open the file; returns a warning when it cannot be (the hooks then get nothing)."""
-        from aimx import storage
+        from aimx.storage import mailstore as storage
 
         self.opened = True
         if not self.path:
@@ -344,7 +344,7 @@ class _Stdin:
 
     def read(self) -> tuple[bytes, str | None]:
         """The bytes to pipe to a hook, and a warning when reading failed."""
-        from aimx import storage
+        from aimx.storage import mailstore as storage
 
         if self.fd is None:
             return b"", None
@@ -639,8 +639,9 @@ class HookRunner:
         """Fire the hooks of emails a crash stored but never fired; fires with their count."""
 
         def load() -> list[Any]:
-            from aimx import frontmatter, storage
-            from aimx.ingest import IngestResult
+            from aimx.mail import frontmatter
+            from aimx.smtp.ingest import IngestResult
+            from aimx.storage import mailstore as storage
 
             results = []
             for mailbox, path in self.pending.entries():

@@ -37,9 +37,12 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
-from aimx import __version__, compose, frontmatter, protocol, storage
-from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
+from aimx import __version__
+from aimx.daemon import protocol
+from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
 from aimx.logs import logger, setup_logging
+from aimx.mail import compose, frontmatter
+from aimx.storage import mailstore as storage
 
 log = logger("aimx::mcp")
 

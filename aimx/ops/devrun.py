@@ -36,7 +36,7 @@ from aimx.config import (
     validate_mailbox_name,
 )
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 DEV_DOMAIN = "aimx.localhost"
 DEV_BIND = "127.0.0.1:2525"
 
@@ -191,7 +191,7 @@ def owner_login(environ: Mapping[str, str]) -> str:
 def ensure_mailbox_dirs(instance: DevInstance) -> None:
     """Every mailbox's directories now, so a fresh instance is complete (``aimx doctor``);
     the catch-all gets no ``sent/``, as it never sends."""
-    from aimx.storage import ensure_mailbox_dir
+    from aimx.storage.mailstore import ensure_mailbox_dir
 
     try:
         config = load_config(instance.config_path)
@@ -242,7 +242,7 @@ def _existing_mailbox(config_path: Path) -> str | None:
 
 def aimx_command() -> str:
     """The ``aimx`` of this checkout's venv, by absolute path: it is not on PATH."""
-    from aimx.initsystem import ServiceError, aimx_executable
+    from aimx.ops.initsystem import ServiceError, aimx_executable
 
     try:
         return shlex.quote(aimx_executable())
@@ -300,7 +300,7 @@ def instructions(instance: DevInstance) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aimx.devrun",
+    parser = argparse.ArgumentParser(prog="python -m aimx.ops.devrun",
                                      description="Run a local development aimx instance.")
     parser.add_argument("--dir", type=Path, default=CHECKOUT / ".dev",
                         help="where the dev files live (default: .dev in the checkout)")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(instance.env())
     sys.stdout.write(instructions(instance) + "\n")
     sys.stdout.flush()
-    from aimx.service import run_foreground
+    from aimx.daemon.service import run_foreground
 
     return run_foreground(["--bind", instance.bind, "--tls-cert", str(instance.tls_cert),
                            "--tls-key", str(instance.tls_key)])

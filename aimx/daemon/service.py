@@ -178,7 +178,7 @@ class AimxService(service.Service):
 
     def __init__(self, reactor: Any, daemon: Any, *, bind: str, tls_context: Any,
                  tls_cert: str | None) -> None:
-        from aimx.smtpserver import SmtpFactory
+        from aimx.smtp.server import SmtpFactory
 
         self.reactor = reactor
         self.daemon = daemon
@@ -200,8 +200,8 @@ class AimxService(service.Service):
         super().privilegedStartService()
 
     def _bind_all(self) -> None:
-        from aimx import storage
-        from aimx.api import ApiFactory
+        from aimx.daemon.api import ApiFactory
+        from aimx.storage import mailstore as storage
 
         ensure_runtime_dir(self.socket_path.parent)
         check_no_live_daemon(self.socket_path)
@@ -344,9 +344,9 @@ def build(options: Options) -> AimxService:
     from twisted.internet import reactor
 
     from aimx.config import ConfigError, load_config, log_warnings
-    from aimx.daemon import Daemon
-    from aimx.hooks import HookRunner, hook_state_dir
-    from aimx.storage import MailStore
+    from aimx.daemon.hooks import HookRunner, hook_state_dir
+    from aimx.daemon.state import Daemon
+    from aimx.storage.mailstore import MailStore
 
     if options["config-dir"]:
         os.environ["AIMX_CONFIG_DIR"] = options["config-dir"]
@@ -426,7 +426,7 @@ def run_foreground(service_args: list[str]) -> int:
     from twisted.application.service import ServiceMaker
     from twisted.scripts import twistd
 
-    maker = ServiceMaker("aimx", "aimx.service", Options.longdesc, "aimx")
+    maker = ServiceMaker("aimx", "aimx.daemon.service", Options.longdesc, "aimx")
 
     class _Options(twistd.ServerOptions):
         @staticmethod
@@ -434,7 +434,7 @@ def run_foreground(service_args: list[str]) -> int:
             return [maker]
 
     config = _Options()
-    argv = ["--nodaemon", "--pidfile=", "--logger=aimx.service.log_observer", "aimx",
+    argv = ["--nodaemon", "--pidfile=", "--logger=aimx.daemon.service.log_observer", "aimx",
             *service_args]
     try:
         config.parseOptions(argv)

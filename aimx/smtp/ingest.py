@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import attrs
 
-from aimx import dnsresolve, emailauth, storage, trust
 from aimx.config import Config
 from aimx.logs import kv, logger
-from aimx.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
+from aimx.mail import trust
+from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
+from aimx.smtp import dnsresolve, emailauth
+from aimx.storage import mailstore as storage
 
 log = logger("aimx::ingest")
 

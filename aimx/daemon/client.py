@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aimx import paths
-from aimx.protocol import (
+from aimx.daemon.protocol import (
     MAX_BOX_BYTES,
     REFUSED_TAG,
     ApiCommand,

@@ -16,10 +16,11 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from aimx import delivery, outbound
-from aimx.delivery import DEFERRED, DELIVERED, FAILED, DeliveryOutcome
+from aimx.daemon import outbound
+from aimx.daemon.protocol import error
 from aimx.logs import kv, logger
-from aimx.protocol import error
+from aimx.smtp import delivery
+from aimx.smtp.delivery import DEFERRED, DELIVERED, FAILED, DeliveryOutcome
 
 log = logger("aimx::send")
 
@@ -65,7 +66,7 @@ def _fire_hooks(daemon: Any, config: Any, prepared: outbound.PreparedSend,
     runner = getattr(daemon, "hooks", None)
     if runner is None:
         return
-    from aimx.hooks import AfterSendInfo
+    from aimx.daemon.hooks import AfterSendInfo
 
     info = AfterSendInfo(
         from_header=prepared.from_, to_header=prepared.to, subject=prepared.subject,

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import attrs
 
-from aimx import dkimkeys, dnscheck, dnsresolve, paths, storage
-from aimx.cli import term
+from aimx import paths, term
 from aimx.config import CATCHALL_OWNER, Config, Mailbox, owner_ids
+from aimx.ops import dkimkeys, dnscheck
+from aimx.smtp import dnsresolve
+from aimx.storage import mailstore as storage
 
 LABEL_WIDTH = 18
 MAILBOX_MODE = 0o700
@@ -52,21 +54,21 @@ class ProbeError(Exception):
 
 
 def _default_service_running() -> bool:
-    from aimx.initsystem import real_system
+    from aimx.ops.initsystem import real_system
 
     return real_system().service_running()
 
 
 def _default_addresses() -> tuple[str | None, str | None]:
-    from aimx.initsystem import real_system
+    from aimx.ops.initsystem import real_system
 
     return real_system().ip_addresses()
 
 
 def _default_server_version(socket_path: Path) -> tuple[str, str]:
     """(tag, git hash) from the daemon's VERSION; ``DaemonDown`` and friends escape."""
-    from aimx.client import Client
-    from aimx.protocol import Version
+    from aimx.daemon.client import Client
+    from aimx.daemon.protocol import Version
 
     reply = Client(socket_path, timeout=5).call(Version)
     return reply["tag"], reply["git_hash"]
@@ -335,8 +337,8 @@ def configuration_section(config: Config) -> list[str]:
 
 
 def service_section(probes: Probes) -> list[str]:
-    from aimx.client import ConnectFailed, DaemonDown, MalformedReply
-    from aimx.protocol import ApiError
+    from aimx.daemon.client import ConnectFailed, DaemonDown, MalformedReply
+    from aimx.daemon.protocol import ApiError
     from aimx.version import version_info
 
     running = probes.service_running()

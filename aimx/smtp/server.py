@@ -251,7 +251,7 @@ def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_fr
     hooks to run is journalled before the reply, so a crash cannot lose its
     wake-up. Returns (analysis or None, stored results, (rcpt, reason) failures).
     """
-    from aimx import ingest
+    from aimx.smtp import ingest
 
     stored: list[Any] = []
     failures: list[tuple[str, str]] = []
@@ -274,7 +274,7 @@ def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_fr
 
 
 def _journal_hooks(pending: Any, config: Any, result: Any) -> None:
-    from aimx.hooks import has_receive_hooks
+    from aimx.daemon.hooks import has_receive_hooks
 
     if not has_receive_hooks(config, result.mailbox, result.fields):
         return

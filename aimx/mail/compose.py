@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from email.header import Header
 from pathlib import Path
 
-from aimx.addressing import header_address, mailbox_problem
+from aimx.mail.addressing import header_address, mailbox_problem
 
 CRLF = "\r\n"
 FOLD_WIDTH = 78  # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters

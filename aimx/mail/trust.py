@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from aimx.emailauth import AuthResults, aligned
 from aimx.logs import kv, logger
+from aimx.smtp.emailauth import AuthResults, aligned
 
 log = logger("aimx::trust")
 

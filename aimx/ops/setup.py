@@ -6,7 +6,7 @@ install (config, users, directories, keys, service), and the hand-off to
 trust policy, the keys, the certificate) and only what is missing or stale
 is redone. Nothing is written before the preflight has passed.
 
-Everything that touches the machine goes through ``aimx.initsystem.System``;
+Everything that touches the machine goes through ``aimx.ops.initsystem.System``;
 everything the operator sees goes through a ``Console``, so tests drive the
 wizard with real files, a real DNS server and a real verifier over loopback.
 """
@@ -30,8 +30,7 @@ from typing import TextIO
 import attrs
 import tomlkit
 
-from aimx import dkimkeys, dnscheck, paths, tlscert
-from aimx.cli import term
+from aimx import paths, term
 from aimx.config import (
     CATCHALL_OWNER,
     DEFAULT_DKIM_SELECTOR,
@@ -43,7 +42,8 @@ from aimx.config import (
     parse_config_text,
 )
 from aimx.configedit import ConfigEditError, write_config_text
-from aimx.initsystem import (
+from aimx.ops import dkimkeys, dnscheck, tlscert
+from aimx.ops.initsystem import (
     OPENRC,
     SYSTEMD,
     ServiceError,
@@ -51,7 +51,7 @@ from aimx.initsystem import (
     render_openrc_script,
     render_systemd_unit,
 )
-from aimx.storage import ensure_data_dir, ensure_mailbox_dir, write_readme
+from aimx.storage.mailstore import ensure_data_dir, ensure_mailbox_dir, write_readme
 
 OUTBOUND_TIMEOUT = 10.0
 INBOUND_TIMEOUT = 60.0
@@ -869,7 +869,7 @@ class Wizard:
         self.states[number - 1] = "handoff"
         self.console.say(f"{self._mark('handoff')} Step {number}: {STEPS[number - 1]}")
         self.console.say("aimx speaks MCP to these agents:")
-        from aimx.agents import AGENTS  # the registry `aimx agents setup` works from
+        from aimx.ops.agents import AGENTS  # the registry `aimx agents setup` works from
 
         for name in (agent.display for agent in AGENTS):
             self.console.say(f"  • {name}" if term.color_enabled() else f"  - {name}")

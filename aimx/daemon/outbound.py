@@ -25,8 +25,9 @@ from typing import Any
 import attrs
 
 from aimx import config as configmod
-from aimx import emailauth, message
-from aimx.compose import (
+from aimx.logs import kv, logger
+from aimx.mail import message
+from aimx.mail.compose import (
     CRLF,
     LINE_LIMIT,
     MUTUALLY_EXCLUSIVE,
@@ -41,8 +42,8 @@ from aimx.compose import (
     normalize_crlf,
     recipient_problem,
 )
-from aimx.logs import kv, logger
-from aimx.render import MARKDOWN_CAP, render_markdown
+from aimx.mail.render import MARKDOWN_CAP, render_markdown
+from aimx.smtp import emailauth
 
 log = logger("aimx::send")
 

@@ -30,8 +30,8 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aimx import dnsresolve
 from aimx.logs import kv, logger
+from aimx.smtp import dnsresolve
 
 log = logger("aimx::delivery")
 

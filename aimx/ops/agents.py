@@ -25,7 +25,7 @@ from pathlib import Path
 
 import attrs
 
-BUNDLE_DIR = Path(__file__).parent / "data" / "agents"
+BUNDLE_DIR = Path(__file__).parents[1] / "data" / "agents"
 PRIMER_NAME = "aimx-primer.md"
 REFERENCE_PAGES = ("frontmatter.md", "hooks.md", "mcp-tools.md", "troubleshooting.md",
                    "workflows.md")
@@ -149,8 +149,8 @@ def aimx_executable() -> str:
     registration names an absolute path: the ``aimx`` running this code (not
     another one that happens to be on PATH), else the script we were started as.
     """
-    from aimx.initsystem import ServiceError
-    from aimx.initsystem import aimx_executable as installed
+    from aimx.ops.initsystem import ServiceError
+    from aimx.ops.initsystem import aimx_executable as installed
 
     try:
         return installed()

@@ -1,7 +1,7 @@
 """The daemon socket protocol: AMP commands, error codes and chunked fields.
 
-Both sides import this module: the daemon (``aimx.api``) to decode requests
-and encode answers, the clients (``aimx.client``) to build requests and read
+Both sides import this module: the daemon (``aimx.daemon.api``) to decode requests
+and encode answers, the clients (``aimx.daemon.client``) to build requests and read
 answers. Each verb is one AMP command named exactly after it; each error code
 of the API is one AMP error code whose description is the human reason.
 

@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from publicsuffixlist import PublicSuffixList
 
-from aimx import dnsresolve
-from aimx.dnsresolve import Budget, NoAnswer, NxDomain, TempFailure
 from aimx.logs import kv, logger
+from aimx.smtp import dnsresolve
+from aimx.smtp.dnsresolve import Budget, NoAnswer, NxDomain, TempFailure
 
 log = logger("aimx::auth")
 

@@ -97,7 +97,7 @@ def aimx_executable() -> str:
 
 def template_path(name: str) -> Path:
     """Where a service template lives: the source tree, else a wheel's shared data."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package.parent / "packaging" / name,
                       Path(sys.prefix) / "share" / "aimx" / "packaging" / name):
         if candidate.is_file():

@@ -108,7 +108,7 @@ class Daemon:
     def send(self, body: bytes, text_only: bool, html_body: bytes | None,
              caller_uid: int) -> defer.Deferred[str]:
         """Run one SEND (checks, render, sign, deliver, sent copy); fires with the Message-ID."""
-        from aimx import sending
+        from aimx.daemon import sending
 
         return sending.send(self, body, text_only, html_body, caller_uid)
 
