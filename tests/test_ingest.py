@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from aimx.config import parse_config_text
-from aimx.smtp import emailauth, ingest
+from aimx.mail import authresults
+from aimx.smtp import ingest
 from aimx.storage import mailstore as storage
 from tests.support.dnsserver import DnsServer
 from tests.support.users import ensure_user
@@ -413,7 +414,7 @@ def signed_by(domain: str):
 
     def authenticate(config, raw, parsed, *, peer_ip, mail_from, helo):  # noqa: ANN001, ANN202
         calls.append((peer_ip, mail_from, helo))
-        return emailauth.AuthResults(dkim="pass", spf="pass", dmarc="pass",
+        return authresults.AuthResults(dkim="pass", spf="pass", dmarc="pass",
                                      dkim_domains=(domain,))
 
     authenticate.calls = calls

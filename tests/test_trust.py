@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 from aimx.mail import trust
-from aimx.smtp.emailauth import AuthResults
+from aimx.mail.authresults import AuthResults
 
 
 @attrs.frozen

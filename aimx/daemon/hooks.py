@@ -441,6 +441,15 @@ class PendingHooks:
     def _marker(self, path: str) -> Path:
         return self.dir / hashlib.sha256(path.encode()).hexdigest()
 
+    @staticmethod
+    def wanted(config: Any, mailbox_name: str, fields: Any) -> bool:
+        """Whether a stored email needs a marker: it will run an ``on_receive`` hook.
+
+        Asked by the SMTP server through the journal it was handed, so the SMTP
+        layer needs no knowledge of hooks.
+        """
+        return has_receive_hooks(config, mailbox_name, fields)
+
     def add(self, mailbox: str, path: str) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(self._marker(path), json.dumps({"mailbox": mailbox, "path": path}).encode(),

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from aimx.logs import kv, logger
-from aimx.smtp.emailauth import AuthResults, aligned
+from aimx.mail.authresults import AuthResults, aligned
 
 log = logger("aimx::trust")
 

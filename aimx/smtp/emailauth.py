@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import attrs
 import dkim
 import dkim.canonicalization
 import spf
@@ -28,9 +27,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from publicsuffixlist import PublicSuffixList
 
 from aimx.logs import kv, logger
+from aimx.mail.authresults import NONE, AuthResults, aligned, organizational_domain
 from aimx.smtp import dnsresolve
 from aimx.smtp.dnsresolve import Budget, NoAnswer, NxDomain, TempFailure
 
@@ -43,19 +42,6 @@ log = logger("aimx::auth")
 #: leaving them out would let a relay swap the body's interpretation unnoticed.
 SIGNED_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID",
                   "In-Reply-To", "References", "MIME-Version", "Content-Type")
-
-
-@attrs.frozen
-class AuthResults:
-    """The three results stored in the frontmatter, plus every passing DKIM ``d=``."""
-
-    dkim: str = "none"
-    spf: str = "none"
-    dmarc: str = "none"
-    dkim_domains: tuple[str, ...] = ()
-
-
-NONE = AuthResults()
 
 
 class _ParsedFrom(Protocol):
@@ -100,33 +86,6 @@ def _header_fields(raw: bytes) -> list[tuple[str, str]]:
 def _domain_of(address: str) -> str:
     _, at, domain = address.rpartition("@")
     return domain.strip().strip("<>").rstrip(".").lower() if at else ""
-
-
-@functools.cache
-def _psl() -> PublicSuffixList:
-    # The list packaged with publicsuffixlist: no network fetch, ever.
-    return PublicSuffixList()
-
-
-@functools.lru_cache(maxsize=4096)
-def organizational_domain(domain: str) -> str:
-    """The registrable domain per the Public Suffix List (``mail.example.com`` →
-    ``example.com``); a public suffix itself, or a bare label, stays as given."""
-    name = domain.rstrip(".").lower()
-    try:
-        return _psl().privatesuffix(name) or name
-    except Exception:  # noqa: BLE001 - odd input must never break authentication
-        return name
-
-
-def aligned(domain: str, author_domain: str, mode: str = "r") -> bool:
-    """DMARC identifier alignment: strict = same name, relaxed = same organisational domain."""
-    a, b = domain.rstrip(".").lower(), author_domain.rstrip(".").lower()
-    if not a or not b:
-        return False
-    if mode == "s":
-        return a == b
-    return organizational_domain(a) == organizational_domain(b)
 
 
 # --------------------------------------------------------------------------- DKIM
@@ -582,7 +541,6 @@ def sign(message: bytes, *, domain: str, selector: str, key_pem: bytes | str) ->
 
 
 __all__ = [
-    "NONE", "SIGNED_HEADERS", "AuthResults", "SigningError", "aligned", "authenticate",
-    "check_dkim", "check_dmarc", "check_spf", "load_signing_key", "organizational_domain",
-    "received_ip", "sign",
+    "SIGNED_HEADERS", "SigningError", "authenticate", "check_dkim", "check_dmarc", "check_spf",
+    "load_signing_key", "received_ip", "sign",
 ]

@@ -21,6 +21,7 @@ import attrs
 from aimx.config import Config
 from aimx.logs import kv, logger
 from aimx.mail import trust
+from aimx.mail.authresults import AuthResults
 from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
 from aimx.smtp import dnsresolve, emailauth
 from aimx.storage import mailstore as storage
@@ -47,7 +48,7 @@ class Analysis:
 
     raw: bytes
     parsed: ParsedMessage
-    auth: emailauth.AuthResults
+    auth: AuthResults
     peer_ip: str | None
     received_at: datetime.datetime
     size_bytes: int
@@ -64,11 +65,11 @@ class IngestResult:
     fields: dict[str, Any]
 
 
-Authenticator = Callable[..., emailauth.AuthResults]
+Authenticator = Callable[..., AuthResults]
 
 
 def _default_authenticate(config: Config, raw: bytes, parsed: ParsedMessage, *, peer_ip: str | None,
-                          mail_from: str | None, helo: str | None) -> emailauth.AuthResults:
+                          mail_from: str | None, helo: str | None) -> AuthResults:
     """DKIM, SPF and DMARC through the configured resolvers; all ``none`` if impossible.
 
     The resolver is the process-wide one for this resolver list, so answers are

@@ -247,9 +247,10 @@ def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_fr
                    pending: Any = None) -> tuple[Any, list[Any], list[tuple[str, str]]]:
     """Blocking: analyse ``raw`` once, then deliver it to each recipient in turn.
 
-    With ``pending`` (a ``hooks.PendingHooks``), each stored email that has
-    hooks to run is journalled before the reply, so a crash cannot lose its
-    wake-up. Returns (analysis or None, stored results, (rcpt, reason) failures).
+    With ``pending`` (the daemon's hook journal: ``wanted`` says whether an
+    email has hooks to run, ``add`` records it), each such email is journalled
+    before the reply, so a crash cannot lose its wake-up. Returns (analysis or
+    None, stored results, (rcpt, reason) failures).
     """
     from aimx.smtp import ingest
 
@@ -274,9 +275,7 @@ def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_fr
 
 
 def _journal_hooks(pending: Any, config: Any, result: Any) -> None:
-    from aimx.daemon.hooks import has_receive_hooks
-
-    if not has_receive_hooks(config, result.mailbox, result.fields):
+    if not pending.wanted(config, result.mailbox, result.fields):
         return
     try:
         pending.add(result.mailbox, str(result.path))
