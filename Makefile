@@ -70,8 +70,10 @@ test-lowest: install system-deps
 run: install
 	$(BIN)/python -m aimx.ops.devrun
 
+# Style, then the layering: an import that runs upward fails (pyproject.toml [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.run
