@@ -11,7 +11,7 @@ daemon is started on the data dir.
   the listing code of ``aimx mcp`` as it stands (``mcpserver.list_emails``:
   a directory scan plus one file read per row looked at, with its in-process
   header cache cold and warm), and the same rows built from
-  ``aimx.storage.mailstore``'s per-mailbox index.
+  the per-mailbox index (``aimx.storage.index``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 import attrs
 
 from aimx.mail import frontmatter
-from aimx.storage import mailstore as storage
+from aimx.mail.naming import slugify, stem_prefix
+from aimx.storage.index import iter_listing, list_page, scan_counts
 from bench.targets import DOMAIN, MAILBOX, OWNER
 from tests.support.daemon import RunningDaemon
 
@@ -47,7 +48,7 @@ def populate(inbox: Path, count: int) -> None:
     for i in range(count):
         when = _START + datetime.timedelta(seconds=37 * i)
         subject = f"Invoice {i} for project {i % 97}"
-        stem = f"{storage.stem_prefix(when)}-{storage.slugify(subject)}"
+        stem = f"{stem_prefix(when)}-{slugify(subject)}"
         stamp = when.strftime("%Y-%m-%dT%H:%M:%S")
         fields: dict[str, Any] = {
             "id": stem, "message_id": f"m{i}@example.com", "thread_id": f"{i:016x}",
@@ -100,7 +101,7 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
 
     if not filters.active:
         return [mcpserver.list_row(e.id, e.summary, "inbox")
-                for e in storage.list_page(inbox, offset, limit) if e.summary is not None]
+                for e in list_page(inbox, offset, limit) if e.summary is not None]
     rows: list[dict[str, Any]] = []
     skipped = 0
     floor = filters.since - mcpserver._STEM_SLACK if filters.since is not None else None
@@ -109,7 +110,7 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
         stored = mcpserver.stem_time(email_id)
         return floor is None or stored is None or stored >= floor
 
-    for entry in storage.iter_listing(inbox, recent_enough if floor is not None else None):
+    for entry in iter_listing(inbox, recent_enough if floor is not None else None):
         if entry.summary is None or not mcpserver.matches(entry.summary, "inbox", filters):
             continue
         if skipped < offset:
@@ -134,7 +135,7 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
         started = time.perf_counter()
         populate(inbox, count)
         populate_s = time.perf_counter() - started
-        scan_ms, _ = _timed(lambda: storage.scan_counts(inbox), 1)
+        scan_ms, _ = _timed(lambda: scan_counts(inbox), 1)
         daemon.start()
         client = Client(daemon.socket_path)
         build_ms, _ = _timed(lambda: client.call(protocol.MailboxList), 1)
@@ -142,7 +143,7 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
         client.call(protocol.MailboxList)
         list_ms, reply = _timed(lambda: client.call(protocol.MailboxList), runs)
         row = next(r for r in reply["rows"] if r["name"] == MAILBOX)
-        if (row["total"], row["unread"]) != storage.scan_counts(inbox):
+        if (row["total"], row["unread"]) != scan_counts(inbox):
             raise RuntimeError("MAILBOX-LIST counts disagree with the files")
         filters = mcpserver.ListFilters
         cases = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx.storage import mailstore as storage
+from aimx.storage.layout import README_MARKER
 from tests.support.daemon import REPO_ROOT, RunningDaemon, SmtpWire, free_port, stored_emails
 
 DOMAIN = "test.local"
@@ -67,7 +67,7 @@ def test_startup_files_modes_and_readme(owner: str) -> None:
         assert daemon.socket_path.stat().st_mode & 0o777 == 0o666
         assert daemon.pid_path.read_text().strip() == str(daemon.pid)
         readme = daemon.data_dir / "README.md"
-        assert readme.read_text().splitlines()[0] == storage.README_MARKER
+        assert readme.read_text().splitlines()[0] == README_MARKER
         assert not stale.exists()
         log = daemon.log_text()
         assert f"smtp=127.0.0.1:{daemon.smtp_port}" in log

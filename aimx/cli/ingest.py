@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so building the parser (every aimx command) stays cheap.
     from aimx import config as aimx_config
     from aimx.smtp import ingest
-    from aimx.storage import mailstore as storage
+    from aimx.storage.mailstore import MailStore
 
     # Warnings (e.g. an owner that does not resolve) go to stderr; stdout stays clean.
     setup_logging(sys.stderr, level=logging.WARNING)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except aimx_config.ConfigError as exc:
         raise CommandError(str(exc)) from exc
     raw = sys.stdin.buffer.read()
-    store = storage.MailStore(config.data_dir)
+    store = MailStore(config.data_dir)
     try:
         analysis = ingest.analyse(config, raw)
         result = ingest.deliver(config, store, analysis, args.rcpt)

@@ -302,16 +302,17 @@ def format_mailbox_rows(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from aimx.storage import mailstore as storage
+    from aimx.storage.index import count_emails
+    from aimx.storage.layout import mailbox_dir
 
     config = load_config(args)
     mailbox = config.mailboxes.get(args.name)
     if mailbox is None:
         raise CommandError(f"Mailbox '{args.name}' does not exist")
     data_dir = Path(config.data_dir)
-    inbox_total, inbox_unread = storage.count_emails(
-        storage.mailbox_dir(data_dir, "inbox", mailbox.name))
-    sent_total, _ = storage.count_emails(storage.mailbox_dir(data_dir, "sent", mailbox.name))
+    inbox_total, inbox_unread = count_emails(
+        mailbox_dir(data_dir, "inbox", mailbox.name))
+    sent_total, _ = count_emails(mailbox_dir(data_dir, "sent", mailbox.name))
     senders = list(config.effective_senders(mailbox))
     print(show_text(mailbox, config.effective_trust(mailbox), senders,
                     (inbox_total, inbox_unread, sent_total)), end="")

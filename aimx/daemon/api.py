@@ -58,7 +58,9 @@ from aimx.daemon.protocol import (
     undeclared_keys,
 )
 from aimx.logs import logger
-from aimx.storage import mailstore as storage
+from aimx.mail.naming import check_email_id
+from aimx.storage.index import count_emails
+from aimx.storage.layout import FOLDERS, mailbox_dir
 from aimx.version import version_info
 
 log = logger("aimx::uds")
@@ -297,7 +299,7 @@ def prepare_mailbox_dirs(data_dir: Path, name: str, uid: int, gid: int, *,
     exactly those and nothing that was there before. ``private`` (a non-root
     caller) keeps another user's ids out of the conflict message.
     """
-    targets = [storage.mailbox_dir(data_dir, folder, name) for folder in storage.FOLDERS]
+    targets = [mailbox_dir(data_dir, folder, name) for folder in FOLDERS]
     missing = []
     for path in targets:
         try:
@@ -625,7 +627,7 @@ class ApiProtocol(amp.AMP):
         if any(key.lower() == "folder" for key in undeclared_keys(MarkRead, box)):
             raise error("MALFORMED", "Folder header is not allowed on MARK verbs "
                                      "(sent-mail mark removed; inbox is the only target)")
-        if not storage.check_email_id(id):
+        if not check_email_id(id):
             raise error("NOTFOUND", f"email id '{id}' contains invalid characters")
         config = self.daemon.config
         target = config.mailboxes.get(mailbox)
@@ -855,7 +857,7 @@ def delete_mailbox(config_path: Path, data_dir: Path, name: str, force: bool,
         raise error("MAILBOX", "cannot delete the catchall mailbox")
     if table is None:
         raise error("MAILBOX", f"mailbox '{name}' does not exist")
-    dirs = [storage.mailbox_dir(data_dir, folder, name) for folder in storage.FOLDERS]
+    dirs = [mailbox_dir(data_dir, folder, name) for folder in FOLDERS]
     if force:
         try:
             for path in dirs:
@@ -952,10 +954,10 @@ def mailbox_rows(config: Any, data_dir: Path, caller: Caller) -> dict[str, Any]:
     rows = []
     for name in sorted(names):
         mailbox = names[name]
-        inbox = storage.mailbox_dir(data_dir, "inbox", name)
-        sent = storage.mailbox_dir(data_dir, "sent", name)
-        total, unread = storage.count_emails(inbox)
-        sent_count, _ = storage.count_emails(sent)
+        inbox = mailbox_dir(data_dir, "inbox", name)
+        sent = mailbox_dir(data_dir, "sent", name)
+        total, unread = count_emails(inbox)
+        sent_count, _ = count_emails(sent)
         rows.append({
             "name": name, "address": mailbox.address if mailbox is not None else None,
             "inbox_path": str(inbox), "sent_path": str(sent), "total": total,

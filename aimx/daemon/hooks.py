@@ -314,7 +314,7 @@ def lookup_owner(name: str) -> Owner | None:
 class _Stdin:
     """The stored email that every hook of one fire reads on stdin.
 
-    Opened once, checked and without following any link (``storage.open_stored_email``),
+    Opened once, checked and without following any link (``open_stored_email``),
     right before the fire's first hook process starts; each hook then gets the bytes
     read from that descriptor. Hooks run as the mailbox owner, who may replace the
     file's path with anything: that changes nothing for a later hook of the fire, as
@@ -329,13 +329,13 @@ class _Stdin:
 
     def open(self) -> str | None:
         """Open the file; returns a warning when it cannot be (the hooks then get nothing)."""
-        from aimx.storage import mailstore as storage
+        from aimx.storage.emailfiles import open_stored_email
 
         self.opened = True
         if not self.path:
             return None
         try:
-            self.fd = storage.open_stored_email(self.path, self.folder, self.mailbox)
+            self.fd = open_stored_email(self.path, self.folder, self.mailbox)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -344,12 +344,12 @@ class _Stdin:
 
     def read(self) -> tuple[bytes, str | None]:
         """The bytes to pipe to a hook, and a warning when reading failed."""
-        from aimx.storage import mailstore as storage
+        from aimx.storage.emailfiles import read_stored_email
 
         if self.fd is None:
             return b"", None
         try:
-            return storage.read_stored_email(self.fd), None
+            return read_stored_email(self.fd), None
         except OSError as exc:
             return b"", f"hook stdin: read {self.path} failed: {exc}; piping empty payload"
 
@@ -650,14 +650,14 @@ class HookRunner:
         def load() -> list[Any]:
             from aimx.mail import frontmatter
             from aimx.smtp.ingest import IngestResult
-            from aimx.storage import mailstore as storage
+            from aimx.storage.emailfiles import open_stored_email, read_stored_email
 
             results = []
             for mailbox, path in self.pending.entries():
                 try:
-                    fd = storage.open_stored_email(path, "inbox", mailbox)
+                    fd = open_stored_email(path, "inbox", mailbox)
                     try:
-                        data = storage.read_stored_email(fd)
+                        data = read_stored_email(fd)
                     finally:
                         os.close(fd)
                     fields, _body = frontmatter.read_email(data)

@@ -201,21 +201,22 @@ class AimxService(service.Service):
 
     def _bind_all(self) -> None:
         from aimx.daemon.api import ApiFactory
-        from aimx.storage import mailstore as storage
+        from aimx.storage.atomic import cleanup_temp_files
+        from aimx.storage.layout import README_NAME, write_readme
 
         ensure_runtime_dir(self.socket_path.parent)
         check_no_live_daemon(self.socket_path)
         data_dir = Path(self.daemon.config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         # Before the port opens: nothing can be mid-write yet, so every temp file is debris.
-        removed = storage.cleanup_temp_files(data_dir)
+        removed = cleanup_temp_files(data_dir)
         if removed:
             log.info("removed %d temp files left by an earlier crash", removed)
         try:
-            if storage.write_readme(data_dir):
-                log.info("wrote %s", data_dir / storage.README_NAME)
+            if write_readme(data_dir):
+                log.info("wrote %s", data_dir / README_NAME)
         except OSError as exc:
-            log.warning("cannot write %s: %s", data_dir / storage.README_NAME, exc)
+            log.warning("cannot write %s: %s", data_dir / README_NAME, exc)
         host, port = parse_bind(self.bind)
         try:
             self._smtp_port = self.reactor.listenTCP(port, self.smtp_factory, backlog=128,

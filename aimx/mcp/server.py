@@ -41,8 +41,9 @@ from aimx import __version__
 from aimx.daemon import protocol
 from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
 from aimx.logs import logger, setup_logging
-from aimx.mail import compose, frontmatter
-from aimx.storage import mailstore as storage
+from aimx.mail import compose, frontmatter, naming
+from aimx.storage.emailfiles import resolve_email_path
+from aimx.storage.index import iter_listing, list_page
 
 log = logger("aimx::mcp")
 
@@ -465,12 +466,12 @@ def list_emails(directory: str | os.PathLike[str], folder: str, *, limit: int, o
         return []
     if not filters.active:
         return [list_row(entry.id, entry.summary, folder)
-                for entry in storage.list_page(directory, offset, limit)
+                for entry in list_page(directory, offset, limit)
                 if entry.summary is not None]
     keep = _stored_since(filters.since) if filters.since is not None else None
     rows: list[dict[str, Any]] = []
     skipped = 0
-    for entry in storage.iter_listing(directory, keep=keep):
+    for entry in iter_listing(directory, keep=keep):
         if entry.summary is None or not matches(entry.summary, folder, filters):
             continue
         if skipped < offset:
@@ -488,7 +489,7 @@ def list_emails(directory: str | os.PathLike[str], folder: str, *, limit: int, o
 def check_email_id(email_id: str) -> None:
     if not email_id:
         raise ToolFailure("Email ID cannot be empty.")
-    if not storage.check_email_id(email_id):
+    if not naming.check_email_id(email_id):
         raise ToolFailure("Email ID contains invalid characters.")
 
 
@@ -630,7 +631,7 @@ class AimxTools:
     def _email_path(self, row: Mapping[str, Any], folder: str, email_id: str,
                     mailbox: str) -> Path:
         directory = row.get(f"{folder}_path") or ""
-        path = storage.resolve_email_path(directory, email_id) if directory else None
+        path = resolve_email_path(directory, email_id) if directory else None
         if path is None:
             raise ToolFailure(f"Email '{email_id}' not found in mailbox '{mailbox}'.")
         return path

@@ -191,7 +191,7 @@ def owner_login(environ: Mapping[str, str]) -> str:
 def ensure_mailbox_dirs(instance: DevInstance) -> None:
     """Every mailbox's directories now, so a fresh instance is complete (``aimx doctor``);
     the catch-all gets no ``sent/``, as it never sends."""
-    from aimx.storage.mailstore import ensure_mailbox_dir
+    from aimx.storage.layout import ensure_mailbox_dir
 
     try:
         config = load_config(instance.config_path)

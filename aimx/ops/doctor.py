@@ -24,7 +24,8 @@ from aimx import paths, term
 from aimx.config import CATCHALL_OWNER, Config, Mailbox, owner_ids
 from aimx.ops import dkimkeys, dnscheck
 from aimx.smtp import dnsresolve
-from aimx.storage import mailstore as storage
+from aimx.storage.index import count_emails
+from aimx.storage.layout import FOLDERS, mailbox_dir
 
 LABEL_WIDTH = 18
 MAILBOX_MODE = 0o700
@@ -179,8 +180,8 @@ def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
     exists it is checked like any other.
     """
     findings: list[Finding] = []
-    dirs = [storage.mailbox_dir(config.data_dir, folder, mailbox.name)
-            for folder in storage.FOLDERS]
+    dirs = [mailbox_dir(config.data_dir, folder, mailbox.name)
+            for folder in FOLDERS]
     states = [_lstat(path) for path in dirs]
     ids = owner_ids(mailbox.owner)
     catchall = mailbox.is_catchall(config.domain)
@@ -195,7 +196,7 @@ def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
             f"mailbox '{mailbox.name}' is configured but neither {dirs[0]} nor {dirs[1]} exists",
             fix,
         )]
-    for folder, path, state in zip(storage.FOLDERS, dirs, states, strict=True):
+    for folder, path, state in zip(FOLDERS, dirs, states, strict=True):
         if state is None and catchall and folder == "sent":
             continue
         if state is None:
@@ -241,7 +242,7 @@ def check_mailbox_dirs(config: Config, mailbox: Mailbox) -> list[Finding]:
 def check_orphan_storage(config: Config) -> list[Finding]:
     """Mailbox dirs on disk that no config entry claims."""
     findings = []
-    for folder in storage.FOLDERS:
+    for folder in FOLDERS:
         base = Path(config.data_dir) / folder
         try:
             names = sorted(entry.name for entry in os.scandir(base))
@@ -370,8 +371,8 @@ def mailboxes_section(config: Config) -> list[str]:
     rows = []
     messages = unread_total = 0
     for mailbox in config.mailboxes.values():
-        total, unread = storage.count_emails(
-            storage.mailbox_dir(config.data_dir, "inbox", mailbox.name))
+        total, unread = count_emails(
+            mailbox_dir(config.data_dir, "inbox", mailbox.name))
         messages += total
         unread_total += unread
         rows.append([mailbox.name, mailbox.address, str(total), str(unread),

@@ -51,7 +51,7 @@ from aimx.ops.initsystem import (
     render_openrc_script,
     render_systemd_unit,
 )
-from aimx.storage.mailstore import ensure_data_dir, ensure_mailbox_dir, write_readme
+from aimx.storage.layout import ensure_data_dir, ensure_mailbox_dir, write_readme
 
 OUTBOUND_TIMEOUT = 10.0
 INBOUND_TIMEOUT = 60.0

@@ -24,7 +24,8 @@ from aimx.mail import trust
 from aimx.mail.authresults import AuthResults
 from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
 from aimx.smtp import dnsresolve, emailauth
-from aimx.storage import mailstore as storage
+from aimx.storage.layout import StorageError
+from aimx.storage.mailstore import MailStore
 
 log = logger("aimx::ingest")
 
@@ -157,7 +158,7 @@ def build_fields(analysis: Analysis, mailbox: str, rcpt: str, trusted: str) -> d
 
 
 def deliver(
-    config: Config, store: storage.MailStore, analysis: Analysis, rcpt: str
+    config: Config, store: MailStore, analysis: Analysis, rcpt: str
 ) -> IngestResult:
     """Route, judge trust, then store one copy for ``rcpt`` (blocking: disk, fsync, flock).
 
@@ -178,7 +179,7 @@ def deliver(
     try:
         stored = store.deliver_inbound(mailbox.name, mailbox.owner, fields, parsed.body,
                                        parsed.attachments, analysis.received_at)
-    except (OSError, storage.StorageError) as exc:
+    except (OSError, StorageError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise IngestError(f"failed to store message in inbox/{mailbox.name}: {reason}") from exc
     if stored is None:
