@@ -14,6 +14,7 @@ import pytest
 import aimx
 from aimx.cli.main import CommandError, main
 from aimx.cli.uninstall import ROOT_REQUIRED, uninstall
+from aimx.ops.console import Console
 from aimx.ops.initsystem import (
     OPENRC,
     SYSTEMD,
@@ -22,7 +23,6 @@ from aimx.ops.initsystem import (
     render_openrc_script,
     render_systemd_unit,
 )
-from aimx.ops.setup import Console
 
 EXE = aimx_executable()
 

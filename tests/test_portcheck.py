@@ -18,12 +18,12 @@ import pytest
 
 from aimx.cli.main import CommandError
 from aimx.cli.portcheck import ROOT_REQUIRED, portcheck
+from aimx.ops.console import Console
 from aimx.ops.initsystem import System
-from aimx.ops.setup import (
+from aimx.ops.portcheck import (
     INBOUND_UNREACHABLE,
     OUTBOUND_BLOCKED,
     CheckFailed,
-    Console,
     TempListener,
     check_inbound,
     check_outbound,

@@ -27,12 +27,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from aimx.ops import dkimkeys, dnscheck
+from aimx.ops.console import Console, SetupError
 from aimx.ops.initsystem import System, run_command
+from aimx.ops.portcheck import OUTBOUND_BLOCKED
 from aimx.ops.setup import (
     NO_TRUST_WARNING,
-    OUTBOUND_BLOCKED,
-    Console,
-    SetupError,
     Wizard,
     domain_problem,
     new_config_text,

@@ -8,11 +8,10 @@ from typing import Any
 from aimx import paths, term
 from aimx.cli.main import CommandError, describe
 from aimx.config import Config, ConfigError, load_config
+from aimx.ops.console import Console, SetupError
 from aimx.ops.initsystem import System
-from aimx.ops.setup import (
+from aimx.ops.portcheck import (
     CheckFailed,
-    Console,
-    SetupError,
     check_outbound,
     normalise_verify_host,
     resolve_verify_host,
