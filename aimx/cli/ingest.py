@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
         # CLI ingest waits for its on_receive hooks (spec 20 §4.1); a hook's
         # failure is logged and never changes the exit status.
         from aimx.daemon import hooks
+        from aimx.daemon.hookjournal import hook_state_dir
 
         hooks.run_on_receive_blocking(
-            config, result.mailbox, result, state_dir=hooks.hook_state_dir(config.data_dir)
+            config, result.mailbox, result, state_dir=hook_state_dir(config.data_dir)
         )
     return 0

@@ -9,7 +9,7 @@ result, so every failure here is logged and swallowed.
 How a hook runs (spec 40 §8, decisions D20 and D23):
 
 * through ``reactor.spawnProcess`` and a small exec trampoline
-  (``aimx/hooktrampoline.py``) that makes it a session leader and, when the
+  (``aimx/daemon/hooktrampoline.py``) that makes it a session leader and, when the
   daemon is root, takes on the owner's uid, gid and supplementary groups;
 * or, when the daemon is root under systemd, inside a transient
   ``systemd-run`` unit with filesystem protection and a memory cap;
@@ -20,16 +20,14 @@ How a hook runs (spec 40 §8, decisions D20 and D23):
 Scheduling: the hooks of one email run in config order, one at a time;
 different emails run concurrently, at most ``max_running`` hook processes
 at once across the daemon. ``on_receive`` fires at most once per
-(mailbox, Message-ID) in 24 h, remembered on disk so a restart or a
-concurrent ``aimx ingest`` does not fire again.
+(mailbox, Message-ID) in 24 h, remembered on disk (``hookjournal``) so a
+restart or a concurrent ``aimx ingest`` does not fire again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import grp
-import hashlib
 import json
 import os
 import pwd
@@ -46,13 +44,12 @@ from twisted.internet import defer, error, protocol, threads
 from twisted.internet.process import ProcessReader
 from twisted.python import failure
 
-from aimx.fsutil import write_atomic
+from aimx.config import AFTER_SEND, ON_RECEIVE
+from aimx.daemon.hookjournal import FiredLog, PendingHooks
 from aimx.logs import logger
 
 log = logger("aimx::hook")
 
-ON_RECEIVE = "on_receive"
-AFTER_SEND = "after_send"
 SEND_STATUSES = ("delivered", "failed", "deferred")
 
 TAIL_BYTES = 65_536
@@ -62,8 +59,6 @@ SYSTEMD_BACKSTOP_SECS = 10.0
 # before giving up on a process (it can only be stuck in the kernel).
 REAP_GIVE_UP_SECS = 2.0
 SLOW_MS = 5_000
-DEDUP_WINDOW_SECS = 24 * 3600
-PRUNE_EVERY_SECS = 3600
 # Fixed: the daemon's own PATH may name directories under root's home.
 HOOK_PATH = "/usr/local/bin:/usr/bin:/bin"
 TRAMPOLINE = Path(__file__).with_name("hooktrampoline.py")
@@ -359,134 +354,8 @@ class _Stdin:
             self.fd = None
 
 
-class FiredLog:
-    """Which (mailbox, Message-ID) pairs already fired ``on_receive``, for 24 h.
-
-    One empty marker file per pair under ``<state_dir>/hooks-fired``, named by
-    a hash of the pair; its mtime is the fire time. Creating it with
-    ``O_EXCL`` is the claim, so two processes sharing the state dir (the
-    daemon and ``aimx ingest``) cannot both fire. Blocking: call off the
-    reactor thread.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir) / "hooks-fired"
-        self._last_prune = 0.0
-
-    def _marker(self, mailbox: str, message_id: str) -> Path:
-        digest = hashlib.sha256(f"{mailbox}\0{message_id}".encode()).hexdigest()
-        return self.dir / digest
-
-    def claim(self, mailbox: str, message_id: str, now: float | None = None) -> bool:
-        """True when this pair has not fired within the window (and is now recorded)."""
-        now = time.time() if now is None else now
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if now - self._last_prune >= PRUNE_EVERY_SECS:
-            self.prune(now)
-        marker = self._marker(mailbox, message_id)
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            try:
-                fired_at = marker.stat().st_mtime
-            except FileNotFoundError:
-                fired_at = 0.0
-            if now - fired_at < DEDUP_WINDOW_SECS:
-                return False
-            os.utime(marker, (now, now))
-            return True
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.utime(marker, (now, now))
-        return True
-
-    def prune(self, now: float | None = None) -> int:
-        """Drop markers older than the window; returns how many went."""
-        now = time.time() if now is None else now
-        self._last_prune = now
-        removed = 0
-        try:
-            entries = list(os.scandir(self.dir))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                if now - entry.stat().st_mtime >= DEDUP_WINDOW_SECS:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
-        return removed
-
-
 # --------------------------------------------------------------------------
 # One hook process
-
-
-class PendingHooks:
-    """Stored emails whose ``on_receive`` hooks have not been claimed yet.
-
-    The SMTP path records one small fsync'd marker per stored email that has
-    hooks to run, before its 250; the runner removes it once it has decided
-    (fired or skipped). Markers still present at start-up are emails a crash
-    stored but never woke anyone for, and the daemon fires them then. The
-    fired-once log keeps that replay from firing anything twice. Blocking.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir) / "hooks-pending"
-
-    def _marker(self, path: str) -> Path:
-        return self.dir / hashlib.sha256(path.encode()).hexdigest()
-
-    @staticmethod
-    def wanted(config: Any, mailbox_name: str, fields: Any) -> bool:
-        """Whether a stored email needs a marker: it will run an ``on_receive`` hook.
-
-        Asked by the SMTP server through the journal it was handed, so the SMTP
-        layer needs no knowledge of hooks.
-        """
-        return has_receive_hooks(config, mailbox_name, fields)
-
-    def add(self, mailbox: str, path: str) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(self._marker(path), json.dumps({"mailbox": mailbox, "path": path}).encode(),
-                     0o600)
-
-    def remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._marker(path))
-
-    def entries(self) -> list[tuple[str, str]]:
-        """(mailbox, path) of every pending email; unreadable markers are dropped."""
-        found = []
-        try:
-            names = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
-            return []
-        for name in names:
-            if name.startswith("."):
-                continue  # a marker still being written (or one a crash cut short)
-            marker = self.dir / name
-            try:
-                data = json.loads(marker.read_text())
-                found.append((str(data["mailbox"]), str(data["path"])))
-            except (OSError, ValueError, KeyError, TypeError):
-                with contextlib.suppress(OSError):
-                    marker.unlink()
-        return found
-
-
-def has_receive_hooks(config: Any, mailbox_name: str, fields: Any) -> bool:
-    """Whether a stored email will run at least one ``on_receive`` hook (trust gate applied)."""
-    mailbox = config.mailboxes.get(mailbox_name)
-    if mailbox is None or mailbox.is_catchall(config.domain):
-        return False
-    trusted = str(fields.get("trusted") or "none") == "true"
-    return any(hook.event == ON_RECEIVE and (trusted or hook.fire_on_untrusted)
-               for hook in mailbox.hooks)
 
 
 class _HookProcess(protocol.ProcessProtocol):
@@ -912,11 +781,6 @@ class HookRunner:
 
         d.addBoth(untrack)
         return d
-
-
-def hook_state_dir(data_dir: str | os.PathLike[str]) -> Path:
-    """Where the daemon and ``aimx ingest`` share hook bookkeeping (fired-once markers)."""
-    return Path(data_dir) / ".aimx"
 
 
 def run_on_receive_blocking(config: Any, mailbox_name: str, result: Any, *,

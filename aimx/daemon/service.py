@@ -345,7 +345,8 @@ def build(options: Options) -> AimxService:
     from twisted.internet import reactor
 
     from aimx.config import ConfigError, load_config, log_warnings
-    from aimx.daemon.hooks import HookRunner, hook_state_dir
+    from aimx.daemon.hookjournal import hook_state_dir
+    from aimx.daemon.hooks import HookRunner
     from aimx.daemon.state import Daemon
     from aimx.storage.mailstore import MailStore
 
