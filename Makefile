@@ -68,10 +68,12 @@ test-lowest: install system-deps
 	$(VENV)-lowest/bin/python -m pytest $(PYTEST_ARGS)
 
 run: install
-	$(BIN)/python -m aimx.devrun
+	$(BIN)/python -m aimx.ops.devrun
 
+# Style, then the layering: an import that runs upward fails (pyproject.toml [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.run

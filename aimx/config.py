@@ -26,11 +26,13 @@ from typing import Any
 import attrs
 
 from aimx import paths
-from aimx.addressing import domain_problem
 from aimx.logs import logger
+from aimx.mail.addressing import domain_problem
 from aimx.tomltext import line_of, toml_lines
 
-EVENTS = ("on_receive", "after_send")
+ON_RECEIVE = "on_receive"
+AFTER_SEND = "after_send"
+EVENTS = (ON_RECEIVE, AFTER_SEND)
 TRUST_VALUES = ("none", "verified")
 HOOK_TYPES = ("cmd",)
 

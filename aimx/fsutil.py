@@ -5,7 +5,7 @@ through ``write_atomic``: a dot-named temp file beside the target, created with
 the final mode (a private key is never readable by others, not even for an
 instant), fsync'd, renamed over the target, then the directory fsync'd. A crash
 leaves the old file or the new one, never a mix. Mail files have their own
-publish path in ``aimx.storage`` (bundles, name reservation under a lock).
+publish path in ``aimx.storage.atomic`` (bundles, name reservation under a lock).
 """
 
 from __future__ import annotations

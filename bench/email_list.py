@@ -37,8 +37,9 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aimx import frontmatter, mcpserver  # noqa: E402
-from aimx.storage import slugify  # noqa: E402
+from aimx.mail import frontmatter  # noqa: E402
+from aimx.mail.naming import slugify  # noqa: E402
+from aimx.mcp import server as mcpserver  # noqa: E402
 from tests.support.daemon import RunningDaemon  # noqa: E402
 
 MAILBOX = "bench"

@@ -1,7 +1,7 @@
 """Listing a mailbox of 100,000 messages: ``mailbox_list`` and ``email_list`` pages.
 
 The mailbox is written straight to disk (real aimx files, rendered by
-``aimx.frontmatter``, without fsync: only reading is measured here), then a
+``aimx.mail.frontmatter``, without fsync: only reading is measured here), then a
 daemon is started on the data dir.
 
 - ``mailbox_list``: the MAILBOX-LIST request the MCP tool makes, round trip
@@ -11,7 +11,7 @@ daemon is started on the data dir.
   the listing code of ``aimx mcp`` as it stands (``mcpserver.list_emails``:
   a directory scan plus one file read per row looked at, with its in-process
   header cache cold and warm), and the same rows built from
-  ``aimx.storage``'s per-mailbox index.
+  the per-mailbox index (``aimx.storage.index``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from typing import Any
 
 import attrs
 
-from aimx import frontmatter, storage
+from aimx.mail import frontmatter
+from aimx.mail.naming import slugify, stem_prefix
+from aimx.storage.index import iter_listing, list_page, scan_counts
 from bench.targets import DOMAIN, MAILBOX, OWNER
 from tests.support.daemon import RunningDaemon
 
@@ -46,7 +48,7 @@ def populate(inbox: Path, count: int) -> None:
     for i in range(count):
         when = _START + datetime.timedelta(seconds=37 * i)
         subject = f"Invoice {i} for project {i % 97}"
-        stem = f"{storage.stem_prefix(when)}-{storage.slugify(subject)}"
+        stem = f"{stem_prefix(when)}-{slugify(subject)}"
         stamp = when.strftime("%Y-%m-%dT%H:%M:%S")
         fields: dict[str, Any] = {
             "id": stem, "message_id": f"m{i}@example.com", "thread_id": f"{i:016x}",
@@ -95,11 +97,11 @@ class ListingResult:
 
 def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict[str, Any]]:
     """``email_list`` rows from the index, with the MCP tool's own row and filter rules."""
-    from aimx import mcpserver
+    from aimx.mcp import server as mcpserver
 
     if not filters.active:
         return [mcpserver.list_row(e.id, e.summary, "inbox")
-                for e in storage.list_page(inbox, offset, limit) if e.summary is not None]
+                for e in list_page(inbox, offset, limit) if e.summary is not None]
     rows: list[dict[str, Any]] = []
     skipped = 0
     floor = filters.since - mcpserver._STEM_SLACK if filters.since is not None else None
@@ -108,7 +110,7 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
         stored = mcpserver.stem_time(email_id)
         return floor is None or stored is None or stored >= floor
 
-    for entry in storage.iter_listing(inbox, recent_enough if floor is not None else None):
+    for entry in iter_listing(inbox, recent_enough if floor is not None else None):
         if entry.summary is None or not mcpserver.matches(entry.summary, "inbox", filters):
             continue
         if skipped < offset:
@@ -121,8 +123,9 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
 
 
 def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
-    from aimx import mcpserver, protocol
-    from aimx.client import Client
+    from aimx.daemon import protocol
+    from aimx.daemon.client import Client
+    from aimx.mcp import server as mcpserver
 
     daemon = RunningDaemon({"domain": DOMAIN,
                             "mailboxes": {MAILBOX: {"address": f"{MAILBOX}@{DOMAIN}",
@@ -132,7 +135,7 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
         started = time.perf_counter()
         populate(inbox, count)
         populate_s = time.perf_counter() - started
-        scan_ms, _ = _timed(lambda: storage.scan_counts(inbox), 1)
+        scan_ms, _ = _timed(lambda: scan_counts(inbox), 1)
         daemon.start()
         client = Client(daemon.socket_path)
         build_ms, _ = _timed(lambda: client.call(protocol.MailboxList), 1)
@@ -140,7 +143,7 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
         client.call(protocol.MailboxList)
         list_ms, reply = _timed(lambda: client.call(protocol.MailboxList), runs)
         row = next(r for r in reply["rows"] if r["name"] == MAILBOX)
-        if (row["total"], row["unread"]) != storage.scan_counts(inbox):
+        if (row["total"], row["unread"]) != scan_counts(inbox):
             raise RuntimeError("MAILBOX-LIST counts disagree with the files")
         filters = mcpserver.ListFilters
         cases = []

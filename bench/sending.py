@@ -50,9 +50,9 @@ with smtplib.SMTP("127.0.0.1", int(port)) as client:
 # after its imports, so CLI start-up is left out.
 ROUNDTRIP_SCRIPT = """
 import json, sys, time
-from aimx import compose
-from aimx.client import Client
-from aimx.protocol import Send
+from aimx.mail import compose
+from aimx.daemon.client import Client
+from aimx.daemon.protocol import Send
 sender, rcpt, subject, body, runs = sys.argv[1:6]
 times = []
 for _ in range(int(runs)):

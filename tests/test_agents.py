@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx import agents
+from aimx.ops import agents
 
 AIMX = Path(sys.executable).parent / "aimx"
 AIMX_REAL = str(AIMX.resolve())
@@ -31,7 +31,7 @@ REFERENCE_FILES = sorted(f"references/{page}" for page in agents.REFERENCE_PAGES
 
 LAUNCHER = r"""
 import os, select, sys, termios, tty
-import aimx.agents, aimx.cli.agents, aimx.cli.main
+import aimx.ops.agents, aimx.cli.agents, aimx.cli.main
 aimx.cli.main.import_all_commands()
 uid, gid, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if uid != os.geteuid():

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 from twisted.protocols import amp
 
-from aimx import protocol
-from aimx.client import Client, read_box
 from aimx.config import derived_hook_name
-from aimx.protocol import ApiError, request_box
+from aimx.daemon import protocol
+from aimx.daemon.client import Client, read_box
+from aimx.daemon.protocol import ApiError, request_box
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
 from tests.support.users import LinuxUser, ensure_user
@@ -68,11 +68,12 @@ release_manifest_url = "https://example.invalid/manifest.json"
 USER_LAUNCHER = r"""
 import json, os, sqlite3, sys
 spec = json.loads(sys.argv[1])
-import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
+import aimx.config, aimx.configedit, aimx.storage.mailstore
+import aimx.daemon.api, aimx.daemon.client, aimx.daemon.protocol
 import aimx.cli.main
 aimx.cli.main.import_all_commands()  # loads every command module
-from aimx.client import Client, read_box
-from aimx import protocol
+from aimx.daemon.client import Client, read_box
+from aimx.daemon import protocol
 if spec["uid"] is not None:
     if spec["name"]:
         os.initgroups(spec["name"], spec["gid"])
@@ -737,8 +738,8 @@ def test_create_and_delete_racing_sighup_lose_no_stanza(daemon, users):
 _DEFERRED_SCRIPT = r"""
 import json, sys
 from twisted.internet import defer, task
-from aimx import protocol
-from aimx.client import DaemonDown, call_deferred
+from aimx.daemon import protocol
+from aimx.daemon.client import DaemonDown, call_deferred
 
 async def main(reactor, path):
     out = {"version": (await call_deferred(reactor, protocol.Version, path))["tag"]}

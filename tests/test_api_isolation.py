@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from aimx import protocol
-from aimx.api import socket_connection_cap
-from aimx.client import read_box
+from aimx.daemon import protocol
+from aimx.daemon.api import socket_connection_cap
+from aimx.daemon.client import read_box
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.users import LinuxUser, needs_root
 from tests.test_api import config_text, dns, on_disk, outcome, run_as, users  # noqa: F401 (fixtures)
@@ -45,8 +45,8 @@ LIMITS = (f"socket_max_connections_per_user = {PER_USER}\n"
 HOLDER = r"""
 import json, os, socket, sys
 spec = json.loads(sys.argv[1])
-from aimx import protocol
-from aimx.client import Client, read_box
+from aimx.daemon import protocol
+from aimx.daemon.client import Client, read_box
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from aimx import protocol
-from aimx.client import Client
 from aimx.config import derived_hook_name
+from aimx.daemon import protocol
+from aimx.daemon.client import Client
 from tests.support.daemon import RunningDaemon
 from tests.support.users import LinuxUser
 from tests.test_api import config_text, deliver, dns, launch_as, users  # noqa: F401 (fixtures)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from aimx.compose import (
+from aimx.mail.compose import (
     ComposeError,
     check_header_value,
     compose_message,
@@ -17,7 +17,7 @@ from aimx.compose import (
     reply_subject,
     reply_threading,
 )
-from aimx.message import parse_message
+from aimx.mail.message import parse_message
 
 WHEN = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.UTC)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx import frontmatter
+from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 
 DOMAIN = "test.local"

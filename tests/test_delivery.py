@@ -1,6 +1,6 @@
 """Outbound delivery against real SMTP servers and a real DNS server (spec 30 §2.10, D16, D17).
 
-Each scenario runs ``aimx.delivery.deliver`` in a subprocess with its own
+Each scenario runs ``aimx.smtp.delivery.deliver`` in a subprocess with its own
 reactor (this module run as ``python -m tests.test_delivery <spec>``) and
 prints the outcome. The MX hosts are SMTP sinks on loopback addresses such as
 127.25.x.2 and 127.25.x.3; their MX/A records come from a twisted.names
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from aimx import delivery
+from aimx.smtp import delivery
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
 

@@ -8,8 +8,8 @@ import stat
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from aimx import dkimkeys
 from aimx.cli.main import main
+from aimx.ops import dkimkeys
 from tests.test_portcheck import run_cli_as
 
 CONFIG = """\

@@ -1,6 +1,6 @@
 """``aimx doctor`` against healthy and broken installs built in temp dirs.
 
-The service state and the host's addresses come through ``aimx.doctor.Probes``
+The service state and the host's addresses come through ``aimx.ops.doctor.Probes``
 (the container has no aimx service and its own IP); everything else is real:
 config files, mailbox dirs owned by real users, the DKIM key on disk, a real
 DNS server on loopback, a real daemon for the VERSION probe.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from aimx import dkimkeys, doctor
 from aimx.cli.main import main
+from aimx.ops import dkimkeys, doctor
 from aimx.version import version_info
 from tests.support.daemon import RunningDaemon
 from tests.support.dnsserver import DnsServer

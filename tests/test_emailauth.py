@@ -13,9 +13,11 @@ import time
 import attrs
 import pytest
 
-from aimx import dnsresolve, emailauth
-from aimx.dnsresolve import Budget
-from aimx.emailauth import AuthResults, authenticate
+from aimx.mail import authresults
+from aimx.mail.authresults import AuthResults
+from aimx.smtp import dnsresolve, emailauth
+from aimx.smtp.dnsresolve import Budget
+from aimx.smtp.emailauth import authenticate
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
 
@@ -27,7 +29,7 @@ STRANGER_IP = "198.51.100.7"  # in nobody's record
 
 @attrs.frozen
 class Parsed:
-    """Stand-in for aimx.message.ParsedMessage: the fields authentication reads."""
+    """Stand-in for aimx.mail.message.ParsedMessage: the fields authentication reads."""
 
     from_: str
     from_addresses: tuple[str, ...]
@@ -284,9 +286,9 @@ def test_dmarc_none_for_several_author_domains(resolver):
 
 
 def test_alignment_follows_public_suffix_list():
-    assert emailauth.aligned("mail.company.co.uk", "company.co.uk")
-    assert not emailauth.aligned("evil.co.uk", "company.co.uk")
-    assert not emailauth.aligned("mail.company.com", "company.com", "s")
+    assert authresults.aligned("mail.company.co.uk", "company.co.uk")
+    assert not authresults.aligned("evil.co.uk", "company.co.uk")
+    assert not authresults.aligned("mail.company.com", "company.com", "s")
 
 
 # ------------------------------------------------------------------ bounds and cache
@@ -329,7 +331,7 @@ def test_budget_cache_answers_each_name_once(dns_server, resolver):
 
 def test_no_resolver_gives_all_none():
     raw = EXAMPLE.sign(message(), domain="example.com")
-    assert auth(raw, None) == emailauth.NONE == AuthResults("none", "none", "none", ())
+    assert auth(raw, None) == authresults.NONE == AuthResults("none", "none", "none", ())
 
 
 # ------------------------------------------------------------------ dnsresolve

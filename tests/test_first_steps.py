@@ -1,6 +1,6 @@
 """README's first steps as a new user takes them: `make run`, then what it prints.
 
-`make run` is ``python -m aimx.devrun`` from the venv; these tests start that
+`make run` is ``python -m aimx.ops.devrun`` from the venv; these tests start that
 module with a fresh directory and a free port (the developer's own ``.dev`` and
 port 2525 stay untouched), then run the printed commands as printed: the
 smtplib snippet, the ``export`` line with ``aimx doctor``, and, when the
@@ -30,7 +30,7 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from aimx import frontmatter
+from aimx.mail import frontmatter
 from tests.support.daemon import REPO_ROOT, free_port
 
 STOP_LINE = "Stop with Ctrl-C."
@@ -42,7 +42,8 @@ AS_USER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import base64, email.header, email.utils, mimetypes, uuid
-import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
+import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
+import aimx.daemon.client, aimx.daemon.protocol
 mimetypes.init()
 aimx.cli.main.import_all_commands()
 os.initgroups(spec["name"], spec["gid"])
@@ -53,7 +54,7 @@ sys.exit(aimx.cli.main.main(spec["argv"]))
 
 
 class DevRun:
-    """``python -m aimx.devrun`` in a subprocess, and what it printed."""
+    """``python -m aimx.ops.devrun`` in a subprocess, and what it printed."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
@@ -61,7 +62,7 @@ class DevRun:
         self.log = root.parent / f"{root.name}.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "aimx.devrun", "--dir", str(root),
+                [sys.executable, "-m", "aimx.ops.devrun", "--dir", str(root),
                  "--bind", f"127.0.0.1:{self.port}"],
                 env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         lines = []

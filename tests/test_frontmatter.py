@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimx.frontmatter import (
+from aimx.mail.frontmatter import (
     INBOUND_KEYS,
     SENT_KEYS,
     FrontmatterError,

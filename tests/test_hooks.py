@@ -26,7 +26,7 @@ import attrs
 import pytest
 
 from aimx.config import Config, Hook, Mailbox
-from aimx.hooks import (
+from aimx.daemon.hooks import (
     AfterSendInfo,
     Owner,
     render_stderr_tail,
@@ -69,9 +69,9 @@ def build_config(spec: dict[str, Any]) -> Config:
 def _driver(spec_path: str) -> None:
     from twisted.internet import defer, task
 
-    from aimx.hooks import HookRunner
-    from aimx.ingest import IngestResult
+    from aimx.daemon.hooks import HookRunner
     from aimx.logs import setup_logging
+    from aimx.smtp.ingest import IngestResult
 
     setup_logging(sys.stderr)
     spec = json.loads(Path(spec_path).read_text())
@@ -327,8 +327,8 @@ def test_blocking_fire_for_aimx_ingest_waits_for_the_hooks(tmp_path):
 import sys
 from pathlib import Path
 from aimx.config import Config, Hook, Mailbox
-from aimx.hooks import run_on_receive_blocking
-from aimx.ingest import IngestResult
+from aimx.daemon.hooks import run_on_receive_blocking
+from aimx.smtp.ingest import IngestResult
 hook = Hook(event="on_receive", cmd=["/bin/sh", "-c", "sleep 1; cat > {marker}"], name="slow")
 config = Config(path="/x", domain="{DOMAIN}",
                 mailboxes=[Mailbox(name="a", address="a@{DOMAIN}", owner="{ME}", hooks=[hook])])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx.hooks import PendingHooks, hook_state_dir
+from aimx.daemon.hookjournal import PendingHooks, hook_state_dir
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
 

@@ -269,12 +269,15 @@ def test_an_800_mb_email_is_refused_without_being_read(dns, users) -> None:
 def test_start_up_cleanup_and_counts_never_follow_an_owners_link(users, vault, shared) -> None:
     """Crash cleanup removes temp names in bundle dirs, and counts read every email:
     through a bundle an owner swapped for a link, neither may touch the root-only dir."""
-    from aimx import storage
+    from aimx.storage.atomic import cleanup_temp_files
+    from aimx.storage.emailfiles import list_email_ids, resolve_email_path
+    from aimx.storage.index import count_emails, scan_counts
+    from aimx.storage.layout import ensure_data_dir, ensure_mailbox_dir
 
     alice = users["alice"]
     shared.chmod(0o755)
-    data = storage.ensure_data_dir(shared / "data")
-    inbox = storage.ensure_mailbox_dir(data, "inbox", "alice", (alice.uid, alice.gid))
+    data = ensure_data_dir(shared / "data")
+    inbox = ensure_mailbox_dir(data, "inbox", "alice", (alice.uid, alice.gid))
     bait = vault / ".bait.md.tmp.0123456789ab"
     bait.write_text("root's temp file\n")
     (vault / "2026-01-01-000000-x.md").write_text('+++\nread = true\n+++\n')
@@ -285,11 +288,11 @@ def test_start_up_cleanup_and_counts_never_follow_an_owners_link(users, vault, s
         f"ln {inbox}/2026-01-01-000001-y.md {inbox}/2026-01-01-000002-z.md")
     subprocess.run(["/bin/sh", "-c", hostile_steps], preexec_fn=alice.preexec(), check=True)
 
-    assert storage.cleanup_temp_files(data) == 0
+    assert cleanup_temp_files(data) == 0
     assert bait.exists()
     # The link is no email; the two names of one hard-linked file are listed but not
     # believed (a hard link could name a file the owner may not hand over).
-    assert storage.list_email_ids(inbox) == ["2026-01-01-000002-z", "2026-01-01-000001-y"]
-    assert storage.scan_counts(inbox) == (2, 2)
-    assert storage.count_emails(inbox) == (2, 2)
-    assert storage.resolve_email_path(inbox, "2026-01-01-000000-x") is None
+    assert list_email_ids(inbox) == ["2026-01-01-000002-z", "2026-01-01-000001-y"]
+    assert scan_counts(inbox) == (2, 2)
+    assert count_emails(inbox) == (2, 2)
+    assert resolve_email_path(inbox, "2026-01-01-000000-x") is None

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from aimx import emailauth, ingest, storage
 from aimx.config import parse_config_text
+from aimx.mail import authresults
+from aimx.mail.naming import stem_prefix
+from aimx.smtp import ingest
+from aimx.storage.atomic import PAUSE_ENV, cleanup_temp_files
+from aimx.storage.emailfiles import list_email_ids
+from aimx.storage.index import count_emails
+from aimx.storage.mailstore import MailStore
 from tests.support.dnsserver import DnsServer
 from tests.support.users import ensure_user
 
@@ -102,7 +108,7 @@ def md_path(box: Path, email_id: str) -> Path:
 
 
 def only_email(instance: Instance, mailbox: str = "alice") -> tuple[str, dict, str]:
-    ids = storage.list_email_ids(instance.box(mailbox))
+    ids = list_email_ids(instance.box(mailbox))
     assert len(ids) == 1, ids
     fm, body = read_email(md_path(instance.box(mailbox), ids[0]))
     return ids[0], fm, body
@@ -180,9 +186,9 @@ def test_routing_by_local_part(instance: Instance) -> None:
     assert fm["delivered_to"] == "alice@other.org"
     # Local parts match case-insensitively; delivered_to keeps the case (D4).
     assert instance.ingest("Alice@TEST.com", message(message_id="<3@x>")).returncode == 0
-    assert len(storage.list_email_ids(instance.box())) == 2
+    assert len(list_email_ids(instance.box())) == 2
     assert any(read_email(md_path(instance.box(), i))[0]["delivered_to"] == "Alice@TEST.com"
-               for i in storage.list_email_ids(instance.box()))
+               for i in list_email_ids(instance.box()))
 
 
 def test_no_route_without_catchall(instance: Instance) -> None:
@@ -206,10 +212,10 @@ def test_duplicates_are_skipped_across_processes(instance: Instance) -> None:
     first = instance.ingest("alice@test.com", raw)
     second = instance.ingest("alice@test.com", raw)  # a fresh process, same 24 h window
     assert (first.returncode, second.returncode) == (0, 0)
-    assert len(storage.list_email_ids(instance.box())) == 1
+    assert len(list_email_ids(instance.box())) == 1
     # Same message to another mailbox is not a duplicate there.
     assert instance.ingest("zed@test.com", raw).returncode == 0
-    assert len(storage.list_email_ids(instance.box("catchall"))) == 1
+    assert len(list_email_ids(instance.box("catchall"))) == 1
 
 
 def test_duplicate_older_than_a_day_is_stored_again(instance: Instance) -> None:
@@ -220,14 +226,14 @@ def test_duplicate_older_than_a_day_is_stored_again(instance: Instance) -> None:
     five_days = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=5)).isoformat()
     path.write_text(path.read_text().replace(fm["received_at"], five_days))
     assert instance.ingest("alice@test.com", raw).returncode == 0
-    assert len(storage.list_email_ids(instance.box())) == 2
+    assert len(list_email_ids(instance.box())) == 2
 
 
 def test_messages_without_message_id_are_never_deduplicated(instance: Instance) -> None:
     raw = message(message_id=None)
     assert instance.ingest("alice@test.com", raw).returncode == 0
     assert instance.ingest("alice@test.com", raw).returncode == 0
-    ids = storage.list_email_ids(instance.box())
+    ids = list_email_ids(instance.box())
     assert len(ids) == 2
     assert read_email(md_path(instance.box(), ids[0]))[0]["message_id"] == ""
 
@@ -245,7 +251,7 @@ def test_delimiters_in_headers_cannot_break_the_file(instance: Instance) -> None
 def test_attachment_named_like_the_email(instance: Instance) -> None:
     # The stem depends on the second the message arrives, so offer the next few.
     start = datetime.datetime.now(datetime.UTC)
-    names = [f"{storage.stem_prefix(start + datetime.timedelta(seconds=n))}-hello.md"
+    names = [f"{stem_prefix(start + datetime.timedelta(seconds=n))}-hello.md"
              for n in range(6)]
     raw = message(attachments=tuple((name, "text/markdown", b"# decoy\n") for name in names))
     assert instance.ingest("alice@test.com", raw).returncode == 0
@@ -267,7 +273,7 @@ def test_concurrent_ingests_make_complete_bundles(instance: Instance) -> None:
     for proc, raw in procs:
         proc.communicate(raw, timeout=120)
         assert proc.returncode == 0
-    ids = storage.list_email_ids(instance.box())
+    ids = list_email_ids(instance.box())
     assert len(ids) == 8 and len(set(ids)) == 8
     assert instance.entries() == sorted(ids)  # bundles only, no temp leftovers
     seen = set()
@@ -312,7 +318,7 @@ def test_kill_before_rename_leaves_nothing_visible(instance: Instance,
     atts = (("a.txt", "text/plain", b"a\n"),) if with_attachment else ()
     proc = subprocess.Popen([str(AIMX), "ingest", "alice@test.com"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, storage.PAUSE_ENV: "60"})
+                            env={**os.environ, PAUSE_ENV: "60"})
     proc.stdin.write(message(attachments=atts))
     proc.stdin.close()
     deadline = time.monotonic() + 30
@@ -325,13 +331,13 @@ def test_kill_before_rename_leaves_nothing_visible(instance: Instance,
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert [n for n in instance.entries() if not n.startswith(".")] == []
-    assert storage.list_email_ids(instance.box()) == []
-    assert storage.count_emails(instance.box()) == (0, 0)
-    assert storage.cleanup_temp_files(instance.data) == len(temps)
+    assert list_email_ids(instance.box()) == []
+    assert count_emails(instance.box()) == (0, 0)
+    assert cleanup_temp_files(instance.data) == len(temps)
     assert instance.entries() == []
     # After the clean-up the same message stores normally (it was never recorded).
     assert instance.ingest("alice@test.com", message(attachments=atts)).returncode == 0
-    assert len(storage.list_email_ids(instance.box())) == 1
+    assert len(list_email_ids(instance.box())) == 1
 
 
 def test_disk_failure_is_an_error_and_leaves_nothing(instance: Instance) -> None:
@@ -382,7 +388,7 @@ def test_data_dir_flag_beats_the_environment(instance: Instance, tmp_path: Path)
     elsewhere.mkdir()
     assert instance.ingest("alice@test.com", message(), "--data-dir",
                            str(elsewhere)).returncode == 0
-    assert len(storage.list_email_ids(elsewhere / "inbox" / "alice")) == 1
+    assert len(list_email_ids(elsewhere / "inbox" / "alice")) == 1
     assert instance.entries() == []
 
 
@@ -412,7 +418,7 @@ def signed_by(domain: str):
 
     def authenticate(config, raw, parsed, *, peer_ip, mail_from, helo):  # noqa: ANN001, ANN202
         calls.append((peer_ip, mail_from, helo))
-        return emailauth.AuthResults(dkim="pass", spf="pass", dmarc="pass",
+        return authresults.AuthResults(dkim="pass", spf="pass", dmarc="pass",
                                      dkim_domains=(domain,))
 
     authenticate.calls = calls
@@ -422,7 +428,7 @@ def signed_by(domain: str):
 def test_pipeline_smtp_peer_auth_and_trust(tmp_path: Path) -> None:
     config = parse_config_text(PIPELINE_CONFIG, tmp_path / "config.toml",
                                data_dir_override=tmp_path / "data")
-    store = storage.MailStore(config.data_dir)
+    store = MailStore(config.data_dir)
     auth = signed_by("mail.example.com")
     analysis = ingest.analyse(config, message(), peer_ip="203.0.113.50",
                               mail_from="sender@example.com", helo="mx.example.com",
@@ -438,7 +444,7 @@ def test_pipeline_smtp_peer_auth_and_trust(tmp_path: Path) -> None:
                                                                    "true")
     again = ingest.deliver(config, store, analysis, "ALICE@test.com")
     assert (again.status, again.email_id, again.path) == ("duplicate", None, None)
-    assert len(storage.list_email_ids(tmp_path / "data" / "inbox" / "alice")) == 1
+    assert len(list_email_ids(tmp_path / "data" / "inbox" / "alice")) == 1
 
 
 def test_pipeline_unaligned_signature_is_not_trusted(tmp_path: Path) -> None:
@@ -446,7 +452,7 @@ def test_pipeline_unaligned_signature_is_not_trusted(tmp_path: Path) -> None:
                                data_dir_override=tmp_path / "data")
     analysis = ingest.analyse(config, message(), peer_ip="0.0.0.0",
                               authenticate=signed_by("attacker.test"))
-    result = ingest.deliver(config, storage.MailStore(config.data_dir), analysis,
+    result = ingest.deliver(config, MailStore(config.data_dir), analysis,
                             "alice@test.com")
     assert result.fields["trusted"] == "false"
     assert "received_from_ip" not in result.fields  # unspecified address = no real peer
@@ -459,7 +465,7 @@ def test_pipeline_errors(tmp_path: Path) -> None:
         ingest.analyse(config, b"  \r\n", authenticate=signed_by("example.com"))
     analysis = ingest.analyse(config, message(), authenticate=signed_by("example.com"))
     with pytest.raises(ingest.NoRoute, match="^no mailbox routes recipient bob@test.com$"):
-        ingest.deliver(config, storage.MailStore(config.data_dir), analysis, "bob@test.com")
+        ingest.deliver(config, MailStore(config.data_dir), analysis, "bob@test.com")
 
 
 def test_cli_ingest_waits_for_on_receive_hooks_and_fires_once(instance: Instance, tmp_path: Path,

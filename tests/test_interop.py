@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx import frontmatter
+from aimx.mail import frontmatter
 from tests.support import users
 from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
@@ -125,7 +125,8 @@ LAUNCHER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import errno, mimetypes
-import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
+import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
+import aimx.daemon.client, aimx.daemon.protocol
 aimx.cli.main.import_all_commands()
 mimetypes.init()
 os.initgroups(spec["name"], spec["gid"])

@@ -8,7 +8,7 @@ import pytest
 
 from aimx.cli.logs import OPENRC_FOLLOW_ERROR, show_logs, tail_lines
 from aimx.cli.main import CommandError
-from aimx.initsystem import System
+from aimx.ops.initsystem import System
 
 
 @pytest.fixture

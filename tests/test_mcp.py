@@ -33,8 +33,10 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
-from aimx import __version__, frontmatter, mcpserver
-from aimx.mcpserver import DAEMON_DOWN
+from aimx import __version__
+from aimx.mail import frontmatter
+from aimx.mcp import server as mcpserver
+from aimx.mcp.server import DAEMON_DOWN
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import SmtpSink
@@ -68,9 +70,9 @@ USER_LAUNCHER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import anyio._backends._asyncio, sqlite3  # sqlite3: the listing index
-import aimx.cli.main, aimx.mcpserver
+import aimx.cli.main, aimx.mcp.server
 aimx.cli.main.import_all_commands()
-aimx.mcpserver.build_server()
+aimx.mcp.server.build_server()
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])

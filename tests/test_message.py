@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aimx import frontmatter
-from aimx.message import (
+from aimx.mail import frontmatter
+from aimx.mail.message import (
     HTML_TRUNCATED_MARKER,
     MessageParseError,
     ParsedMessage,
@@ -433,7 +433,7 @@ def test_a_25_mib_message_needs_only_a_few_copies_of_itself(tmp_path: Path) -> N
     path.write_bytes(raw)
     script = (
         "import datetime, hashlib, json, resource, sys\n"
-        "from aimx.message import parse_message\n"
+        "from aimx.mail.message import parse_message\n"
         "raw = open(sys.argv[1], 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "parsed = parse_message(raw, datetime.datetime.now(datetime.UTC))\n"

@@ -18,11 +18,8 @@ import stat
 import dkim
 import pytest
 
-from aimx import frontmatter
-from aimx.compose import MUTUALLY_EXCLUSIVE, compose_message
 from aimx.config import Config, Mailbox
-from aimx.message import compute_thread_id
-from aimx.outbound import (
+from aimx.daemon.outbound import (
     BODY_TOO_LARGE_REASON,
     SendError,
     mail_drop,
@@ -30,8 +27,11 @@ from aimx.outbound import (
     quoted_printable,
     sent_copy_fields,
 )
-from aimx.render import MARKDOWN_CAP
-from aimx.storage import MailStore
+from aimx.mail import frontmatter
+from aimx.mail.compose import MUTUALLY_EXCLUSIVE, compose_message
+from aimx.mail.message import compute_thread_id
+from aimx.mail.render import MARKDOWN_CAP
+from aimx.storage.mailstore import MailStore
 from tests.support.dkimkeys import shared_key
 
 WHEN = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.UTC)

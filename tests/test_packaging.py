@@ -14,7 +14,8 @@ import pytest
 import aimx
 from aimx.cli.main import CommandError, main
 from aimx.cli.uninstall import ROOT_REQUIRED, uninstall
-from aimx.initsystem import (
+from aimx.ops.console import Console
+from aimx.ops.initsystem import (
     OPENRC,
     SYSTEMD,
     System,
@@ -22,7 +23,6 @@ from aimx.initsystem import (
     render_openrc_script,
     render_systemd_unit,
 )
-from aimx.setup import Console
 
 EXE = aimx_executable()
 

@@ -18,12 +18,12 @@ import pytest
 
 from aimx.cli.main import CommandError
 from aimx.cli.portcheck import ROOT_REQUIRED, portcheck
-from aimx.initsystem import System
-from aimx.setup import (
+from aimx.ops.console import Console
+from aimx.ops.initsystem import System
+from aimx.ops.portcheck import (
     INBOUND_UNREACHABLE,
     OUTBOUND_BLOCKED,
     CheckFailed,
-    Console,
     TempListener,
     check_inbound,
     check_outbound,

@@ -14,9 +14,9 @@ import threading
 import pytest
 from twisted.protocols import amp
 
-from aimx import protocol
-from aimx.api import peer_credentials
-from aimx.client import (
+from aimx.daemon import protocol
+from aimx.daemon.api import peer_credentials
+from aimx.daemon.client import (
     Client,
     ConnectFailed,
     DaemonDown,
@@ -24,7 +24,7 @@ from aimx.client import (
     interpret_reply,
     read_box,
 )
-from aimx.protocol import (
+from aimx.daemon.protocol import (
     BODY_CAP,
     ApiError,
     HookCreate,

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from aimx import frontmatter
-from aimx.client import Client
-from aimx.protocol import ApiError, Send, Version
+from aimx.daemon.client import Client
+from aimx.daemon.protocol import ApiError, Send, Version
+from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aimx import frontmatter
+from aimx.mail import frontmatter
 from tests.support import ampabuse, smtpabuse
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 
 import attrs
 
-from aimx.render import STYLES, render_markdown
+from aimx.mail.render import STYLES, render_markdown
 
 
 @attrs.define
@@ -220,7 +220,7 @@ def test_void_elements_use_xhtml_form():
 def test_rendering_is_deterministic_across_processes():
     source = ("# Title\n\nText[^a] with https://example.com and a table:\n\n| x | y |\n|---|---|"
               "\n| 1 | 2 |\n\n- [x] done\n\n[^a]: note\n")
-    script = ("import sys; from aimx.render import render_markdown; "
+    script = ("import sys; from aimx.mail.render import render_markdown; "
               "sys.stdout.buffer.write(render_markdown(sys.stdin.read()).encode())")
     outputs = set()
     for seed in ("1", "2"):

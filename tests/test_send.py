@@ -30,9 +30,9 @@ import dkim
 import pytest
 from dns import resolver as dnspython
 
-from aimx import frontmatter
-from aimx.client import Client
-from aimx.protocol import MailboxList
+from aimx.daemon.client import Client
+from aimx.daemon.protocol import MailboxList
+from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
@@ -53,7 +53,8 @@ LAUNCH = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import base64, email.header, email.utils, mimetypes, uuid
-import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
+import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
+import aimx.daemon.client, aimx.daemon.protocol
 mimetypes.init()
 aimx.cli.main.import_all_commands()  # imports every command module while still root
 if spec["uid"] is not None:
@@ -62,9 +63,10 @@ if spec["uid"] is not None:
     os.setuid(spec["uid"])
 if "send_body" in spec:  # a hand-made message straight to SEND, as a hostile client would
     try:
-        answer = aimx.client.Client().call(aimx.protocol.Send, body=spec["send_body"].encode())
+        answer = aimx.daemon.client.Client().call(aimx.daemon.protocol.Send,
+                                                  body=spec["send_body"].encode())
         print(json.dumps({"ok": answer}))
-    except aimx.protocol.ApiError as exc:
+    except aimx.daemon.protocol.ApiError as exc:
         print(json.dumps({"error": [exc.code, exc.reason]}))
     sys.exit(0)
 sys.exit(aimx.cli.main.main(spec["argv"]))

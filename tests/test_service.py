@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aimx import storage
+from aimx.storage.layout import README_MARKER
 from tests.support.daemon import REPO_ROOT, RunningDaemon, SmtpWire, free_port, stored_emails
 
 DOMAIN = "test.local"
@@ -67,7 +67,7 @@ def test_startup_files_modes_and_readme(owner: str) -> None:
         assert daemon.socket_path.stat().st_mode & 0o777 == 0o666
         assert daemon.pid_path.read_text().strip() == str(daemon.pid)
         readme = daemon.data_dir / "README.md"
-        assert readme.read_text().splitlines()[0] == storage.README_MARKER
+        assert readme.read_text().splitlines()[0] == README_MARKER
         assert not stale.exists()
         log = daemon.log_text()
         assert f"smtp=127.0.0.1:{daemon.smtp_port}" in log
@@ -309,7 +309,7 @@ def test_devrun_serves_mail_into_the_dev_mailbox(tmp_path: Path) -> None:
     env["PYTHONUNBUFFERED"] = "1"
     log_path = tmp_path / "devrun.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "aimx.devrun", "--dir", str(dev),
+        proc = subprocess.Popen([sys.executable, "-m", "aimx.ops.devrun", "--dir", str(dev),
                                  "--bind", f"127.0.0.1:{port}"], env=env, cwd=str(REPO_ROOT),
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -333,7 +333,7 @@ def test_devrun_serves_mail_into_the_dev_mailbox(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     key_before = (dev / "config" / "dkim" / "private.key").read_bytes()
-    from aimx.devrun import prepare
+    from aimx.ops.devrun import prepare
 
     prepare(dev, f"127.0.0.1:{port}")  # a re-run keeps what exists
     assert (dev / "config" / "dkim" / "private.key").read_bytes() == key_before

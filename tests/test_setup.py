@@ -26,13 +26,12 @@ import tomlkit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from aimx import dkimkeys, dnscheck
-from aimx.initsystem import System, run_command
-from aimx.setup import (
+from aimx.ops import dkimkeys, dnscheck
+from aimx.ops.console import Console, SetupError
+from aimx.ops.initsystem import System, run_command
+from aimx.ops.portcheck import OUTBOUND_BLOCKED
+from aimx.ops.setup import (
     NO_TRUST_WARNING,
-    OUTBOUND_BLOCKED,
-    Console,
-    SetupError,
     Wizard,
     domain_problem,
     new_config_text,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from aimx import frontmatter
-from aimx.smtpserver import source_key
+from aimx.mail import frontmatter
+from aimx.smtp.server import source_key
 from tests.support.daemon import RunningDaemon, SmtpWire, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns

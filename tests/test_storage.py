@@ -21,8 +21,19 @@ from pathlib import Path
 import attrs
 import pytest
 
-from aimx import storage
-from aimx.storage import MailStore, StorageError
+from aimx.mail.naming import (
+    check_email_id,
+    sanitize_attachment_name,
+    slugify,
+    stem_prefix,
+    unique_attachment_names,
+)
+from aimx.storage.atomic import cleanup_temp_files
+from aimx.storage.dedup import DEDUP_CAP, DedupIndex
+from aimx.storage.emailfiles import list_email_ids, resolve_email_path
+from aimx.storage.index import IndexedEmail, count_emails, iter_listing, list_page
+from aimx.storage.layout import README_MARKER, StorageError, readme_text, write_readme
+from aimx.storage.mailstore import MailStore
 from tests.support.users import ensure_user, needs_root
 
 UTC = datetime.UTC
@@ -111,13 +122,13 @@ def store(data: Path) -> MailStore:
     ("日本語のメール", "日本語のメール"),
 ])
 def test_slugify(subject: str | None, slug: str) -> None:
-    assert storage.slugify(subject) == slug
+    assert slugify(subject) == slug
 
 
 def test_stem_prefix_is_utc() -> None:
-    assert storage.stem_prefix(WHEN) == "2025-03-14-150926"
+    assert stem_prefix(WHEN) == "2025-03-14-150926"
     plus_two = WHEN.astimezone(datetime.timezone(datetime.timedelta(hours=2)))
-    assert storage.stem_prefix(plus_two) == "2025-03-14-150926"
+    assert stem_prefix(plus_two) == "2025-03-14-150926"
 
 
 @pytest.mark.parametrize(("name", "index", "expected"), [
@@ -138,27 +149,27 @@ def test_stem_prefix_is_utc() -> None:
     ("x\x7f\x85\ufeffy", 0, "x_y"),
 ])
 def test_sanitize_attachment_name(name: str | None, index: int, expected: str) -> None:
-    assert storage.sanitize_attachment_name(name, index) == expected
+    assert sanitize_attachment_name(name, index) == expected
 
 
 def test_sanitize_caps_at_200_bytes_on_a_character_boundary() -> None:
-    assert storage.sanitize_attachment_name("a" * 500, 0) == "a" * 200
-    cut = storage.sanitize_attachment_name("é" * 150, 0)  # 2 bytes each
+    assert sanitize_attachment_name("a" * 500, 0) == "a" * 200
+    cut = sanitize_attachment_name("é" * 150, 0)  # 2 bytes each
     assert len(cut.encode()) == 200 and cut == "é" * 100
-    cut = storage.sanitize_attachment_name("a" + "é" * 150, 0)
+    cut = sanitize_attachment_name("a" + "é" * 150, 0)
     assert len(cut.encode()) == 199 and cut == "a" + "é" * 99
-    assert storage.sanitize_attachment_name("a" * 199 + "-" * 10 + "b", 0) == "a" * 199
+    assert sanitize_attachment_name("a" * 199 + "-" * 10 + "b", 0) == "a" * 199
 
 
 def test_unique_attachment_names() -> None:
-    assert storage.unique_attachment_names(["notes.txt", "notes.txt", "notes.txt"]) == [
+    assert unique_attachment_names(["notes.txt", "notes.txt", "notes.txt"]) == [
         "notes.txt", "notes-1.txt", "notes-2.txt"]
-    assert storage.unique_attachment_names(["archive.tar.gz", "archive.tar.gz"]) == [
+    assert unique_attachment_names(["archive.tar.gz", "archive.tar.gz"]) == [
         "archive.tar.gz", "archive.tar-1.gz"]
-    assert storage.unique_attachment_names(["name", "name"]) == ["name", "name-1"]
-    assert storage.unique_attachment_names(["a.txt", "a-1.txt", "a.txt"]) == [
+    assert unique_attachment_names(["name", "name"]) == ["name", "name-1"]
+    assert unique_attachment_names(["a.txt", "a-1.txt", "a.txt"]) == [
         "a.txt", "a-1.txt", "a-2.txt"]
-    assert storage.unique_attachment_names(["s.md", "x"], reserved=["s.md"]) == ["s-1.md", "x"]
+    assert unique_attachment_names(["s.md", "x"], reserved=["s.md"]) == ["s-1.md", "x"]
 
 
 @pytest.mark.parametrize(("email_id", "ok"), [
@@ -166,7 +177,7 @@ def test_unique_attachment_names() -> None:
     ("a\\b", False), ("a\0b", False), ("a..b", False),
 ])
 def test_check_email_id(email_id: str, ok: bool) -> None:
-    assert storage.check_email_id(email_id) is ok
+    assert check_email_id(email_id) is ok
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +210,7 @@ def test_missing_data_dir_is_created_readable(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
         MailStore(data).publish_sent("alice", OWNER, fields(), "x\n", WHEN)
-        assert storage.write_readme(data) is True
+        assert write_readme(data) is True
     finally:
         os.umask(old)
     assert mode(data) == 0o755 and mode(data / "sent") == 0o755
@@ -368,7 +379,7 @@ def test_cleanup_removes_only_temp_leftovers(store: MailStore, data: Path) -> No
     pending.mkdir(parents=True)
     (pending / ".0badc0de.tmp.4242").write_text('{"mailbox": ')
     (pending / "0badc0de").write_text('{"mailbox": "alice", "path": "x"}')
-    assert storage.cleanup_temp_files(data) == 5
+    assert cleanup_temp_files(data) == 5
     assert os.listdir(pending) == ["0badc0de"]  # a complete marker is kept for the replay
     assert sorted(os.listdir(box)) == [".hidden-by-agent", kept.id]
     assert sorted(os.listdir(kept.path.parent)) == sorted(["a.txt", f"{kept.id}.md"])
@@ -380,8 +391,8 @@ def test_readers_ignore_temp_files(data: Path) -> None:
     box.mkdir(parents=True)
     (box / ".2025-01-01-000000-x.md.tmp.0a1b2c").write_text("+++\nread = true\n+++\n")
     (box / ".2025-01-01-000000-x.md").write_text("+++\nread = true\n+++\n")
-    assert storage.list_email_ids(box) == []
-    assert storage.count_emails(box) == (0, 0)
+    assert list_email_ids(box) == []
+    assert count_emails(box) == (0, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +402,7 @@ def test_readers_ignore_temp_files(data: Path) -> None:
 def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> None:
     script = textwrap.dedent(f"""
         import time
-        from aimx.storage import MailStore
+        from aimx.storage.mailstore import MailStore
         store = MailStore({str(data)!r})
         with store.mailbox_lock("alice"):
             print(time.monotonic(), flush=True)
@@ -415,7 +426,7 @@ def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> 
 
 
 def test_dedup_index_window_and_empty_ids() -> None:
-    index = storage.DedupIndex()
+    index = DedupIndex()
     index.record("a@x", WHEN, now=WHEN)
     index.record("", WHEN, now=WHEN)
     assert index.is_duplicate("a@x", now=WHEN + datetime.timedelta(hours=23, minutes=59))
@@ -428,11 +439,11 @@ def test_dedup_index_window_and_empty_ids() -> None:
 
 
 def test_dedup_index_cap() -> None:
-    index = storage.DedupIndex()
-    for n in range(storage.DEDUP_CAP):
+    index = DedupIndex()
+    for n in range(DEDUP_CAP):
         index.record(f"{n}@x", WHEN, now=WHEN)
     index.record("overflow@x", WHEN, now=WHEN)
-    assert len(index) == storage.DEDUP_CAP
+    assert len(index) == DEDUP_CAP
     assert not index.is_duplicate("overflow@x", now=WHEN)
     assert index.is_duplicate("0@x", now=WHEN)
 
@@ -467,25 +478,25 @@ def test_resolve_email_path_strict_rules(store: MailStore, data: Path, tmp_path:
     bundle = store.publish_inbound("alice", OWNER, fields(message_id="b", subject="B"), "x\n",
                                    [Att("a.txt", "text/plain", b"a")], WHEN)
     box = data / "inbox" / "alice"
-    assert storage.resolve_email_path(box, flat.id) == flat.path
-    assert storage.resolve_email_path(box, bundle.id) == bundle.path
-    assert storage.resolve_email_path(box, "nope") is None
-    assert storage.resolve_email_path(box, "../alice/" + flat.id) is None
+    assert resolve_email_path(box, flat.id) == flat.path
+    assert resolve_email_path(box, bundle.id) == bundle.path
+    assert resolve_email_path(box, "nope") is None
+    assert resolve_email_path(box, "../alice/" + flat.id) is None
     outside = tmp_path / "outside.md"
     outside.write_text("+++\nread = false\n+++\n")
     (box / "linked.md").symlink_to(outside)
-    assert storage.resolve_email_path(box, "linked") is None
+    assert resolve_email_path(box, "linked") is None
     # "<id>.md" existing as a directory blocks the bundle fallback.
     (box / "odd.md").mkdir()
     (box / "odd").mkdir()
     (box / "odd" / "odd.md").write_text("+++\n+++\n")
-    assert storage.resolve_email_path(box, "odd") is None
+    assert resolve_email_path(box, "odd") is None
     # A symlinked bundle dir does not resolve either.
     real = tmp_path / "realbundle"
     real.mkdir()
     (real / "sneaky.md").write_text("+++\n+++\n")
     (box / "sneaky").symlink_to(real)
-    assert storage.resolve_email_path(box, "sneaky") is None
+    assert resolve_email_path(box, "sneaky") is None
 
 
 def test_listing_counts_and_order(store: MailStore, data: Path, tmp_path: Path) -> None:
@@ -503,12 +514,12 @@ def test_listing_counts_and_order(store: MailStore, data: Path, tmp_path: Path) 
     (tmp_path / "t.md").write_text("+++\nread = false\n+++\n")
     (box / "link.md").symlink_to(tmp_path / "t.md")
     (box / "garbage.md").write_bytes(b"\xff\xfe no frontmatter at all")
-    assert storage.list_email_ids(box) == sorted([*ids, "garbage"], reverse=True)
-    assert storage.count_emails(box) == (4, 3)
+    assert list_email_ids(box) == sorted([*ids, "garbage"], reverse=True)
+    assert count_emails(box) == (4, 3)
     assert store.count("inbox", "alice") == (4, 3)
     assert store.list_emails("inbox", "alice")[-1] == ids[0]
-    assert storage.count_emails(data / "inbox" / "nobody-here") == (0, 0)
-    assert storage.list_email_ids(data / "inbox" / "nobody-here") == []
+    assert count_emails(data / "inbox" / "nobody-here") == (0, 0)
+    assert list_email_ids(data / "inbox" / "nobody-here") == []
 
 
 def test_read_line_counts_only_inside_frontmatter(data: Path) -> None:
@@ -516,7 +527,7 @@ def test_read_line_counts_only_inside_frontmatter(data: Path) -> None:
     box.mkdir(parents=True)
     (box / "a.md").write_text('+++\nid = "a"\nread = false\n+++\n\nread = true\n')
     (box / "b.md").write_text('+++\r\nid = "b"\r\nread = true\r\n+++\r\n\r\nbody\r\n')
-    assert storage.count_emails(box) == (2, 1)
+    assert count_emails(box) == (2, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -552,7 +563,7 @@ def test_mark_read_and_unread(store: MailStore, data: Path) -> None:
     assert fm["read"] is False and "read_at" not in fm
     store.set_read("alice", OWNER, stored.id, False)  # repeats are fine
     assert body_of(stored.path) == original_body
-    assert storage.count_emails(stored.path.parent) == (1, 1)
+    assert count_emails(stored.path.parent) == (1, 1)
 
 
 def test_mark_bundle(store: MailStore) -> None:
@@ -608,9 +619,9 @@ def test_mark_bad_frontmatter_is_io(store: MailStore, data: Path) -> None:
 
 
 def test_readme_written_when_missing(data: Path) -> None:
-    assert storage.write_readme(data) is True
+    assert write_readme(data) is True
     text = (data / "README.md").read_text()
-    assert text.splitlines()[0] == storage.README_MARKER
+    assert text.splitlines()[0] == README_MARKER
     for tool in ("mailbox_list", "mailbox_create", "mailbox_delete", "email_list", "email_read",
                  "email_send", "email_reply", "email_mark_read", "email_mark_unread",
                  "hook_create", "hook_list", "hook_delete"):
@@ -620,25 +631,25 @@ def test_readme_written_when_missing(data: Path) -> None:
 
 @pytest.mark.parametrize("existing", [
     "<!-- aimx-readme-version: 0 -->\nold text\n", "", "# my notes\n",
-    "\n" + storage.README_MARKER + "\n",
+    "\n" + README_MARKER + "\n",
 ])
 def test_readme_replaced_when_stale(data: Path, existing: str) -> None:
     (data / "README.md").write_text(existing)
     (data / "README.md").chmod(0o600)
-    assert storage.write_readme(data) is True
-    assert (data / "README.md").read_text() == storage.readme_text()
+    assert write_readme(data) is True
+    assert (data / "README.md").read_text() == readme_text()
     assert mode(data / "README.md") == 0o644
 
 
 def test_readme_with_current_marker_is_untouched(data: Path) -> None:
     path = data / "README.md"
-    path.write_text(f"  {storage.README_MARKER}  \nlocal copy\n")
+    path.write_text(f"  {README_MARKER}  \nlocal copy\n")
     os.utime(path, (1_000_000, 1_000_000))
-    assert storage.write_readme(data) is False
+    assert write_readme(data) is False
     assert path.read_text().endswith("local copy\n")
     assert os.stat(path).st_mtime == 1_000_000
-    assert storage.write_readme(data, force=True) is True
-    assert path.read_text() == storage.readme_text()
+    assert write_readme(data, force=True) is True
+    assert path.read_text() == readme_text()
 
 
 # ---------------------------------------------------------------------------
@@ -648,15 +659,15 @@ def test_readme_with_current_marker_is_untouched(data: Path) -> None:
 def expected_listing(box: Path) -> list[tuple[str, str, bool]]:
     """(id, subject, read) of every email, newest first, read straight from the files."""
     rows = []
-    for email_id in sorted(storage.list_email_ids(box), reverse=True):
-        path = storage.resolve_email_path(box, email_id)
+    for email_id in sorted(list_email_ids(box), reverse=True):
+        path = resolve_email_path(box, email_id)
         assert path is not None
         fm = frontmatter_of(path)
         rows.append((email_id, fm["subject"], fm["read"] is True))
     return rows
 
 
-def shown(entries: list[storage.IndexedEmail]) -> list[tuple[str, str, bool]]:
+def shown(entries: list[IndexedEmail]) -> list[tuple[str, str, bool]]:
     return [(e.id, e.summary["subject"], e.summary["read"] is True)
             for e in entries if e.summary is not None]
 
@@ -664,10 +675,10 @@ def shown(entries: list[storage.IndexedEmail]) -> list[tuple[str, str, bool]]:
 def assert_listing_matches_files(box: Path) -> None:
     expected = expected_listing(box)
     unread = sum(1 for _, _, read in expected if not read)
-    assert shown(storage.list_page(box, 0, 1000)) == expected
-    assert shown(list(storage.iter_listing(box))) == expected
-    assert shown(storage.list_page(box, 1, 2)) == expected[1:3]
-    assert storage.count_emails(box) == (len(expected), unread)
+    assert shown(list_page(box, 0, 1000)) == expected
+    assert shown(list(iter_listing(box))) == expected
+    assert shown(list_page(box, 1, 2)) == expected[1:3]
+    assert count_emails(box) == (len(expected), unread)
 
 
 def age(box: Path) -> None:
@@ -698,23 +709,23 @@ def test_index_listing_follows_adds_deletes_and_marks(store: MailStore, data: Pa
     age(box)
     ids.append(publish(store, 11, attachment=True))  # a new bundle
     assert_listing_matches_files(box)
-    assert shown(storage.list_page(box, 0, 1)) == [(ids[-1], "mail 11", False)]
+    assert shown(list_page(box, 0, 1)) == [(ids[-1], "mail 11", False)]
 
     age(box)
     (box / f"{ids[0]}.md").unlink()  # deleted by the owner, behind aimx's back
     shutil.rmtree(box / ids[2])  # a bundle removed as a whole
     assert_listing_matches_files(box)
-    assert ids[0] not in [row[0] for row in shown(storage.list_page(box, 0, 100))]
+    assert ids[0] not in [row[0] for row in shown(list_page(box, 0, 100))]
 
     age(box)
     store.set_read("alice", OWNER, ids[1], True)
     store.set_read("alice", OWNER, ids[-1], True)  # inside a bundle
     assert_listing_matches_files(box)
-    assert storage.count_emails(box) == (5, 3)
+    assert count_emails(box) == (5, 3)
     age(box)
     store.set_read("alice", OWNER, ids[1], False)
     assert_listing_matches_files(box)
-    assert storage.count_emails(box) == (5, 4)
+    assert count_emails(box) == (5, 4)
 
 
 @needs_root
@@ -733,9 +744,9 @@ def test_index_listing_sees_in_place_edits(store: MailStore, data: Path) -> None
         handle.write(text)
         handle.truncate()
     assert os.stat(path).st_ino == inode
-    assert (ids[1], "edited in place", True) in shown(storage.list_page(box, 0, 10))
+    assert (ids[1], "edited in place", True) in shown(list_page(box, 0, 10))
     assert_listing_matches_files(box)
-    assert storage.count_emails(box) == (3, 2)
+    assert count_emails(box) == (3, 2)
 
 
 @needs_root
@@ -751,9 +762,9 @@ def test_index_never_lists_symlinks(store: MailStore, data: Path, tmp_path: Path
     (box / "2030-01-01-000000-dir").symlink_to(outside / "2030-01-01-000000-dir")
     (box / "2030-01-02-000000-inner").symlink_to(box / ids[1])  # a bundle, twice
     for _ in range(2):
-        assert [row[0] for row in shown(storage.list_page(box, 0, 10))] == ids[::-1]
-        assert [e.id for e in storage.iter_listing(box)] == ids[::-1]
-        assert storage.count_emails(box) == (2, 2)
+        assert [row[0] for row in shown(list_page(box, 0, 10))] == ids[::-1]
+        assert [e.id for e in iter_listing(box)] == ids[::-1]
+        assert count_emails(box) == (2, 2)
         age(box)
 
 
@@ -776,8 +787,8 @@ def test_corrupt_index_is_rebuilt_and_never_wrong(store: MailStore, data: Path,
             handle.truncate(0 if damage == "empty" else len(original) // 2)
     for _ in range(3):
         assert_listing_matches_files(box)
-        assert storage.count_emails(box) == (4, 3)
-        assert [e.id for e in storage.iter_listing(box, keep=lambda i: i > ids[1])] == \
+        assert count_emails(box) == (4, 3)
+        assert [e.id for e in iter_listing(box, keep=lambda i: i > ids[1])] == \
             [ids[3], ids[2]]
     ids.append(publish(store, 9))
     assert_listing_matches_files(box)
@@ -788,21 +799,21 @@ READER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import sqlite3
-import aimx.mcpserver
-from aimx import storage
+import aimx.mcp.server
+from aimx.storage.index import count_emails, iter_listing, list_page
 os.initgroups(spec["name"], spec["gid"])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])
 box = spec["box"]
 rows = lambda entries: [[e.id, e.summary["subject"], e.summary["read"] is True]
                         for e in entries if e.summary is not None]
-page = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0)
-unread = aimx.mcpserver.list_emails(box, "inbox", limit=50, offset=0,
-                                    filters=aimx.mcpserver.ListFilters(unread=True))
+page = aimx.mcp.server.list_emails(box, "inbox", limit=50, offset=0)
+unread = aimx.mcp.server.list_emails(box, "inbox", limit=50, offset=0,
+                                    filters=aimx.mcp.server.ListFilters(unread=True))
 print(json.dumps({
-    "counts": list(storage.count_emails(box)),
-    "page": rows(storage.list_page(box, 0, 100)),
-    "all": rows(storage.iter_listing(box)),
+    "counts": list(count_emails(box)),
+    "page": rows(list_page(box, 0, 100)),
+    "all": rows(iter_listing(box)),
     "mcp": [[r["id"], r["subject"], r["read"]] for r in page],
     "mcp_unread": [r["id"] for r in unread],
 }))

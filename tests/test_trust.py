@@ -7,8 +7,8 @@ import logging
 import attrs
 import pytest
 
-from aimx import trust
-from aimx.emailauth import AuthResults
+from aimx.mail import trust
+from aimx.mail.authresults import AuthResults
 
 
 @attrs.frozen

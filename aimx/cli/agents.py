@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aimx import agents, paths
-from aimx.agents import AGENTS, Agent, AgentsError, Homes
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, describe
+from aimx.ops import agents
+from aimx.ops.agents import AGENTS, Agent, AgentsError, Homes
 
 _LABEL_WIDTH = 17  # "    destination: " — continuation lines of the registry align here
 

@@ -12,10 +12,10 @@ import sys
 import tomllib
 from typing import Any
 
-from aimx import dkimkeys, paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, describe
 from aimx.config import ConfigError, load_config
+from aimx.ops import dkimkeys
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

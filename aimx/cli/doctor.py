@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aimx import doctor, paths
+from aimx import paths
 from aimx.cli.mailboxes import config_unreadable, load_config
 from aimx.cli.main import CommandError, describe
+from aimx.ops import doctor
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

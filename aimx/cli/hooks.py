@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.mailboxes import (
     call,
     compact_cmd,
@@ -25,8 +24,8 @@ from aimx.cli.mailboxes import (
     visible_mailbox,
 )
 from aimx.cli.main import CommandError, UsageError, describe
-from aimx.client import DaemonDown
-from aimx.protocol import ApiError, HookCreate, HookDelete, HookList
+from aimx.daemon.client import DaemonDown
+from aimx.daemon.protocol import ApiError, HookCreate, HookDelete, HookList
 
 HOOK_NAME_PATTERN = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
 DEFAULT_TIMEOUT = 60
@@ -94,7 +93,7 @@ def _list(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx import api
+        from aimx.daemon import api
 
         config = _offline_config(args, "list")
         rows = api.hook_rows(config, api.Caller(0, 0, 0))
@@ -175,9 +174,9 @@ def _create(args: argparse.Namespace) -> int:
 
 def _create_offline(args: argparse.Namespace, fields: dict[str, Any]) -> str:
     """The daemon's HOOK-CREATE checks and rewrite, run as root in this process."""
-    from aimx import api
     from aimx import config as configmod
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = _offline_config(args, "create")
     mailbox = fields["mailbox"]
@@ -210,7 +209,7 @@ def _delete(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx import api
+        from aimx.daemon import api
 
         offline_config = _offline_config(args, "delete")
         rows = api.hook_rows(offline_config, api.Caller(0, 0, 0))
@@ -241,8 +240,8 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, config: Any, name: str) -> None:
-    from aimx import api
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     try:
         mailbox = api.find_hook(config, name, api.Caller(0, 0, 0), args.mailbox)

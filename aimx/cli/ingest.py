@@ -32,7 +32,8 @@ def add_parser(subparsers, parents):  # noqa: ANN001, ANN201
 def run(args: argparse.Namespace) -> int:
     # Imported here so building the parser (every aimx command) stays cheap.
     from aimx import config as aimx_config
-    from aimx import ingest, storage
+    from aimx.smtp import ingest
+    from aimx.storage.mailstore import MailStore
 
     # Warnings (e.g. an owner that does not resolve) go to stderr; stdout stays clean.
     setup_logging(sys.stderr, level=logging.WARNING)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except aimx_config.ConfigError as exc:
         raise CommandError(str(exc)) from exc
     raw = sys.stdin.buffer.read()
-    store = storage.MailStore(config.data_dir)
+    store = MailStore(config.data_dir)
     try:
         analysis = ingest.analyse(config, raw)
         result = ingest.deliver(config, store, analysis, args.rcpt)
@@ -52,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if result.status == "stored":
         # CLI ingest waits for its on_receive hooks (spec 20 §4.1); a hook's
         # failure is logged and never changes the exit status.
-        from aimx import hooks
+        from aimx.daemon import hooks
+        from aimx.daemon.hookjournal import hook_state_dir
 
         hooks.run_on_receive_blocking(
-            config, result.mailbox, result, state_dir=hooks.hook_state_dir(config.data_dir)
+            config, result.mailbox, result, state_dir=hook_state_dir(config.data_dir)
         )
     return 0

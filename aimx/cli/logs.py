@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aimx.cli import term
+from aimx import term
 from aimx.cli.main import CommandError, describe
-from aimx.initsystem import OPENRC, OPENRC_LOG_DIR, SERVICE, SYSLOG_FILE, SYSTEMD, System
+from aimx.ops.initsystem import OPENRC, OPENRC_LOG_DIR, SERVICE, SYSLOG_FILE, SYSTEMD, System
 
 OPENRC_FOLLOW_ERROR = (
     "log follow is only supported on systemd; on OpenRC tail your syslog file directly "

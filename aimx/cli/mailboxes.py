@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, UsageError, describe
-from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
-from aimx.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
+from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
+from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
 
 DAEMON_DOWN_TEXT = (
     "daemon must be running for non-root mailbox CRUD; start `aimx serve` or run with sudo "
@@ -131,7 +130,7 @@ def visible_mailbox(config: Any, name: str) -> Any:
     Another user's mailbox is refused exactly like a missing one, as the
     daemon does, so the CLI does not tell who has which mailbox.
     """
-    from aimx import api
+    from aimx.daemon import api
 
     mailbox = config.mailboxes.get(name)
     caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
@@ -245,9 +244,9 @@ def _report_created(name: str, reply: dict[str, Any]) -> None:
 
 def _create_offline(args: argparse.Namespace, config: Any, name: str, owner: str) -> dict:
     """Daemon down, root: the daemon's checks and rewrite, run in this process."""
-    from aimx import api
     from aimx import config as configmod
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = config or load_config(args)
     try:
@@ -288,8 +287,8 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, name: str) -> None:
-    from aimx import api
-    from aimx.storage import MailStore
+    from aimx.daemon import api
+    from aimx.storage.mailstore import MailStore
 
     config = load_config(args)
     try:
@@ -314,7 +313,7 @@ def _list(args: argparse.Namespace) -> int:
     except DaemonDown:
         if not root:
             raise CommandError(DAEMON_DOWN_TEXT, 2) from None
-        from aimx import api
+        from aimx.daemon import api
 
         config = load_config(args)
         rows = api.mailbox_rows(config, Path(config.data_dir), api.Caller(0, 0, 0))["rows"]
@@ -342,14 +341,15 @@ def format_mailbox_rows(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from aimx import storage
+    from aimx.storage.index import count_emails
+    from aimx.storage.layout import mailbox_dir
 
     config = load_config(args)
     mailbox = visible_mailbox(config, args.name)
     data_dir = Path(config.data_dir)
-    inbox_total, inbox_unread = storage.count_emails(
-        storage.mailbox_dir(data_dir, "inbox", mailbox.name))
-    sent_total, _ = storage.count_emails(storage.mailbox_dir(data_dir, "sent", mailbox.name))
+    inbox_total, inbox_unread = count_emails(
+        mailbox_dir(data_dir, "inbox", mailbox.name))
+    sent_total, _ = count_emails(mailbox_dir(data_dir, "sent", mailbox.name))
     senders = list(config.effective_senders(mailbox))
     print(show_text(mailbox, config.effective_trust(mailbox), senders,
                     (inbox_total, inbox_unread, sent_total)), end="")

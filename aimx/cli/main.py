@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import sys
 
-from aimx.cli import term
+from aimx import term
 
 # (command, module, help group, aliases, one-line description). This table is the
 # one place a command's description lives (modules take it with ``describe``), so

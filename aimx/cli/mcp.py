@@ -18,6 +18,6 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so other commands do not pay for the MCP SDK's imports.
-    from aimx.mcpserver import run_stdio
+    from aimx.mcp.server import run_stdio
 
     return run_stdio()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aimx import paths
-from aimx.cli import term
+from aimx import paths, term
 from aimx.cli.main import CommandError, describe
 from aimx.config import Config, ConfigError, load_config
-from aimx.initsystem import System
-from aimx.setup import (
+from aimx.ops.console import Console, SetupError
+from aimx.ops.initsystem import System
+from aimx.ops.portcheck import (
     CheckFailed,
-    Console,
-    SetupError,
     check_outbound,
     normalise_verify_host,
     resolve_verify_host,

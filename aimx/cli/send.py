@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{ROOT_REFUSAL}\n{ROOT_LOGIN_HINT}", 2)
         raise CommandError(ROOT_REFUSAL, 2)
 
-    from aimx import compose
-    from aimx.client import Client, ConnectFailed, DaemonDown, MalformedReply
-    from aimx.protocol import ApiError, Send
+    from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
+    from aimx.daemon.protocol import ApiError, Send
+    from aimx.mail import compose
 
     try:
         message = compose.compose_message(

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from aimx.cli.main import describe
-from aimx.service import DEFAULT_BIND, DEFAULT_TLS_CERT, DEFAULT_TLS_KEY, run_foreground
+from aimx.daemon.service import DEFAULT_BIND, DEFAULT_TLS_CERT, DEFAULT_TLS_KEY, run_foreground
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

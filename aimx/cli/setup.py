@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from aimx.cli.main import CommandError, describe
-from aimx.setup import SetupError, run_setup
+from aimx.ops.console import SetupError
+from aimx.ops.setup import run_setup
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

@@ -14,8 +14,8 @@ from aimx import paths
 from aimx.cli.main import CommandError, describe
 from aimx.cli.upgrade import uninstall_command
 from aimx.config import ConfigError, load_config
-from aimx.initsystem import ServiceError, System
-from aimx.setup import Console
+from aimx.ops.console import Console
+from aimx.ops.initsystem import ServiceError, System
 
 ROOT_REQUIRED = "`aimx uninstall` requires root. Run with: sudo aimx uninstall"
 

@@ -22,8 +22,8 @@ import sys
 import threading
 import time
 
-from aimx.client import MalformedReply, read_box
-from aimx.protocol import ERROR_CODES, MAX_BOX_BYTES
+from aimx.daemon.client import MalformedReply, read_box
+from aimx.daemon.protocol import ERROR_CODES, MAX_BOX_BYTES
 from tests.support.smtpabuse import AbuseReport
 
 VERBS = (b"SEND", b"MARK-READ", b"MARK-UNREAD", b"MAILBOX-CREATE", b"MAILBOX-DELETE",

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import aimx.cli.main
-import aimx.compose  # noqa: F401
-from aimx import protocol
-from aimx.client import Client
+import aimx.mail.compose  # noqa: F401
+from aimx.daemon import protocol
+from aimx.daemon.client import Client
 from tests.support.inotify import IN_CREATE, IN_ISDIR, IN_OPEN, Inotify
 
 STAGING = re.compile(r"^\..+\.tmp\.[0-9a-f]+$")

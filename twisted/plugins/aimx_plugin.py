@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 aimx = ServiceMaker(
     "aimx",
-    "aimx.service",
+    "aimx.daemon.service",
     "aimx mail server for AI agents (SMTP inbound, socket API, hooks, sending)",
     "aimx",
 )

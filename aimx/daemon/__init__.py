@@ -1,0 +1,1 @@
+"""The daemon: the service, the socket API and its protocol, hooks and sending."""

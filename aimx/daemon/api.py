@@ -1,0 +1,989 @@
+"""The daemon side of the socket API: AMP handlers authorized by SO_PEERCRED.
+
+Every connection captures the caller's uid/gid/pid from the kernel once, at
+accept; every verb then asks one predicate (``Caller.authorize``, built on
+``Caller.owns``) whether that uid may act on the mailbox. Blocking work
+(config rewrites, directories, read-state rewrites, counting) runs in the
+reactor's thread pool under the per-mailbox lock and then the config write
+lock, never the reverse; the live config is swapped on the reactor thread,
+queued while the lock is still held so swaps land in the order their
+rewrites did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import resource
+import shutil
+import socket
+import stat
+import struct
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, protocol, threads
+from twisted.internet.error import ConnectionLost
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from aimx import config as configmod
+from aimx import configedit
+from aimx.daemon.protocol import (
+    COMMANDS,
+    DEFAULT_TIMEOUT_SECS,
+    ERROR_CODES,
+    MAX_BOX_BYTES,
+    REFUSED_TAG,
+    ApiCommand,
+    ApiError,
+    HookCreate,
+    HookDelete,
+    HookList,
+    MailboxCreate,
+    MailboxDelete,
+    MailboxList,
+    MarkRead,
+    MarkUnread,
+    Send,
+    Version,
+    clean_reason,
+    error,
+    parse_request,
+    undeclared_keys,
+)
+from aimx.logs import logger
+from aimx.mail.naming import check_email_id
+from aimx.storage.index import count_emails
+from aimx.storage.layout import FOLDERS, mailbox_dir
+from aimx.version import version_info
+
+log = logger("aimx::uds")
+hook_log = logger("aimx::hook")
+
+TIMEOUT_ENV = "AIMX_API_TIMEOUT"
+_GENERIC_REASON = "internal error; see the daemon log"
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one uid's refused connections
+_USERNAME_HINT = "[a-z_][a-z0-9_-]*[$]?"
+_HOOK_NAME_HINT = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
+_LEGACY_HOOK_KEYS = {
+    "template": "hook sets `template`; template hooks were removed. "
+                "See book/hooks.md for the supported raw-cmd schema",
+    "params": "hook sets `params`; template hooks were removed. "
+              "See book/hooks.md for the supported raw-cmd schema",
+    "run_as": "hook sets `run_as`; the field was removed — hooks now run as the mailbox's `owner`",
+    "origin": "hook sets `origin`; the field was removed",
+    "dangerously_support_untrusted": "hook sets `dangerously_support_untrusted`; "
+                                     "the field was renamed to `fire_on_untrusted`",
+    "stdin": "hook sets removed field 'stdin' — the email is always piped to hooks; "
+             "remove this key from the request",
+}
+
+
+def api_timeout() -> float:
+    """Seconds an incomplete box or an idle connection may last (env override for tests)."""
+    value = os.environ.get(TIMEOUT_ENV)
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_SECS
+    except ValueError:
+        return DEFAULT_TIMEOUT_SECS
+
+
+# -- peer credentials and the authorization predicate -----------------------
+
+
+@attrs.frozen
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    """The kernel's record of who is on the other end of a Unix socket.
+
+    Raises ``OSError`` when the socket carries none (the kernel reports uid -1
+    for sockets that are not local stream sockets).
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    if uid < 0 or gid < 0:
+        raise OSError("no peer credentials on this socket")
+    return PeerCred(pid, uid, gid)
+
+
+def username_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def owner_uid(owner: str) -> int | None:
+    ids = configmod.owner_ids(owner)
+    return ids[0] if ids is not None else None
+
+
+def _q(value: object) -> str:
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+@attrs.define
+class Caller:
+    """The peer of one connection, as the kernel reported it at accept."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    @property
+    def username(self) -> str:
+        return username_of(self.uid) or "?"
+
+    def owns(self, mailbox: Any) -> bool:
+        """Non-root ownership: the owner resolves (``root`` → 0) to the caller's uid."""
+        return mailbox is not None and owner_uid(mailbox.owner) == self.uid
+
+    def authorize(self, verb: str, name: str, mailbox: Any, *, open_to_all: bool = False) -> bool:
+        """The one authorization predicate of every verb, with its ``uds authz`` log line.
+
+        Root bypasses (INFO); otherwise the caller must own ``mailbox``
+        (``open_to_all`` for verbs any user may run, like MAILBOX-CREATE).
+        """
+        head = (f"verb={_q(verb)} caller_uid={self.uid} caller_username={_q(self.username)} "
+                f"mailbox={_q(name)}")
+        if self.is_root:
+            log.info("uds authz root_bypass %s decision=\"root_bypass\"", head)
+            return True
+        if open_to_all or self.owns(mailbox):
+            log.debug("uds authz accept %s decision=\"accept\"", head)
+            return True
+        if mailbox is None:
+            detail = f"mailbox '{name}' does not exist"
+        else:
+            detail = (f"caller {self.username} (uid {self.uid}) does not own mailbox "
+                      f"'{name}' (owner {mailbox.owner})")
+        log.warning("uds authz reject %s decision=\"reject\" reason=%s", head, _q(detail))
+        return False
+
+
+def mailbox_not_found(name: str) -> ApiError:
+    """What a caller hears about a mailbox that is missing *or* someone else's.
+
+    One code and one text for both, so no verb tells another user's mailbox
+    from a name nobody has taken.
+    """
+    return error("ENOENT", f"mailbox '{name}' does not exist")
+
+
+def hook_not_found(name: str) -> ApiError:
+    return error("ENOENT", f"hook '{name}' not found")
+
+
+# -- connection limits -------------------------------------------------------
+
+
+def socket_connection_cap(configured: int, file_limit: int) -> int:
+    """How many non-root connections may be open at once.
+
+    The configured cap, but never more than half the daemon's file limit: the
+    other half stays free for root's connections, SMTP sessions, hook pipes
+    and mail files, so one flood of idle sockets cannot starve them.
+    """
+    if file_limit < 0 or file_limit == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, file_limit // 2))
+
+
+def file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@attrs.define
+class ConnectionLimits:
+    """Open socket connections per non-root uid, and the decision to refuse one more.
+
+    Root (uid 0) is never refused and never counted, so an administrator's
+    commands work whatever other users hold. Refusals are logged at most once
+    a minute per uid (and for the global cap), so a flood cannot flood the log.
+    """
+
+    open_by_uid: Counter[int] = attrs.field(factory=Counter)
+    last_logged: dict[int | None, float] = attrs.field(factory=dict)  # None: the global cap
+
+    @property
+    def total(self) -> int:
+        return sum(self.open_by_uid.values())
+
+    def admit(self, uid: int, per_user: int, cap: int, now: float) -> str | None:
+        """Count a new connection from ``uid``, or return why it is refused."""
+        if uid == 0:
+            return None
+        if self.open_by_uid[uid] >= per_user:
+            if self._should_log(uid, now):
+                log.warning("refusing socket connections from uid %d: %d open, the "
+                            "socket_max_connections_per_user cap", uid, per_user)
+            return f"too many connections for uid {uid} (limit {per_user}); close some and retry"
+        if self.total >= cap:
+            if self._should_log(None, now):
+                log.warning("refusing socket connections from non-root users: %d open, the "
+                            "socket connection cap", cap)
+            return f"the daemon is at its connection limit ({cap}); retry later"
+        self.open_by_uid[uid] += 1
+        return None
+
+    def release(self, uid: int) -> None:
+        """Forget a connection ``admit`` counted."""
+        self.open_by_uid[uid] -= 1
+        if self.open_by_uid[uid] <= 0:
+            del self.open_by_uid[uid]
+
+    def _should_log(self, key: int | None, now: float) -> bool:
+        last = self.last_logged.get(key)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return False
+        self.last_logged[key] = now
+        return True
+
+
+# -- pure request checks -----------------------------------------------------
+
+
+def check_mailbox_name(name: str) -> None:
+    problem = configmod.validate_mailbox_name(name)
+    if problem:
+        raise error("VALIDATION", problem)
+
+
+def check_hook_fields(event: str, cmd: list[str], hook_type: str,
+                      fire_on_untrusted: bool, timeout_secs: int) -> None:
+    """HOOK-CREATE's field checks (spec 40 §7), first failure wins."""
+    if not cmd:
+        raise error("VALIDATION", "hook has empty `cmd`: must be a non-empty argv array, "
+                                  "e.g. `[\"/bin/echo\", \"hi\"]`")
+    if not cmd[0].strip():
+        raise error("VALIDATION", "hook has blank `cmd[0]`")
+    if not cmd[0].startswith("/"):
+        raise error("VALIDATION",
+                    f"hook has non-absolute `cmd[0]` '{cmd[0]}': {configmod.HOOK_CMD_ABSOLUTE}")
+    if hook_type != "cmd":
+        raise error("VALIDATION",
+                    f"hook has unsupported type '{hook_type}': only `cmd` is supported")
+    if fire_on_untrusted and event != "on_receive":
+        raise error("VALIDATION", "`fire_on_untrusted = true` is `on_receive` only")
+    if timeout_secs <= 0:
+        raise error("VALIDATION", f"`timeout_secs = {timeout_secs}`: must be > 0")
+    limit = configmod.MAX_HOOK_TIMEOUT
+    if timeout_secs > limit:
+        raise error("VALIDATION", f"`timeout_secs = {timeout_secs}` exceeds the max of {limit}")
+
+
+# -- blocking helpers (run in the thread pool) -------------------------------
+
+
+def prepare_mailbox_dirs(data_dir: Path, name: str, uid: int, gid: int, *,
+                         private: bool = False) -> list[Path]:
+    """Create or adopt ``inbox/<name>`` and ``sent/<name>`` as ``uid:gid`` 0700.
+
+    Returns the directories this call created, so a later failure can remove
+    exactly those and nothing that was there before. ``private`` (a non-root
+    caller) keeps another user's ids out of the conflict message.
+    """
+    targets = [mailbox_dir(data_dir, folder, name) for folder in FOLDERS]
+    missing = []
+    for path in targets:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            missing.append(path)
+            continue
+        except OSError as exc:
+            raise error("IO", f"stat {path} failed: {exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise error("ECONFLICT", f"{path} exists but is not a directory; "
+                                     "remove it before creating the mailbox")
+        if private and st.st_uid != uid:
+            raise error("ECONFLICT", f"{path} already exists and is not yours; "
+                                     "ask root to remove it, or to create the mailbox")
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            raise error("ECONFLICT", f"{path} already exists with owner {st.st_uid}:{st.st_gid}, "
+                                     f"expected {uid}:{gid}; run `chown -R {uid}:{gid} {path}` "
+                                     "(and the matching sibling) and retry")
+    created: list[Path] = []
+    try:
+        for path in missing:
+            _ensure_parent(path.parent)
+            try:
+                path.mkdir(mode=0o700)
+            except OSError as exc:
+                raise error("IO", f"failed to create {path}: {exc}") from None
+            created.append(path)
+        for path in targets:
+            try:
+                st = os.lstat(path)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(path, uid, gid, follow_symlinks=False)
+            except OSError as exc:
+                raise error("IO", f"failed to chown {path}: {exc}") from None
+            try:
+                os.chmod(path, 0o700)
+            except OSError as exc:
+                raise error("IO", f"failed to create {path}: {exc}") from None
+    except BaseException:
+        remove_dirs(created)
+        raise
+    return created
+
+
+def _ensure_parent(folder_root: Path) -> None:
+    """``<data>/inbox`` and ``<data>/sent`` are 0755 whatever the daemon's umask."""
+    for path in (folder_root.parent, folder_root):
+        if not path.is_dir():
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise error("IO", f"failed to create {path}: {exc}") from None
+            os.chmod(path, 0o755)
+
+
+def remove_dirs(paths: list[Path]) -> None:
+    for path in reversed(paths):
+        try:
+            path.rmdir()
+        except OSError as exc:
+            log.warning("rollback: could not remove %s: %s", path, exc)
+
+
+def wipe_dir(path: Path) -> None:
+    """Remove every entry of ``path`` (dotfiles, symlinks, bundles) but keep ``path``."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def count_entries(path: Path) -> int:
+    """Raw top-level entries of a mailbox dir (a missing dir counts 0)."""
+    try:
+        return len(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+# -- the protocol -------------------------------------------------------------
+
+
+class ApiProtocol(amp.AMP):
+    """One socket connection: strict request decoding, spec errors, size and time caps.
+
+    Stock AMP answers unknown commands and bad arguments with its own
+    ``UNHANDLED``/``UNKNOWN`` errors (and drops the connection on the latter);
+    here ``dispatchCommand`` decodes every box itself so each bad request gets
+    the API's code and reason and the connection stays usable.
+    """
+
+    def __init__(self, daemon: Any, timeout: float) -> None:
+        super().__init__()
+        self.daemon = daemon
+        self.timeout = timeout
+        self.caller: Caller | None = None
+        self.cred_error: str | None = None
+        self._counted_uid: int | None = None
+        self._box_bytes = 0
+        self._box_open = False  # a box has begun arriving and has not ended yet
+        self._key_bytes = 0  # length of the key whose value comes next
+        self._in_flight = 0
+        self._timer = None
+        self._timer_kind: str | None = None
+        self._dropped = False
+
+    @property
+    def reactor(self):
+        return self.daemon.reactor
+
+    # connection lifecycle (AMP's own connect/disconnect log lines are skipped)
+
+    def makeConnection(self, transport) -> None:  # noqa: N802 (Twisted's name)
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        try:
+            cred = peer_credentials(self.transport.getHandle())
+        except OSError as exc:
+            self.cred_error = str(exc)
+            log.warning("peer cred unavailable: %s", exc)
+        else:
+            self.caller = Caller(cred.uid, cred.gid, cred.pid)
+        uid = self.caller.uid if self.caller is not None else -1
+        refusal = self.factory.admit(uid)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._counted_uid = uid
+        self._arm("idle")
+
+    def _refuse(self, reason: str) -> None:
+        """Answer with one error box, then close: a refused socket holds no descriptor.
+
+        No request has been read, so the box carries ``REFUSED_TAG`` instead
+        of an ask's tag; clients raise it as the call's error.
+        """
+        self._dropped = True
+        self.transport.write(amp.AmpBox({
+            amp.ERROR: REFUSED_TAG, amp.ERROR_CODE: b"TEMP",
+            amp.ERROR_DESCRIPTION: clean_reason(reason).encode("utf-8"),
+        }).serialize())
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted's name)
+        if self._counted_uid is not None:
+            self.factory.release(self._counted_uid)
+            self._counted_uid = None
+        self._disarm()
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+    # timers: one for an incomplete box, one for an idle connection
+
+    def _arm(self, kind: str) -> None:
+        if self._timer_kind == kind and self._timer is not None and self._timer.active():
+            return
+        self._disarm()
+        self._timer_kind = kind
+        self._timer = self.reactor.callLater(self.timeout, self._expire, kind)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_kind = None
+
+    def _expire(self, kind: str) -> None:
+        self._timer = None
+        self._timer_kind = None
+        log.info("dropping socket connection: %s for %gs", kind, self.timeout)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _settle_timer(self) -> None:
+        if self.transport is None or self._dropped:
+            self._disarm()
+            return
+        if self._box_open or self.recvd:
+            self._arm("incomplete request")
+        elif self._in_flight == 0:
+            self._arm("idle")
+        else:
+            self._disarm()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        try:
+            super().dataReceived(data)
+        finally:
+            self._settle_timer()
+
+    # box framing with a size cap
+
+    def stringReceived(self, string: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if not self._dropped:  # bytes already buffered behind a drop are ignored
+            super().stringReceived(string)
+
+    def _drop(self, why: str) -> None:
+        log.warning("dropping socket connection: %s", why)
+        self._dropped = True
+        self.transport.abortConnection()
+
+    def proto_init(self, string: bytes) -> str:
+        self._box_open = True
+        return super().proto_init(string)
+
+    def proto_value(self, string: bytes) -> str:
+        self._box_bytes += self._key_bytes + len(string) + 4
+        if self._box_bytes > MAX_BOX_BYTES:
+            self._drop(f"request box over {MAX_BOX_BYTES} bytes")
+            return "init"
+        return super().proto_value(string)
+
+    def proto_key(self, string: bytes) -> str:
+        if string:
+            self._key_bytes = len(string)
+        else:  # the empty key ends the box
+            self._box_bytes = 0
+            self._box_open = False
+            self._disarm()
+        return super().proto_key(string)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 (AMP's name)
+        if amp.COMMAND in box:
+            # Clients only send requests: reply keys must not turn a request into an answer.
+            box.pop(amp.ANSWER, None)
+            box.pop(amp.ERROR, None)
+            super().ampBoxReceived(box)
+        elif amp.ASK in box:
+            try:
+                self.boxSender.sendBox(amp.AmpBox({
+                    amp.ERROR: box[amp.ASK],
+                    amp.ERROR_CODE: b"MALFORMED",
+                    amp.ERROR_DESCRIPTION: b"request box has no _command",
+                }))
+            except (amp.ProtocolSwitched, ConnectionLost):
+                pass  # the client is gone; nothing to tell it
+        else:
+            # Nothing to answer to (no _ask): a client speaking something else.
+            self._drop("box without _command or _ask")
+
+    # dispatch
+
+    def dispatchCommand(self, box: amp.AmpBox) -> defer.Deferred:  # noqa: N802 (AMP's name)
+        self._in_flight += 1
+        self._disarm()
+        d = defer.maybeDeferred(self._run, box)
+        d.addErrback(self._to_remote_error, box.get(amp.COMMAND, b""))
+
+        def finished(result):
+            self._in_flight -= 1
+            self._settle_timer()
+            return result
+
+        d.addBoth(finished)
+        track = getattr(self.daemon, "track", None)
+        if track is not None:
+            track(d)  # so the SIGTERM drain waits for this request
+        return d
+
+    def _run(self, box: amp.AmpBox):
+        name = box[amp.COMMAND]
+        command = COMMANDS.get(name)
+        if command is None:
+            raise error("PROTOCOL", f"unknown verb '{name.decode('utf-8', 'replace')}'")
+        if self.caller is None:
+            raise error("EACCES", f"peer cred unavailable: {self.cred_error}")
+        arguments = parse_request(command, box)
+        handler = _HANDLERS[command]
+        d = defer.maybeDeferred(handler, self, box=box, **arguments)
+        d.addCallback(command.makeResponse, self)
+        return d
+
+    def _to_remote_error(self, failure: Failure, verb: bytes) -> Failure:
+        exc = failure.value
+        code = getattr(exc, "code", None)
+        if isinstance(exc, ApiError) or (
+            code in ERROR_CODES and isinstance(getattr(exc, "reason", None), str)
+        ):
+            code, reason = exc.code, exc.reason
+        else:
+            log.error("socket %s failed unexpectedly",
+                      verb.decode("utf-8", "replace"), exc_info=failure_exc_info(failure))
+            code, reason = "IO", _GENERIC_REASON
+        return Failure(amp.RemoteAmpError(code.encode("ascii", "replace"),
+                                          clean_reason(reason)))
+
+    # -- handlers ------------------------------------------------------------
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
+    def _data_dir(self) -> Path:
+        return Path(self.daemon.store.data_dir)
+
+    def _swap_later(self, new_config: Any) -> None:
+        """Queue the live swap (called from a worker thread while the config lock is held)."""
+        self.reactor.callFromThread(self.daemon.swap_config, new_config)
+
+    def do_version(self, box) -> dict:
+        info = version_info()
+        return {"tag": info.tag, "git_hash": info.git_hash, "target": info.target,
+                "build_date": info.build_date}
+
+    def do_send(self, box, body: bytes, text_only: bool | None, html_body: bytes | None):
+        if text_only and html_body is not None:
+            raise error("MALFORMED",
+                        "AIMX/1 SEND: --text-only and --html-body are mutually exclusive")
+        send = getattr(self.daemon, "send", None)
+        if send is None:
+            raise error("TEMP", "sending is not available")
+        d = defer.maybeDeferred(send, body, bool(text_only), html_body, self.caller.uid)
+        d.addCallback(lambda message_id: {"message_id": message_id})
+        return d
+
+    def _mark(self, verb: str, box, mailbox: str, id: str, read: bool):
+        if any(key.lower() == "folder" for key in undeclared_keys(MarkRead, box)):
+            raise error("MALFORMED", "Folder header is not allowed on MARK verbs "
+                                     "(sent-mail mark removed; inbox is the only target)")
+        if not check_email_id(id):
+            raise error("NOTFOUND", f"email id '{id}' contains invalid characters")
+        config = self.daemon.config
+        target = config.mailboxes.get(mailbox)
+        if target is None or not self.caller.authorize(verb, mailbox, target):
+            raise mailbox_not_found(mailbox)
+
+        def work() -> dict:
+            self.daemon.store.set_read(mailbox, target.owner, id, read)
+            return {}
+
+        return self._in_thread(work)
+
+    def do_mark_read(self, box, mailbox: str, id: str):
+        return self._mark("MARK-READ", box, mailbox, id, True)
+
+    def do_mark_unread(self, box, mailbox: str, id: str):
+        return self._mark("MARK-UNREAD", box, mailbox, id, False)
+
+    def do_mailbox_create(self, box, name: str, owner: str | None):
+        if owner is not None and not configmod.is_valid_username(owner):
+            raise error("MALFORMED", f"invalid owner value: {_q(owner)} "
+                                     f"(must match {_USERNAME_HINT})")
+        check_mailbox_name(name)
+        caller = self.caller
+        if caller.is_root:
+            if not owner:
+                raise error("VALIDATION", "MAILBOX-CREATE requires an Owner: header")
+        else:
+            if name in configmod.ROLE_MAILBOX_NAMES:
+                raise error("EACCES", f"mailbox name '{name}' is a role address reserved for "
+                                      "root (RFC 2142); ask root to create it")
+            owner = username_of(caller.uid)
+            if owner is None:
+                raise error("VALIDATION", f"uid {caller.uid} has no passwd entry")
+        caller.authorize("MAILBOX-CREATE", name, None, open_to_all=True)
+        config = self.daemon.config
+        if name in config.mailboxes:
+            raise error("MAILBOX", f"mailbox '{name}' already exists")
+        owner_limit = None if caller.is_root else config.max_mailboxes_per_user
+
+        def work() -> dict:
+            with self.daemon.store.mailbox_lock(name), self.daemon.config_lock:
+                new = create_mailbox(self.daemon.config_path, self._data_dir(), name, owner,
+                                     self.daemon.data_dir_override, owner_limit=owner_limit)
+                self._swap_later(new)
+            log.info("mailbox created verb=MAILBOX-CREATE mailbox=%s owner=%s caller_uid=%d",
+                     name, owner, caller.uid)
+            return {"address": new.mailboxes[name].address, "owner": owner}
+
+        return self._in_thread(work)
+
+    def do_mailbox_delete(self, box, name: str, force: bool | None):
+        check_mailbox_name(name)
+        target = self.daemon.config.mailboxes.get(name)
+        if not self.caller.authorize("MAILBOX-DELETE", name, target):
+            raise error("MAILBOX", f"mailbox '{name}' does not exist")
+        caller = self.caller
+
+        def work() -> dict:
+            with self.daemon.store.mailbox_lock(name), self.daemon.config_lock:
+                new = delete_mailbox(self.daemon.config_path, self._data_dir(), name,
+                                     bool(force), self.daemon.data_dir_override)
+                self._swap_later(new)
+            log.info("mailbox deleted verb=MAILBOX-DELETE mailbox=%s caller_uid=%d",
+                     name, caller.uid)
+            return {}
+
+        return self._in_thread(work)
+
+    def do_mailbox_list(self, box):
+        return self._in_thread(mailbox_rows, self.daemon.config, self._data_dir(), self.caller)
+
+    def do_hook_create(self, box, mailbox: str, event: str, name: str | None,
+                       cmd: list[str] | None, fire_on_untrusted: bool | None,
+                       type: str | None, timeout_secs: int | None):
+        config = self.daemon.config
+        target = config.mailboxes.get(mailbox)
+        if target is None or not self.caller.authorize("HOOK-CREATE", mailbox, target):
+            raise mailbox_not_found(mailbox)
+        if target.is_catchall(config.domain):
+            raise error("MAILBOX", f"mailbox '{mailbox}' is the catchall; "
+                                   "hooks on the catchall are forbidden")
+        if event not in configmod.EVENTS:
+            raise error("VALIDATION",
+                        f"invalid event '{event}': expected 'on_receive' or 'after_send'")
+        if name is not None and not configmod.HOOK_NAME_RE.fullmatch(name):
+            raise error("VALIDATION", f"invalid hook name '{name}': must match {_HOOK_NAME_HINT}")
+        extras = undeclared_keys(HookCreate, box)
+        for key in extras:
+            if key in _LEGACY_HOOK_KEYS:
+                raise error("PROTOCOL", _LEGACY_HOOK_KEYS[key])
+        if extras:
+            raise error("PROTOCOL", f"unknown field '{extras[0]}'")
+        argv = list(cmd or [])
+        hook_type = "cmd" if type is None else type
+        flag = bool(fire_on_untrusted)
+        timeout = 60 if timeout_secs is None else timeout_secs
+        check_hook_fields(event, argv, hook_type, flag, timeout)
+        hook = configmod.Hook(event=event, cmd=tuple(argv), name=name or None,
+                              fire_on_untrusted=flag, timeout_secs=timeout, type=hook_type)
+        caller = self.caller
+
+        def work() -> dict:
+            with self.daemon.store.mailbox_lock(mailbox), self.daemon.config_lock:
+                new = create_hook(self.daemon.config_path, mailbox, hook,
+                                  self.daemon.data_dir_override)
+                self._swap_later(new)
+            hook_log.info("hook created verb=HOOK-CREATE mailbox=%s hook_name=%s caller_uid=%d",
+                          mailbox, hook.effective_name, caller.uid)
+            return {"name": hook.effective_name}
+
+        return self._in_thread(work)
+
+    def do_hook_delete(self, box, name: str, mailbox: str | None):
+        config = self.daemon.config
+        caller = self.caller
+        try:
+            owner_mailbox = find_hook(config, name, caller, mailbox)
+        except ApiError as exc:
+            foreign = config.find_hook(name) if exc.code == "ENOENT" else None
+            if foreign is not None:  # someone else's: the operator's log says so, the caller not
+                caller.authorize("HOOK-DELETE", foreign[0].name, foreign[0])
+            raise
+        # The decision's log line; find_hook looked only at hooks the caller may delete.
+        caller.authorize("HOOK-DELETE", owner_mailbox, config.mailboxes[owner_mailbox])
+
+        def work() -> dict:
+            with self.daemon.store.mailbox_lock(owner_mailbox), self.daemon.config_lock:
+                new = delete_hook(self.daemon.config_path, name, owner_mailbox,
+                                  self.daemon.data_dir_override)
+                self._swap_later(new)
+            hook_log.info("hook deleted verb=HOOK-DELETE mailbox=%s hook_name=%s caller_uid=%d",
+                          owner_mailbox, name, caller.uid)
+            return {}
+
+        return self._in_thread(work)
+
+    def do_hook_list(self, box):
+        return {"rows": hook_rows(self.daemon.config, self.caller)}
+
+
+_HANDLERS: dict[type[ApiCommand], Callable[..., Any]] = {
+    Send: ApiProtocol.do_send,
+    MarkRead: ApiProtocol.do_mark_read,
+    MarkUnread: ApiProtocol.do_mark_unread,
+    MailboxCreate: ApiProtocol.do_mailbox_create,
+    MailboxDelete: ApiProtocol.do_mailbox_delete,
+    MailboxList: ApiProtocol.do_mailbox_list,
+    HookCreate: ApiProtocol.do_hook_create,
+    HookDelete: ApiProtocol.do_hook_delete,
+    HookList: ApiProtocol.do_hook_list,
+    Version: ApiProtocol.do_version,
+}
+
+
+def failure_exc_info(failure: Failure):
+    return (failure.type, failure.value, failure.getTracebackObject())
+
+
+# -- the rewrites, shared with the CLI's daemon-down fallback -----------------
+# Callers hold the mailbox lock and then the config lock (the CLI: the mailbox
+# lock only, as the sole writer). Each re-reads the file on disk, so edits made
+# by hand since the last reload survive.
+
+
+def _edit(edit: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return edit(*args, **kwargs)
+    except configedit.ConfigEditError as exc:
+        raise error(exc.code, exc.reason) from None
+
+
+def _on_disk(config_path: Path) -> tuple[str, dict[str, Any]]:
+    """(domain, raw mailbox tables) of the file as it is now, for the pre-checks."""
+    try:
+        with open(config_path, "rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error("IO", f"failed to parse {config_path}: {exc}") from None
+    mailboxes = data.get("mailboxes")
+    domain = data.get("domain")
+    return (domain if isinstance(domain, str) else "",
+            mailboxes if isinstance(mailboxes, dict) else {})
+
+
+def create_mailbox(config_path: Path, data_dir: Path, name: str, owner: str,
+                   data_dir_override: Path | None = None, *,
+                   owner_limit: int | None = None) -> Any:
+    """MAILBOX-CREATE after the request checks: dirs (§4), then the rewrite (§3).
+
+    ``owner_limit`` is set for a non-root caller: the most mailboxes the owner
+    may hold, counted in the file under the lock so parallel creates cannot
+    overshoot; it also keeps other users' ids out of conflict messages.
+    """
+    domain, mailboxes = _on_disk(config_path)
+    if name in mailboxes:
+        raise error("MAILBOX", f"mailbox '{name}' already exists")
+    ids = configmod.owner_ids(owner)
+    if ids is None:
+        raise error("VALIDATION", f"unknown owner '{owner}'")
+    owned = count_owned(mailboxes, ids[0])
+    if owner_limit is not None and owned >= owner_limit:
+        raise error("EACCES", f"user '{owner}' owns {owned} mailboxes and may not create more "
+                              f"(max_mailboxes_per_user = {owner_limit}); ask root")
+    created = prepare_mailbox_dirs(data_dir, name, *ids, private=owner_limit is not None)
+    try:
+        return _edit(configedit.add_mailbox, config_path, name, f"{name}@{domain}", owner,
+                     data_dir_override=data_dir_override)
+    except BaseException:
+        remove_dirs(created)
+        raise
+
+
+def count_owned(mailboxes: dict[str, Any], uid: int) -> int:
+    """How many raw ``[mailboxes.*]`` tables have an owner resolving to ``uid``."""
+    owners = (table.get("owner") for table in mailboxes.values() if isinstance(table, dict))
+    return sum(1 for owner in owners if isinstance(owner, str) and owner_uid(owner) == uid)
+
+
+def delete_mailbox(config_path: Path, data_dir: Path, name: str, force: bool,
+                   data_dir_override: Path | None = None) -> Any:
+    """MAILBOX-DELETE after authorization: catchall, existence, wipe, count, rewrite."""
+    domain, mailboxes = _on_disk(config_path)
+    table = mailboxes.get(name)
+    address = table.get("address") if isinstance(table, dict) else None
+    if isinstance(address, str) and address.lower() == f"*@{domain.lower()}":
+        raise error("MAILBOX", "cannot delete the catchall mailbox")
+    if table is None:
+        raise error("MAILBOX", f"mailbox '{name}' does not exist")
+    dirs = [mailbox_dir(data_dir, folder, name) for folder in FOLDERS]
+    if force:
+        try:
+            for path in dirs:
+                wipe_dir(path)
+        except OSError as exc:
+            raise error("IO", f"failed to wipe mailbox '{name}': {exc}") from None
+    inbox, sent = (count_entries(path) for path in dirs)
+    if inbox + sent:
+        raise error("NONEMPTY", f"mailbox '{name}' has {inbox + sent} files "
+                                f"({inbox} in inbox, {sent} in sent); "
+                                "archive or remove them first")
+    return _edit(configedit.remove_mailbox, config_path, name,
+                 data_dir_override=data_dir_override)
+
+
+def create_hook(config_path: Path, mailbox: str, hook: Any,
+                data_dir_override: Path | None = None) -> Any:
+    """HOOK-CREATE under the locks: append, validate (uniqueness too), write.
+
+    A mailbox deleted meanwhile is ``ENOENT`` (race with MAILBOX-DELETE).
+    """
+    return _edit(configedit.add_hook, config_path, mailbox, hook,
+                 data_dir_override=data_dir_override)
+
+
+def delete_hook(config_path: Path, name: str, mailbox: str,
+                data_dir_override: Path | None = None) -> Any:
+    """HOOK-DELETE under the locks: the mailbox's first hook with that effective name."""
+    return _edit(configedit.remove_hook, config_path, mailbox, name,
+                 data_dir_override=data_dir_override)
+
+
+# -- listings (pure over a snapshot, plus directory counts) ------------------
+
+
+def find_hook(config: Any, name: str, caller: Caller, mailbox: str | None = None) -> str:
+    """The mailbox holding the caller's hook whose effective name is ``name``.
+
+    Names are unique per owner, so for a non-root caller there is one match at
+    most among its own mailboxes; other users' hooks are never looked at, and
+    a miss is ``ENOENT`` whoever holds the name. Root sees every mailbox and,
+    when owners share a name, must say which ``mailbox`` it means.
+    """
+    found = [box.name for box in config.mailboxes.values()
+             if (mailbox is None or box.name == mailbox)
+             and (caller.is_root or caller.owns(box))
+             and any(hook.effective_name == name for hook in box.hooks)]
+    if not found:
+        raise hook_not_found(name)
+    if len(found) > 1 and caller.is_root:
+        listed = ", ".join(f"'{box}'" for box in found)
+        raise error("VALIDATION", f"hook name '{name}' is used on mailboxes {listed}; "
+                                  "name the mailbox to delete one")
+    return found[0]
+
+
+def hook_rows(config: Any, caller: Caller) -> list[dict[str, Any]]:
+    rows = []
+    for mailbox in config.mailboxes.values():
+        if not (caller.is_root or caller.owns(mailbox)):
+            continue
+        for hook in mailbox.hooks:
+            rows.append({
+                "name": hook.effective_name, "mailbox": mailbox.name, "event": hook.event,
+                "cmd": list(hook.cmd), "fire_on_untrusted": hook.fire_on_untrusted,
+                "timeout_secs": hook.timeout_secs,
+            })
+    rows.sort(key=lambda r: (r["mailbox"], r["event"], r["name"]))
+    return rows
+
+
+def mailbox_rows(config: Any, data_dir: Path, caller: Caller) -> dict[str, Any]:
+    """MAILBOX-LIST: configured mailboxes ∪ dirs under ``inbox/``, filtered for the caller."""
+    names: dict[str, Any] = {}
+    for name, mailbox in config.mailboxes.items():
+        if caller.is_root or caller.owns(mailbox):
+            names[name] = mailbox
+    inbox_root = data_dir / "inbox"
+    try:
+        entries = list(os.scandir(inbox_root))
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in config.mailboxes:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if caller.is_root or st.st_uid == caller.uid:
+            names[entry.name] = None
+    rows = []
+    for name in sorted(names):
+        mailbox = names[name]
+        inbox = mailbox_dir(data_dir, "inbox", name)
+        sent = mailbox_dir(data_dir, "sent", name)
+        total, unread = count_emails(inbox)
+        sent_count, _ = count_emails(sent)
+        rows.append({
+            "name": name, "address": mailbox.address if mailbox is not None else None,
+            "inbox_path": str(inbox), "sent_path": str(sent), "total": total,
+            "unread": unread, "sent_count": sent_count, "registered": mailbox is not None,
+        })
+    return {"rows": rows}
+
+
+class ApiFactory(protocol.Factory):
+    """Builds one ``ApiProtocol`` per accepted connection on the daemon's socket."""
+
+    def __init__(self, daemon: Any, timeout: float | None = None) -> None:
+        self.daemon = daemon
+        self.timeout = api_timeout() if timeout is None else timeout
+        self.limits = ConnectionLimits()
+
+    def admit(self, uid: int) -> str | None:
+        """Count a connection from ``uid`` against the live config's caps, or say why not."""
+        config = self.daemon.config
+        cap = socket_connection_cap(config.socket_max_connections, file_limit())
+        return self.limits.admit(uid, config.socket_max_connections_per_user, cap,
+                                 self.daemon.reactor.seconds())
+
+    def release(self, uid: int) -> None:
+        self.limits.release(uid)
+
+    def buildProtocol(self, addr) -> ApiProtocol:  # noqa: N802 (Twisted's name)
+        proto = ApiProtocol(self.daemon, self.timeout)
+        proto.factory = self
+        return proto

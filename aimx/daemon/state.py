@@ -1,0 +1,135 @@
+"""Runtime state shared by the SMTP server, the socket API, hooks and sending.
+
+The daemon holds one immutable config snapshot. Handlers read ``daemon.config``
+once at the start of a transaction or command and keep that object to the
+end, so a swap (reload or API rewrite) never changes a config under their
+feet. Swaps happen on the reactor thread only: a swap is one assignment.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, threads
+
+from aimx.logs import kv, logger
+
+log = logger("aimx::config")
+
+
+def count_hooks(config: Any) -> int:
+    return sum(len(mailbox.hooks) for mailbox in config.mailboxes.values())
+
+
+class Daemon:
+    """The live state of one running aimx instance."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Any,
+        store: Any,
+        *,
+        data_dir_override: Path | None,
+        dkim_key_pem: bytes,
+        mail_drop: str | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.config_path = Path(config.path)
+        self.store = store
+        self.data_dir_override = data_dir_override
+        self.dkim_key_pem = dkim_key_pem
+        self.mail_drop = mail_drop
+        # Process-wide config write lock: taken after a mailbox lock, never before.
+        self.config_lock = threading.Lock()
+        self.hooks: Any = None
+        # Set by the service when the listener is bound to one address (D25).
+        self.bind_address: str | None = None
+        self.tls_enabled = False
+        self.draining = False
+        self.in_flight: set[defer.Deferred[Any]] = set()
+
+    # -- config snapshots --------------------------------------------------
+
+    def swap_config(self, new: Any) -> None:
+        """Install a new snapshot (reactor thread only).
+
+        The data dir cannot move while running: the store and its locks are
+        bound to it, so a changed ``data_dir`` is pinned back and logged.
+        """
+        current = self.config
+        if Path(new.data_dir) != Path(current.data_dir):
+            log.warning("data_dir changed from %s to %s; restart aimx to apply",
+                        kv(current.data_dir), kv(new.data_dir))
+            new = new.with_data_dir(current.data_dir)
+        self.config = new
+
+    def load_config_blocking(self) -> Any:
+        """Load and validate the config file again, honouring the data-dir override."""
+        from aimx.config import load_config
+
+        return load_config(self.config_path, self.data_dir_override)
+
+    def reload(self) -> defer.Deferred[bool]:
+        """SIGHUP: re-load in a thread under the config write lock; keep the old config on error.
+
+        Fires with whether the new config was installed.
+        """
+        path = self.config_path
+
+        def load() -> Any:
+            with self.config_lock:
+                new = self.load_config_blocking()
+                # Queue the swap while the lock is held, so swaps land in the order the
+                # rewrites and reloads happened (the API queues its swaps the same way).
+                self.reactor.callFromThread(self.swap_config, new)
+                return new
+
+        def loaded(new: Any) -> bool:
+            _log_config_warnings(new)
+            log.info("SIGHUP: config reloaded from %s: %d mailboxes, %d hooks, 0 templates",
+                     path, len(new.mailboxes), count_hooks(new))
+            return True
+
+        def failed(failure: Any) -> bool:
+            log.warning("SIGHUP: config reload failed for %s: %s. Keeping previous config.",
+                        path, failure.getErrorMessage())
+            return False
+
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load)
+        d.addCallbacks(loaded, failed)
+        return d
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, body: bytes, text_only: bool, html_body: bytes | None,
+             caller_uid: int) -> defer.Deferred[str]:
+        """Run one SEND (checks, render, sign, deliver, sent copy); fires with the Message-ID."""
+        from aimx.daemon import sending
+
+        return sending.send(self, body, text_only, html_body, caller_uid)
+
+    # -- work in flight (for the SIGTERM drain) ------------------------------
+
+    def track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """Count ``d`` as in-flight work until it fires; returns ``d`` unchanged."""
+        self.in_flight.add(d)
+
+        def done(result: Any) -> Any:
+            self.in_flight.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def idle(self) -> bool:
+        return not self.in_flight
+
+
+def _log_config_warnings(config: Any) -> None:
+    from aimx.config import log_warnings
+
+    log_warnings(config)

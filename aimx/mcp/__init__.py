@@ -1,0 +1,1 @@
+"""The MCP server: the agents' interface, an edge like the command line."""

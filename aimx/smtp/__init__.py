@@ -1,0 +1,1 @@
+"""SMTP: the inbound server and ingest pipeline, outbound delivery, email authentication, DNS."""

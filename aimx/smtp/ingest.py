@@ -1,0 +1,193 @@
+"""The ingest pipeline: raw message bytes to a stored email, in two blocking steps.
+
+``analyse`` does the per-message work (parse, DKIM/SPF/DMARC) once, however
+many recipients the message has; ``deliver`` does the per-recipient work
+(route, trust, dedup, durable write). The daemon runs both in threads;
+``aimx ingest`` calls them directly. Hooks are the caller's business, after
+``deliver`` returns.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from aimx.config import Config
+from aimx.logs import kv, logger
+from aimx.mail import trust
+from aimx.mail.authresults import AuthResults
+from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
+from aimx.smtp import dnsresolve, emailauth
+from aimx.storage.layout import StorageError
+from aimx.storage.mailstore import MailStore
+
+log = logger("aimx::ingest")
+
+# Test seam (spec 30 §1.7): deliveries to this address fail as if the disk did.
+FAIL_FOR_ENV = "AIMX_TEST_INGEST_FAIL_FOR"
+
+PARSE_FAILED = "Failed to parse email"
+
+
+class IngestError(Exception):
+    """A message could not be stored; the text is one line, fit for ``Error: <msg>``."""
+
+
+class NoRoute(IngestError):
+    """No mailbox takes the recipient (no exact name, no catchall)."""
+
+
+@attrs.frozen
+class Analysis:
+    """Everything about one message that does not depend on the recipient."""
+
+    raw: bytes
+    parsed: ParsedMessage
+    auth: AuthResults
+    peer_ip: str | None
+    received_at: datetime.datetime
+    size_bytes: int
+
+
+@attrs.frozen
+class IngestResult:
+    """One recipient's outcome; ``fields`` is the frontmatter as written (for hooks)."""
+
+    status: Literal["stored", "duplicate"]
+    mailbox: str
+    email_id: str | None  # None for a duplicate
+    path: Path | None  # the .md; None for a duplicate
+    fields: dict[str, Any]
+
+
+Authenticator = Callable[..., AuthResults]
+
+
+def _default_authenticate(config: Config, raw: bytes, parsed: ParsedMessage, *, peer_ip: str | None,
+                          mail_from: str | None, helo: str | None) -> AuthResults:
+    """DKIM, SPF and DMARC through the configured resolvers; all ``none`` if impossible.
+
+    The resolver is the process-wide one for this resolver list, so answers are
+    reused across messages within their TTL.
+    """
+    try:
+        resolver = dnsresolve.shared_resolver(config.dns_resolvers)
+    except dnsresolve.ResolverConfigError as exc:
+        log.warning("no DNS resolver, authentication skipped: %s", kv(exc))
+        resolver = None  # authenticate() then records none for all three
+    return emailauth.authenticate(raw, parsed, peer_ip=peer_ip, mail_from=mail_from,
+                                  helo=helo, resolver=resolver)
+
+
+def is_real_peer(peer_ip: str | None) -> bool:
+    """Whether ``peer_ip`` names a real SMTP peer (not absent, not ``0.0.0.0`` / ``::``)."""
+    if not peer_ip:
+        return False
+    try:
+        return not ipaddress.ip_address(peer_ip).is_unspecified
+    except ValueError:
+        return False
+
+
+def analyse(
+    config: Config,
+    raw: bytes,
+    *,
+    peer_ip: str | None = None,
+    mail_from: str | None = None,
+    helo: str | None = None,
+    now: datetime.datetime | None = None,
+    authenticate: Authenticator | None = None,
+) -> Analysis:
+    """Parse and authenticate a message once (blocking: DNS).
+
+    ``authenticate`` replaces the DKIM/SPF/DMARC step; it is called as
+    ``authenticate(config, raw, parsed, peer_ip=, mail_from=, helo=)``.
+    """
+    received_at = now or datetime.datetime.now(datetime.UTC)
+    try:
+        parsed = parse_message(raw, received_at)
+    except MessageParseError as exc:
+        raise IngestError(PARSE_FAILED) from exc
+    step = authenticate or _default_authenticate
+    auth = step(config, raw, parsed, peer_ip=peer_ip if is_real_peer(peer_ip) else None,
+                mail_from=mail_from, helo=helo)
+    return Analysis(raw=raw, parsed=parsed, auth=auth, peer_ip=peer_ip,
+                    received_at=received_at, size_bytes=len(raw))
+
+
+def build_fields(analysis: Analysis, mailbox: str, rcpt: str, trusted: str) -> dict[str, Any]:
+    """The inbound frontmatter (spec 20 §7.2) without ``id`` and ``attachments``.
+
+    Optional keys are left out when empty; ``render_email`` fixes the order.
+    """
+    parsed = analysis.parsed
+    fields: dict[str, Any] = {
+        "message_id": parsed.message_id or "",
+        "thread_id": parsed.thread_id,
+        "from": parsed.from_ or "",
+        "to": parsed.to or "",
+    }
+    for key, value in (("cc", parsed.cc), ("reply_to", parsed.reply_to)):
+        if value:
+            fields[key] = value
+    fields["delivered_to"] = rcpt
+    fields["subject"] = parsed.subject
+    fields["date"] = parsed.date
+    fields["received_at"] = rfc3339_utc(analysis.received_at)
+    if is_real_peer(analysis.peer_ip):
+        fields["received_from_ip"] = analysis.peer_ip
+    fields["size_bytes"] = analysis.size_bytes
+    for key, value in (("in_reply_to", parsed.in_reply_to), ("references", parsed.references),
+                       ("list_id", parsed.list_id), ("auto_submitted", parsed.auto_submitted)):
+        if value:
+            fields[key] = value
+    fields["dkim"] = analysis.auth.dkim
+    fields["spf"] = analysis.auth.spf
+    fields["dmarc"] = analysis.auth.dmarc
+    fields["trusted"] = trusted
+    fields["mailbox"] = mailbox
+    fields["read"] = False
+    return fields
+
+
+def deliver(
+    config: Config, store: MailStore, analysis: Analysis, rcpt: str
+) -> IngestResult:
+    """Route, judge trust, then store one copy for ``rcpt`` (blocking: disk, fsync, flock).
+
+    The store decides dedup and the name under the mailbox lock and writes
+    outside it (``MailStore.deliver_inbound``); a duplicate Message-ID within
+    24 h writes nothing and is a success.
+    """
+    mailbox = config.route(rcpt)
+    if mailbox is None:
+        raise NoRoute(f"no mailbox routes recipient {rcpt}")
+    fail_for = os.environ.get(FAIL_FOR_ENV)
+    if fail_for and fail_for.lower() == rcpt.lower():
+        raise IngestError(f"forced ingest failure for {rcpt} ({FAIL_FOR_ENV})")
+    parsed = analysis.parsed
+    verdict = trust.evaluate(config, mailbox, parsed, analysis.auth)
+    fields = build_fields(analysis, mailbox.name, rcpt, verdict)
+    message_id = fields["message_id"]
+    try:
+        stored = store.deliver_inbound(mailbox.name, mailbox.owner, fields, parsed.body,
+                                       parsed.attachments, analysis.received_at)
+    except (OSError, StorageError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise IngestError(f"failed to store message in inbox/{mailbox.name}: {reason}") from exc
+    if stored is None:
+        log.info("duplicate message_id, skipping mailbox=%s message_id=%s",
+                 kv(mailbox.name), kv(message_id))
+        return IngestResult("duplicate", mailbox.name, None, None, fields)
+    fields = stored.fields or {"id": stored.id, **fields}
+    log.info("stored mailbox=%s id=%s message_id=%s size=%d dkim=%s spf=%s dmarc=%s trusted=%s",
+             kv(mailbox.name), kv(stored.id), kv(message_id), analysis.size_bytes,
+             fields["dkim"], fields["spf"], fields["dmarc"], verdict)
+    return IngestResult("stored", mailbox.name, stored.id, stored.path, fields)
