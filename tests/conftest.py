@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.ports import ReservedPort
 from tests.support.users import LinuxUser, ensure_user
+from tests.support.verifier import Verifier
 
 TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
 _OWN_BASETEMP: list[str] = []
@@ -65,3 +68,18 @@ def test_users() -> dict[str, LinuxUser]:
     # on the same host, and ensure_user() reuses them next time.
     return {short: ensure_user(name) for short, name in
             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def probe_port() -> Iterator[int]:
+    """Where the verifier probes callers; the code under test listens there by number."""
+    with ReservedPort() as reserved:
+        yield reserved.port
+
+
+@pytest.fixture(scope="module")
+def verifier(tmp_path_factory: pytest.TempPathFactory, probe_port: int) -> Iterator[Verifier]:
+    """A real ``aimx-verifier`` probing back on ``probe_port``."""
+    server = Verifier(tmp_path_factory.mktemp("verifier"), probe_port=probe_port)
+    yield server
+    server.stop()

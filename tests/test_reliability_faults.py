@@ -32,6 +32,7 @@ from aimx.protocol import ApiError, Send, Version
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
+from tests.support.ports import udp_and_tcp
 from tests.support.smtpabuse import AbuseReport, Target, Wire, message
 
 DOMAIN = "faults.example.com"
@@ -393,12 +394,8 @@ class GarbageDns:
     """A UDP+TCP DNS endpoint answering every query with junk of several kinds."""
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = udp_and_tcp()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", self.port))
-        self.tcp.listen(16)
         self.answered = 0
         self._stop = threading.Event()
         self._rng = random.Random(5)

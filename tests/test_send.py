@@ -37,7 +37,7 @@ from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import ensure_user
+from tests.support.users import ensure_user, run_aimx_as
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "aimx.test"
@@ -46,22 +46,6 @@ CLIENT_TIMEOUT_SECS = 2
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: binds port 25 and runs as test users")
-
-# Runs `aimx` as another user: imports first (the interpreter's tree may be root-only),
-# then drops to the user, then runs the command.
-LAUNCH = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, uuid
-import aimx.cli.main, aimx.cli.send, aimx.cli.term, aimx.client, aimx.compose, aimx.protocol
-mimetypes.init()
-aimx.cli.main.import_all_commands()  # imports every command module while still root
-if spec["uid"] is not None:
-    os.initgroups(spec["name"], spec["gid"])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
-sys.exit(aimx.cli.main.main(spec["argv"]))
-"""
 
 HOOK = ('printf "%s|%s|%s|%s\\n" "$AIMX_SUBJECT" "$AIMX_SEND_STATUS" "$AIMX_FILEPATH" '
         '"$AIMX_MESSAGE_ID" >> {log}')
@@ -80,11 +64,13 @@ def users(test_users) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def hosts() -> LoopbackHosts:
+def hosts() -> Iterator[LoopbackHosts]:
     try:
-        return LoopbackHosts(2, port=25)
+        loopback = LoopbackHosts(2, port=25)
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    with loopback:
+        yield loopback
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +138,6 @@ def opendkim() -> str | None:
 def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
          runtime_dir: Path | None = None, wait: bool = True) -> Any:
     """Run ``aimx <argv>`` as ``user`` (None: as root)."""
-    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user
-           else {"uid": None, "gid": None, "name": None})
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
     env.update(NO_COLOR="1")
     if daemon is not None:
@@ -162,12 +146,7 @@ def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
         env["AIMX_RUNTIME_DIR"] = str(runtime_dir)
     if user is not None:
         env = user.env(env)
-    cmd = [sys.executable, "-c", LAUNCH, json.dumps({**who, "argv": list(argv)})]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True,
-                          timeout=120)
+    return run_aimx_as(user, list(argv), env, wait=wait)
 
 
 def send(user: Any, daemon: RunningDaemon, to: str, subject: str, *extra: str,

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import pwd
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import attrs
 import pytest
+
+from tests.support.locks import HostLock
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates Linux users and changes file ownership"
@@ -41,15 +50,27 @@ class LinuxUser:
 
 
 def ensure_user(name: str) -> LinuxUser:
-    """Create ``name`` (with a home dir and its own group) unless it exists."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--create-home", "--user-group", "--shell", "/bin/sh", name],
-            check=True, capture_output=True,
-        )
-        entry = pwd.getpwnam(name)
+    """Create ``name`` (with a home dir and its own group) unless it exists.
+
+    Safe when several test workers or runs ask at once: creation happens under
+    a host lock, and a ``useradd`` that loses a race with a run that does not
+    take the lock (the user appeared, or /etc/passwd was locked) is retried.
+    """
+    with HostLock("useradd"):
+        for attempt in itertools.count():
+            try:
+                entry = pwd.getpwnam(name)
+                break
+            except KeyError:
+                pass
+            done = subprocess.run(
+                ["useradd", "--create-home", "--user-group", "--shell", "/bin/sh", name],
+                check=False, capture_output=True, text=True,
+            )
+            if done.returncode != 0:
+                if attempt >= 20:
+                    raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}")
+                time.sleep(0.1)
     return LinuxUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
@@ -57,4 +78,34 @@ def remove_user(name: str) -> None:
     subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
-TestUser = LinuxUser  # older name, kept for test modules that import it
+# Runs ``aimx`` as another user. The interpreter may live where only root can read, so
+# the child imports everything the command can need while still root, then drops to
+# the user (groups, gid, uid) and runs the command.
+_AIMX_AS_USER = r"""
+import json, os, sys
+spec = json.loads(sys.argv[1])
+import base64, email.header, email.utils, mimetypes, uuid
+import aimx.cli.main
+aimx.cli.main.import_all_commands()
+mimetypes.init()
+if spec["uid"] is not None:
+    os.initgroups(spec["name"], spec["gid"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+sys.exit(aimx.cli.main.main(spec["argv"]))
+"""
+
+
+def run_aimx_as(user: LinuxUser | None, argv: list[str], env: dict[str, str], *,
+                input: str | None = None, timeout: float = 120, wait: bool = True,
+                ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """``aimx <argv>`` as ``user`` (None: as root) with ``env``; with ``wait=False`` the
+    running process (stdout and stderr piped)."""
+    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user is not None
+           else {"uid": None, "gid": None, "name": None})
+    cmd = [sys.executable, "-c", _AIMX_AS_USER, json.dumps({**who, "argv": list(argv)})]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), input=input, capture_output=True,
+                          text=True, timeout=timeout)
