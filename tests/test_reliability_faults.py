@@ -370,7 +370,7 @@ def test_dns_that_never_answers_costs_a_bounded_delay_per_message(owner: str) ->
         thread = threading.Thread(target=lambda: holder.update(
             r=_send_concurrently(daemon.smtp_port, [f"silent-{n}" for n in range(8)], 60)))
         thread.start()
-        time.sleep(1.0)
+        assert silent.wait_for_query()  # the messages now wait on DNS
         quick = _served_quickly(daemon.smtp_port)
         assert ApiClientVersion(daemon)
         thread.join(70)
