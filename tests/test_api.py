@@ -68,9 +68,7 @@ release_manifest_url = "https://example.invalid/manifest.json"
 USER_LAUNCHER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
-import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
-import aimx.cli.main
-aimx.cli.main.import_all_commands()  # loads every command module
+import socket
 from aimx.client import Client, read_box
 from aimx import protocol
 if spec["uid"] is not None:
@@ -80,12 +78,9 @@ if spec["uid"] is not None:
         os.setgroups([])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
-if spec["mode"] == "cli":
-    sys.exit(aimx.cli.main.main(spec["argv"]))
 command = protocol.COMMANDS[spec["verb"].encode()]
 args = spec["args"]
 if spec["mode"] == "raw":
-    import socket
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(spec["socket"])
     sock.sendall(protocol.request_box(command, args, b"1").serialize())

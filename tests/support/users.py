@@ -84,7 +84,8 @@ def remove_user(name: str) -> None:
 _AIMX_AS_USER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, uuid
+import base64, email.header, email.utils, mimetypes, sqlite3, uuid
+import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
 import aimx.cli.main
 aimx.cli.main.import_all_commands()
 mimetypes.init()
