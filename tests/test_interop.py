@@ -32,12 +32,8 @@ from tests.support.dnsserver import DnsServer
 from tests.support.locks import HostLock
 from tests.support.postfix import DnsRelay, Postfix, ensure_installed, opendkim_verify
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="needs root: binds port 25 and runs as real users"),
-    # The fixed addresses below exist once per host: one worker runs the whole module.
-    pytest.mark.xdist_group("interop"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="needs root: binds port 25 and runs as real users")
 
 A_DOMAIN, A_ADDR = "alpha.example.com", "127.0.0.2"
 B_DOMAIN, B_ADDR = "beta.example.net", "127.0.0.3"
