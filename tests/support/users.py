@@ -78,33 +78,43 @@ def remove_user(name: str) -> None:
     subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
+# The console script a user runs; the launcher below presents itself as it (sys.argv[0]).
+AIMX = Path(sys.executable).parent / "aimx"
+
 # Runs ``aimx`` as another user. The interpreter may live where only root can read, so
-# the child imports everything the command can need while still root, then drops to
-# the user (groups, gid, uid) and runs the command.
+# the child imports everything a command can need while still root (prompts on a
+# terminal included), then drops to the user (groups, gid, uid) and runs the command.
 _AIMX_AS_USER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, sqlite3, uuid
-import aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol, aimx.storage
-import aimx.cli.main
+import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
+import aimx.agents, aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol
+import aimx.storage, aimx.cli.main
 aimx.cli.main.import_all_commands()
 mimetypes.init()
-if spec["uid"] is not None:
+if spec["uid"] is not None and spec["uid"] != os.geteuid():
     os.initgroups(spec["name"], spec["gid"])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
+sys.argv = [spec["argv0"], *spec["argv"]]
 sys.exit(aimx.cli.main.main(spec["argv"]))
 """
+
+
+def aimx_as_command(user: LinuxUser | None, argv: list[str]) -> list[str]:
+    """The command line that runs ``aimx <argv>`` as ``user`` (None: as this process)."""
+    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user is not None
+           else {"uid": None, "gid": None, "name": None})
+    spec = {**who, "argv0": str(AIMX), "argv": list(argv)}
+    return [sys.executable, "-c", _AIMX_AS_USER, json.dumps(spec)]
 
 
 def run_aimx_as(user: LinuxUser | None, argv: list[str], env: dict[str, str], *,
                 input: str | None = None, timeout: float = 120, wait: bool = True,
                 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    """``aimx <argv>`` as ``user`` (None: as root) with ``env``; with ``wait=False`` the
-    running process (stdout and stderr piped)."""
-    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user is not None
-           else {"uid": None, "gid": None, "name": None})
-    cmd = [sys.executable, "-c", _AIMX_AS_USER, json.dumps({**who, "argv": list(argv)})]
+    """``aimx <argv>`` as ``user`` (None: as this process) with ``env``; with
+    ``wait=False`` the running process (stdout and stderr piped)."""
+    cmd = aimx_as_command(user, argv)
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
