@@ -84,15 +84,17 @@ AIMX = Path(sys.executable).parent / "aimx"
 # Runs ``aimx`` as another user. The interpreter may live where only root can read, so
 # the child imports everything a command can need while still root (prompts on a
 # terminal included), then drops to the user (groups, gid, uid) and runs the command.
+# Run as itself, it imports lazily like a real ``aimx``.
 _AIMX_AS_USER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
-import aimx.agents, aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol
-import aimx.storage, aimx.cli.main
-aimx.cli.main.import_all_commands()
-mimetypes.init()
+import aimx.cli.main
 if spec["uid"] is not None and spec["uid"] != os.geteuid():
+    import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
+    import aimx.agents, aimx.api, aimx.client, aimx.config, aimx.configedit, aimx.protocol
+    import aimx.storage
+    aimx.cli.main.import_all_commands()
+    mimetypes.init()
     os.initgroups(spec["name"], spec["gid"])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
