@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: instance directories and real Linux users."""
+"""Shared pytest set-up: the run's temp dir and workers, instance dirs, real Linux users
+and the verifier."""
 
 from __future__ import annotations
 
