@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.ports import ReservedPort
+
 POSTFIX = "/usr/sbin/postfix"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DEBCONF = ("postfix postfix/main_mailer_type select No configuration\n"
@@ -98,9 +100,10 @@ class PostfixMaildir:
 
     name = "postfix"
 
-    def __init__(self, *, port: int, domain: str, user: str, owner: str = "nobody") -> None:
+    def __init__(self, *, domain: str, user: str, owner: str = "nobody") -> None:
         self.host = "127.0.0.1"
-        self.port = port
+        self._port = ReservedPort(self.host)  # held until stop(); Postfix binds it by number
+        self.port = self._port.port
         self.domain = domain
         self.user = user
         entry = pwd.getpwnam(owner)
@@ -209,6 +212,7 @@ class PostfixMaildir:
             if _listening(self.host, self.port):
                 self._postfix("abort")
             self.started = False
+        self._port.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -217,9 +221,10 @@ class SmtpSink:
 
     name = "smtp-sink"
 
-    def __init__(self, *, port: int) -> None:
+    def __init__(self) -> None:
         self.host = "127.0.0.1"
-        self.port = port
+        self._port = ReservedPort(self.host)  # held until stop(); smtp-sink binds it by number
+        self.port = self._port.port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -248,6 +253,7 @@ class SmtpSink:
                 self.proc.kill()
                 self.proc.wait(5)
             self.proc = None
+        self._port.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -48,11 +48,11 @@ def make_target(name: str, dns_address: str) -> Any:
     if name == "aimx":
         return targets.AimxTarget(dns_address)
     if name == "postfix":
-        return PostfixMaildir(port=targets.free_port(), domain=targets.DOMAIN,
+        return PostfixMaildir(domain=targets.DOMAIN,
                               user=targets.MAILBOX, owner=targets.OWNER)
     if name == "aiosmtpd":
         return targets.BaselineTarget()
-    return SmtpSink(port=targets.free_port())
+    return SmtpSink()
 
 
 def run_inbound(name: str, dns_address: str, size: int, sessions: int,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 
 from bench.postfix import wait_for_banner
 from tests.support.daemon import REPO_ROOT, RunningDaemon
+from tests.support.ports import ReservedPort
 
 DOMAIN = "aimx.bench"
 MAILBOX = "agent"
@@ -37,12 +37,6 @@ class Target(Protocol):
     def stored(self) -> int: ...
     def last_store_time(self) -> float | None: ...
     def pids(self) -> list[int]: ...
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def aimx_config(dns_address: str) -> dict[str, Any]:
@@ -111,7 +105,8 @@ class BaselineTarget:
     host = "127.0.0.1"
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self._port = ReservedPort()  # held until stop(); the baseline binds it by number
+        self.port = self._port.port
         self.dir = Path(tempfile.mkdtemp(prefix="aimx-bench-baseline-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -147,6 +142,7 @@ class BaselineTarget:
                 self.proc.kill()
                 self.proc.wait(5)
             self.proc = None
+        self._port.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

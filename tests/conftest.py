@@ -1,15 +1,19 @@
-"""Shared pytest fixtures: instance directories and real Linux users."""
+"""Shared pytest set-up: the run's temp dir and workers, instance dirs, real Linux users
+and the verifier."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.ports import ReservedPort
 from tests.support.users import LinuxUser, ensure_user
+from tests.support.verifier import Verifier
 
 TEST_USER_NAMES = ("aimxt-alice", "aimxt-bob")
 _OWN_BASETEMP: list[str] = []
@@ -24,7 +28,17 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if not config.option.basetemp:
         config.option.basetemp = tempfile.mkdtemp(prefix="aimx-tests-")
+        os.chmod(config.option.basetemp, 0o711)  # xdist workers make theirs inside it
         _OWN_BASETEMP.append(config.option.basetemp)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: two workers per CPU, at most 8.
+
+    Most tests spend their time waiting on subprocesses, timeouts and sockets,
+    so one worker per CPU leaves the CPUs idle half the time.
+    """
+    return min(2 * len(os.sched_getaffinity(0)), 8)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -65,3 +79,18 @@ def test_users() -> dict[str, LinuxUser]:
     # on the same host, and ensure_user() reuses them next time.
     return {short: ensure_user(name) for short, name in
             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def probe_port() -> Iterator[int]:
+    """Where the verifier probes callers; the code under test listens there by number."""
+    with ReservedPort() as reserved:
+        yield reserved.port
+
+
+@pytest.fixture(scope="module")
+def verifier(tmp_path_factory: pytest.TempPathFactory, probe_port: int) -> Iterator[Verifier]:
+    """A real ``aimx-verifier`` probing back on ``probe_port``."""
+    server = Verifier(tmp_path_factory.mktemp("verifier"), probe_port=probe_port)
+    yield server
+    server.stop()

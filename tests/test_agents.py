@@ -2,9 +2,8 @@
 
 Agent setup refuses root, so when the suite runs as root the command runs as
 the unprivileged test user ``alice`` with a home in a temp dir; otherwise as
-the current user. The interpreter lives where only root may read it, so a
-small launcher imports aimx first and then drops to the user, as the other
-user-level tests do. The ``aimx`` script on PATH is the real console script.
+the current user, through the launcher the other CLI tests use
+(``tests.support.users.aimx_as_command``). The ``aimx`` script on PATH is the real console script.
 """
 
 from __future__ import annotations
@@ -16,31 +15,16 @@ import pwd
 import select
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from aimx.ops import agents
+from tests.support.users import AIMX, REPO_ROOT, LinuxUser, aimx_as_command
 
-AIMX = Path(sys.executable).parent / "aimx"
 AIMX_REAL = str(AIMX.resolve())
 REFERENCE_FILES = sorted(f"references/{page}" for page in agents.REFERENCE_PAGES)
-
-
-LAUNCHER = r"""
-import os, select, sys, termios, tty
-import aimx.ops.agents, aimx.cli.agents, aimx.cli.main
-aimx.cli.main.import_all_commands()
-uid, gid, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-if uid != os.geteuid():
-    os.initgroups(name, gid)
-    os.setgid(gid)
-    os.setuid(uid)
-sys.argv = sys.argv[4:]
-sys.exit(aimx.cli.main.main(sys.argv[1:]))
-"""
 
 
 class Runner:
@@ -52,8 +36,8 @@ class Runner:
         self.uid, self.gid, self.name = who
 
     def argv(self, args, *, as_root: bool = False) -> list[str]:
-        uid, gid, name = (0, 0, "root") if as_root else (self.uid, self.gid, self.name)
-        return [sys.executable, "-c", LAUNCHER, str(uid), str(gid), name, str(AIMX), *args]
+        user = None if as_root else LinuxUser(self.name, self.uid, self.gid, str(self.home))
+        return aimx_as_command(user, list(args))
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {"PATH": f"{self.bindir}:{AIMX.parent}:/usr/bin:/bin", "HOME": str(self.home),
@@ -64,7 +48,8 @@ class Runner:
     def __call__(self, *args: str, env: dict[str, str] | None = None, stdin=subprocess.DEVNULL,
                  as_root: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(args, as_root=as_root), env=env or self.env(),
-                              stdin=stdin, capture_output=True, text=True, timeout=60)
+                              stdin=stdin, capture_output=True, text=True, timeout=60,
+                              cwd=REPO_ROOT)
 
 
 def _chown_tree(path: Path, uid: int, gid: int) -> None:
@@ -270,7 +255,7 @@ def _run_on_pty(run: Runner, args: list[str], keys: list[bytes], *, env=None,
     each time the output goes quiet; returns (exit code, everything written)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(run.argv(args), env=env or run.env(TERM="xterm"), stdin=slave,
-                            stdout=slave, stderr=slave)
+                            stdout=slave, stderr=slave, cwd=REPO_ROOT)
     os.close(slave)
     output = b""
     pending = list(keys)

@@ -33,7 +33,7 @@ from aimx.daemon.client import Client, read_box
 from aimx.daemon.protocol import ApiError, request_box
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
-from tests.support.users import LinuxUser, ensure_user
+from tests.support.users import LinuxUser, call_api_as, ensure_user
 
 DOMAIN = "test.local"
 TIMEOUT_SECS = 1.5  # AIMX_API_TIMEOUT for every daemon here
@@ -60,58 +60,6 @@ owner = "{bob}"
 [upgrade]
 release_manifest_url = "https://example.invalid/manifest.json"
 """
-
-# Code run as another user. The interpreter lives under a directory only root
-# can read, so the child starts as root, imports everything it will need, then
-# drops to the user (groups, gid, uid) before it touches the socket or config:
-# from the connect on, it is that user as far as the kernel is concerned.
-USER_LAUNCHER = r"""
-import json, os, sqlite3, sys
-spec = json.loads(sys.argv[1])
-import aimx.config, aimx.configedit, aimx.storage.mailstore
-import aimx.daemon.api, aimx.daemon.client, aimx.daemon.protocol
-import aimx.cli.main
-aimx.cli.main.import_all_commands()  # loads every command module
-from aimx.daemon.client import Client, read_box
-from aimx.daemon import protocol
-if spec["uid"] is not None:
-    if spec["name"]:
-        os.initgroups(spec["name"], spec["gid"])
-    else:
-        os.setgroups([])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
-if spec["mode"] == "cli":
-    sys.exit(aimx.cli.main.main(spec["argv"]))
-command = protocol.COMMANDS[spec["verb"].encode()]
-args = spec["args"]
-if spec["mode"] == "raw":
-    import socket
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(spec["socket"])
-    sock.sendall(protocol.request_box(command, args, b"1").serialize())
-    print(json.dumps({"raw": sorted((k.hex(), v.hex()) for k, v in read_box(sock).items())}))
-    sys.exit(0)
-try:
-    print(json.dumps({"ok": Client(spec["socket"]).call(command, **args)}))
-except protocol.ApiError as exc:
-    print(json.dumps({"error": [exc.code, exc.reason]}))
-"""
-
-
-def launch_as(user: LinuxUser | None, spec: dict[str, Any], env: dict[str, str], *,
-              uid: int | None = None, input: str | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``USER_LAUNCHER`` with ``spec`` as ``user`` (or a bare ``uid``; neither: root)."""
-    if user is not None:
-        who = {"uid": user.uid, "gid": user.gid, "name": user.name}
-        env = user.env(env)
-    else:
-        who = {"uid": uid, "gid": uid, "name": None}
-    return subprocess.run([sys.executable, "-c", USER_LAUNCHER, json.dumps({**spec, **who})],
-                          env=env, cwd=str(REPO_ROOT), capture_output=True, text=True,
-                          input=input, timeout=timeout)
-
 
 # -- fixtures and helpers ----------------------------------------------------------
 
@@ -155,11 +103,8 @@ def outcome(d: RunningDaemon, command, **args: Any) -> dict[str, Any]:
 def run_as(user: LinuxUser | None, d: RunningDaemon, command, *, raw: bool = False,
            uid: int | None = None, **args: Any) -> dict[str, Any]:
     """One call from a process running as ``user`` (or as a bare ``uid``)."""
-    spec = {"mode": "raw" if raw else "call", "verb": command.commandName.decode(),
-            "args": args, "socket": str(d.socket_path)}
-    proc = launch_as(user, spec, d.client_env(), uid=uid)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return call_api_as(user, d.socket_path, command.commandName.decode(), args,
+                       d.client_env(), raw=raw, uid=uid)
 
 
 def deliver(d: RunningDaemon, rcpt: str, count: int = 1, tag: str = "m") -> None:

@@ -1,7 +1,7 @@
 """``aimx mailboxes`` as users run it: the real CLI against the real daemon (or none).
 
 Commands run in subprocesses as root or as the test users (see
-``tests.test_api.launch_as``), with colour off so output compares as text.
+``tests.support.users.run_aimx_as``), with colour off so output compares as text.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from aimx.config import derived_hook_name
 from aimx.daemon import protocol
 from aimx.daemon.client import Client
 from tests.support.daemon import RunningDaemon
-from tests.support.users import LinuxUser
-from tests.test_api import config_text, deliver, dns, launch_as, users  # noqa: F401 (fixtures)
+from tests.support.users import LinuxUser, run_aimx_as
+from tests.test_api import config_text, deliver, dns, users  # noqa: F401 (fixtures)
 
 DOWN = ("Error: daemon must be running for non-root mailbox CRUD; start `aimx serve` or run "
         "with sudo to fall back to direct config edit.\n")
@@ -46,7 +46,9 @@ def aimx(d: RunningDaemon, *argv: str, user: LinuxUser | None = None, input: str
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = d.client_env()
     environment.update({"NO_COLOR": "1", **(env or {})})
-    return launch_as(user, {"mode": "cli", "argv": list(argv)}, environment, input=input)
+    if user is not None:
+        environment = user.env(environment)
+    return run_aimx_as(user, list(argv), environment, input=input, timeout=60)
 
 
 def mailboxes(d: RunningDaemon) -> dict:

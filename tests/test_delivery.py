@@ -65,11 +65,13 @@ def _driver(spec_json: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def net() -> LoopbackHosts:
+def net() -> Iterator[LoopbackHosts]:
     try:
-        return LoopbackHosts(3, port=25 if os.geteuid() == 0 else 0)
+        hosts = LoopbackHosts(3, port=25 if os.geteuid() == 0 else 0)
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    with hosts:
+        yield hosts
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from aimx.cli.main import main
 from aimx.ops import dkimkeys
-from tests.test_portcheck import run_cli_as
+from tests.support.users import run_aimx_as
 
 CONFIG = """\
 domain = "keys.example"
@@ -112,7 +112,8 @@ def test_missing_config_is_an_error(instance_dirs, capsys):
 def test_permission_denied_explains_the_way_out(test_users, config_dir):
     config_dir.chmod(0o755)
     (config_dir / "config.toml").chmod(0o644)
-    result = run_cli_as(test_users["alice"], ["dkim-keygen"])
+    alice = test_users["alice"]
+    result = run_aimx_as(alice, ["dkim-keygen"], alice.env(), input="")
     assert result.returncode == 1
     assert result.stderr == (
         f"Error: Permission denied writing to {config_dir / 'dkim'}. Run `sudo aimx "

@@ -14,13 +14,10 @@ or when Postfix cannot be installed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import smtplib
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +26,10 @@ import pytest
 
 from aimx.mail import frontmatter
 from tests.support import users
-from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
+from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
+from tests.support.locks import HostLock
 from tests.support.postfix import DnsRelay, Postfix, ensure_installed, opendkim_verify
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -93,6 +91,12 @@ def zone_records() -> dict[str, list[list[str]]]:
 @pytest.fixture(scope="module")
 def world(test_users: dict[str, users.LinuxUser]):
     """DNS, instance A (alice) and instance B (bob, with an on_receive hook)."""
+    # Other test runs on this host use the same fixed addresses: one at a time.
+    with HostLock("interop-127.0.0.2-5"):
+        yield from _world(test_users)
+
+
+def _world(test_users: dict[str, users.LinuxUser]):
     for address in (A_ADDR, B_ADDR):
         if not port_25_free(address):
             pytest.skip(f"port 25 on {address} is taken by something else")
@@ -119,29 +123,9 @@ def world(test_users: dict[str, users.LinuxUser]):
                 assert "Traceback" not in daemon.log_text(), daemon.log_text()[-4000:]
 
 
-# Runs as root until everything is imported (the interpreter may live where only
-# root can read), then becomes the user before it touches the socket.
-LAUNCHER = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
-import errno, mimetypes
-import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
-import aimx.daemon.client, aimx.daemon.protocol
-aimx.cli.main.import_all_commands()
-mimetypes.init()
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
-sys.exit(aimx.cli.main.main(spec["argv"]))
-"""
-
-
 def aimx_send(daemon: RunningDaemon, user: users.LinuxUser, *args: str) -> str:
     """``aimx send ...`` as ``user`` against ``daemon``; returns the Message-ID it prints."""
-    spec = {"name": user.name, "uid": user.uid, "gid": user.gid, "argv": ["send", *args]}
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(spec)],
-                          env=user.env(daemon.client_env()), cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=120)
+    done = users.run_aimx_as(user, ["send", *args], user.env(daemon.client_env()))
     assert done.returncode == 0, (done.stdout, done.stderr, daemon.log_text()[-3000:])
     return done.stdout.strip()
 

@@ -642,7 +642,10 @@ def test_send_refusals(daemon, users, alice_inbox):
 
 def test_send_with_threading_and_attachment(daemon, users, tmp_path):
     alice = users["alice"]
-    attachment = Path(alice.home) / "mcp-test-notes.txt"
+    # A directory of its own in alice's home: other test runs on the host use the same user.
+    own = Path(tempfile.mkdtemp(prefix="mcp-test-", dir=alice.home))
+    os.chown(own, alice.uid, alice.gid)
+    attachment = own / "mcp-test-notes.txt"
     attachment.write_text("see attached\n")
     os.chown(attachment, alice.uid, alice.gid)
     attachment.chmod(0o600)  # readable by alice only: the MCP process reads it as alice
@@ -657,7 +660,7 @@ def test_send_with_threading_and_attachment(daemon, users, tmp_path):
     try:
         text = with_mcp(daemon, alice, body)
     finally:
-        attachment.unlink()
+        shutil.rmtree(own)
     sent = dropped_messages(daemon)[before:]
     assert len(sent) == 1
     message = sent[0]

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,55 +27,9 @@ from aimx.ops.portcheck import (
     check_inbound,
     check_outbound,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not come up:\n{log.read_text()}")
-
-
-class Verifier:
-    """The real ``twistd aimx-verifier`` in a subprocess, on loopback ports."""
-
-    def __init__(self, tmp: Path, *, probe_port: int, allow_private: bool = True) -> None:
-        self.http_port, self.smtp_port, self.probe_port = free_port(), free_port(), probe_port
-        self.log = tmp / f"verifier-{self.http_port}.log"
-        argv = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=",
-                "aimx-verifier", "--interface", "127.0.0.1", "--port", str(self.http_port),
-                "--smtp-port", str(self.smtp_port), "--probe-port", str(probe_port),
-                "--probe-timeout", "5"]
-        if allow_private:
-            argv.append("--allow-private")
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        _wait_http(f"{self.url}/health", self.proc, self.log)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
+from tests.support.ports import ReservedPort
+from tests.support.users import run_aimx_as
+from tests.support.verifier import Verifier, wait_http
 
 _CANNED = textwrap.dedent("""
     import sys
@@ -102,7 +55,8 @@ class CannedVerifier:
     """A stand-in verifier (Twisted, loopback) whose ``/probe`` answers what the test set."""
 
     def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
+        self._port = ReservedPort()
+        self.port = self._port.port
         self.body = tmp / "probe-answer.json"
         self.body.write_text("{}")
         self.log = tmp / f"canned-{self.port}.log"
@@ -110,7 +64,7 @@ class CannedVerifier:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _CANNED, str(self.port), str(self.body)],
                 stdout=out, stderr=subprocess.STDOUT)
-        _wait_http(f"{self.url}/health", self.proc, self.log)
+        wait_http(f"{self.url}/health", self.proc, self.log)
 
     @property
     def url(self) -> str:
@@ -123,6 +77,7 @@ class CannedVerifier:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        self._port.close()
 
 
 @pytest.fixture(scope="module")
@@ -130,39 +85,6 @@ def canned(tmp_path_factory: pytest.TempPathFactory):
     server = CannedVerifier(tmp_path_factory.mktemp("canned"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def probe_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def verifier(tmp_path_factory: pytest.TempPathFactory, probe_port: int):
-    server = Verifier(tmp_path_factory.mktemp("verifier"), probe_port=probe_port)
-    yield server
-    server.stop()
-
-
-_AS_USER = textwrap.dedent("""
-    import json, os, sys
-    import aimx.cli.main as cli
-    cli.import_all_commands()  # import every command module while still root
-    who = json.loads(sys.argv[1])
-    os.initgroups(who["name"], who["gid"])
-    os.setgid(who["gid"])
-    os.setuid(who["uid"])
-    sys.exit(cli.main(who["argv"]))
-""")
-
-
-def run_cli_as(user, argv: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """``aimx <argv>`` as an unprivileged test user (privileges dropped in-process, since
-    the interpreter itself may live where only root can reach it)."""
-    who = {"name": user.name, "uid": user.uid, "gid": user.gid, "argv": argv}
-    return subprocess.run([sys.executable, "-c", _AS_USER, json.dumps(who)], input=stdin,
-                          capture_output=True, text=True, env=user.env(), cwd=REPO,
-                          timeout=60)
 
 
 def _console() -> Console:
@@ -192,7 +114,8 @@ def test_portcheck_refuses_non_root():
 
 
 def test_portcheck_as_unprivileged_user_exits_1(test_users, instance_dirs):
-    result = run_cli_as(test_users["alice"], ["portcheck"])
+    alice = test_users["alice"]
+    result = run_aimx_as(alice, ["portcheck"], alice.env(), input="")
     assert result.returncode == 1
     assert "Error: `aimx portcheck` requires root. Run with: sudo aimx portcheck" in result.stderr
 
@@ -220,11 +143,12 @@ def test_portcheck_passes_through_a_real_verifier(verifier, probe_port, instance
 
 
 def test_portcheck_reports_blocked_outbound(verifier, probe_port, instance_dirs):
-    system = System(euid=lambda: 0, smtp_host="127.0.0.1", smtp_port=probe_port,
-                    verify_smtp_port=free_port())  # nothing listens there
-    console = _console()
-    with pytest.raises(CommandError) as err:
-        portcheck(verifier.url, system, console)
+    with ReservedPort() as closed:  # nothing listens there
+        system = System(euid=lambda: 0, smtp_host="127.0.0.1", smtp_port=probe_port,
+                        verify_smtp_port=closed.port)
+        console = _console()
+        with pytest.raises(CommandError) as err:
+            portcheck(verifier.url, system, console)
     assert str(err.value) == "Some checks failed. See details above."
     assert "  Outbound port 25... [FAIL]\n  Inbound port 25... [OK]\n" in console.out.getvalue()
     assert OUTBOUND_BLOCKED in console.err.getvalue()

@@ -32,6 +32,7 @@ from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
+from tests.support.ports import udp_and_tcp
 from tests.support.smtpabuse import AbuseReport, Target, Wire, message
 
 DOMAIN = "faults.example.com"
@@ -369,7 +370,7 @@ def test_dns_that_never_answers_costs_a_bounded_delay_per_message(owner: str) ->
         thread = threading.Thread(target=lambda: holder.update(
             r=_send_concurrently(daemon.smtp_port, [f"silent-{n}" for n in range(8)], 60)))
         thread.start()
-        time.sleep(1.0)
+        assert silent.wait_for_query()  # the messages now wait on DNS
         quick = _served_quickly(daemon.smtp_port)
         assert ApiClientVersion(daemon)
         thread.join(70)
@@ -393,12 +394,8 @@ class GarbageDns:
     """A UDP+TCP DNS endpoint answering every query with junk of several kinds."""
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = udp_and_tcp()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", self.port))
-        self.tcp.listen(16)
         self.answered = 0
         self._stop = threading.Event()
         self._rng = random.Random(5)

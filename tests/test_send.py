@@ -37,7 +37,7 @@ from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import ensure_user
+from tests.support.users import call_api_as, ensure_user, run_aimx_as
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "aimx.test"
@@ -46,31 +46,6 @@ CLIENT_TIMEOUT_SECS = 2
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: binds port 25 and runs as test users")
-
-# Runs `aimx` as another user: imports first (the interpreter's tree may be root-only),
-# then drops to the user, then runs the command.
-LAUNCH = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, uuid
-import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
-import aimx.daemon.client, aimx.daemon.protocol
-mimetypes.init()
-aimx.cli.main.import_all_commands()  # imports every command module while still root
-if spec["uid"] is not None:
-    os.initgroups(spec["name"], spec["gid"])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
-if "send_body" in spec:  # a hand-made message straight to SEND, as a hostile client would
-    try:
-        answer = aimx.daemon.client.Client().call(aimx.daemon.protocol.Send,
-                                                  body=spec["send_body"].encode())
-        print(json.dumps({"ok": answer}))
-    except aimx.daemon.protocol.ApiError as exc:
-        print(json.dumps({"error": [exc.code, exc.reason]}))
-    sys.exit(0)
-sys.exit(aimx.cli.main.main(spec["argv"]))
-"""
 
 HOOK = ('printf "%s|%s|%s|%s\\n" "$AIMX_SUBJECT" "$AIMX_SEND_STATUS" "$AIMX_FILEPATH" '
         '"$AIMX_MESSAGE_ID" >> {log}')
@@ -89,11 +64,13 @@ def users(test_users) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def hosts() -> LoopbackHosts:
+def hosts() -> Iterator[LoopbackHosts]:
     try:
-        return LoopbackHosts(2, port=25)
+        loopback = LoopbackHosts(2, port=25)
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    with loopback:
+        yield loopback
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +136,9 @@ def opendkim() -> str | None:
 
 
 def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
-         runtime_dir: Path | None = None, wait: bool = True, send_body: str | None = None,
+         runtime_dir: Path | None = None, wait: bool = True,
          sudo_user: str | None = None) -> Any:
-    """Run ``aimx <argv>`` as ``user`` (None: as root; ``sudo_user`` as if through sudo);
-    with ``send_body``, hand that message to SEND instead."""
-    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user
-           else {"uid": None, "gid": None, "name": None})
-    if send_body is not None:
-        who["send_body"] = send_body
+    """Run ``aimx <argv>`` as ``user`` (None: as root; ``sudo_user`` as if through sudo)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AIMX_") and k != "SUDO_USER"}
     env.update(NO_COLOR="1")
@@ -178,12 +150,7 @@ def aimx(user: Any, daemon: RunningDaemon | None, *argv: str,
         env["AIMX_RUNTIME_DIR"] = str(runtime_dir)
     if user is not None:
         env = user.env(env)
-    cmd = [sys.executable, "-c", LAUNCH, json.dumps({**who, "argv": list(argv)})]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True,
-                          timeout=120)
+    return run_aimx_as(user, list(argv), env, wait=wait)
 
 
 def send(user: Any, daemon: RunningDaemon, to: str, subject: str, *extra: str,
@@ -194,9 +161,8 @@ def send(user: Any, daemon: RunningDaemon, to: str, subject: str, *extra: str,
 
 def raw_send(user: Any, daemon: RunningDaemon, message: str) -> dict[str, Any]:
     """SEND ``message`` as ``user``: ``{"ok": {...}}`` or ``{"error": [code, reason]}``."""
-    result = aimx(user, daemon, send_body=message)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return call_api_as(user, daemon.socket_path, "SEND", {"body": message.encode()},
+                       daemon.client_env())
 
 
 def route(dns: DnsServer, domain: str, *mx: tuple[int, str]) -> None:

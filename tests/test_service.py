@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from aimx.storage.layout import README_MARKER
-from tests.support.daemon import REPO_ROOT, RunningDaemon, SmtpWire, free_port, stored_emails
+from tests.support.daemon import REPO_ROOT, RunningDaemon, SmtpWire, stored_emails
+from tests.support.ports import ReservedPort
 
 DOMAIN = "test.local"
 
@@ -138,8 +139,8 @@ def test_missing_default_tls_pair_only_warns(owner: str) -> None:
 
 
 def test_refuses_to_start_over_a_live_daemon(owner: str) -> None:
-    with RunningDaemon(config_for(owner)) as daemon:
-        daemon.smtp_port, first_port = free_port(), daemon.smtp_port
+    with RunningDaemon(config_for(owner)) as daemon, ReservedPort() as second:
+        daemon.smtp_port, first_port = second.port, daemon.smtp_port
         result = run_once(daemon)
         daemon.smtp_port = first_port
         assert result.returncode == 1
@@ -152,8 +153,9 @@ def test_refuses_to_start_over_a_live_daemon(owner: str) -> None:
 
 def test_refuses_to_start_when_the_port_is_taken(owner: str) -> None:
     with socket.socket() as holder, RunningDaemon(config_for(owner), start=False) as daemon:
-        holder.bind(("127.0.0.1", daemon.smtp_port))
+        holder.bind(("127.0.0.1", 0))
         holder.listen(1)
+        daemon.smtp_port = holder.getsockname()[1]
         result = run_once(daemon)
         assert result.returncode == 1
         assert f"Error: cannot bind SMTP listener 127.0.0.1:{daemon.smtp_port}" in result.stderr
@@ -304,36 +306,37 @@ def test_data_dir_flag_overrides_config(owner: str, tmp_path: Path) -> None:
 
 def test_devrun_serves_mail_into_the_dev_mailbox(tmp_path: Path) -> None:
     dev = tmp_path / "dev"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    log_path = tmp_path / "devrun.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "aimx.ops.devrun", "--dir", str(dev),
-                                 "--bind", f"127.0.0.1:{port}"], env=env, cwd=str(REPO_ROOT),
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (dev / "run" / "aimx.sock").exists() or port_refused(port):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        printed = log_path.read_text()
-        assert "smtplib" in printed and str(dev / "data" / "inbox") in printed
-        address = next(word.strip("',") for word in printed.split()
-                       if word.strip("',").endswith("@aimx.localhost"))
-        with smtplib.SMTP("127.0.0.1", port) as client:
-            assert "STARTTLS" in client.ehlo()[1].decode()
-            client.sendmail("you@example.com", [address], message("devrun@example.com"))
-        landed = [p for p in (dev / "data" / "inbox").rglob("*.md")
-                  if "devrun@example.com" in p.read_text()]
-        assert len(landed) == 1
-        assert (dev / "config" / "dkim" / "private.key").stat().st_mode & 0o777 == 0o600
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    key_before = (dev / "config" / "dkim" / "private.key").read_bytes()
-    from aimx.ops.devrun import prepare
+    with ReservedPort() as reserved:  # devrun binds it by number
+        port = reserved.port
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIMX_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        log_path = tmp_path / "devrun.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "aimx.ops.devrun", "--dir", str(dev),
+                                     "--bind", f"127.0.0.1:{port}"], env=env, cwd=str(REPO_ROOT),
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not (dev / "run" / "aimx.sock").exists() or port_refused(port):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            printed = log_path.read_text()
+            assert "smtplib" in printed and str(dev / "data" / "inbox") in printed
+            address = next(word.strip("',") for word in printed.split()
+                           if word.strip("',").endswith("@aimx.localhost"))
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                assert "STARTTLS" in client.ehlo()[1].decode()
+                client.sendmail("you@example.com", [address], message("devrun@example.com"))
+            landed = [p for p in (dev / "data" / "inbox").rglob("*.md")
+                      if "devrun@example.com" in p.read_text()]
+            assert len(landed) == 1
+            assert (dev / "config" / "dkim" / "private.key").stat().st_mode & 0o777 == 0o600
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        key_before = (dev / "config" / "dkim" / "private.key").read_bytes()
+        from aimx.ops.devrun import prepare
 
-    prepare(dev, f"127.0.0.1:{port}")  # a re-run keeps what exists
-    assert (dev / "config" / "dkim" / "private.key").read_bytes() == key_before
+        prepare(dev, f"127.0.0.1:{port}")  # a re-run keeps what exists
+        assert (dev / "config" / "dkim" / "private.key").read_bytes() == key_before

@@ -41,8 +41,8 @@ from aimx.ops.setup import (
     split_senders,
 )
 from tests.support.dnsserver import DnsServer
-from tests.support.users import needs_root, remove_user
-from tests.test_portcheck import Verifier, free_port, run_cli_as
+from tests.support.ports import ReservedPort
+from tests.support.users import needs_root, remove_user, run_aimx_as
 
 DOMAIN = "setup.test"
 IPV4 = "203.0.113.7"
@@ -105,18 +105,6 @@ class FakeServiceManager:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
-
-
-@pytest.fixture(scope="module")
-def probe_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def verifier(tmp_path_factory: pytest.TempPathFactory, probe_port: int):
-    server = Verifier(tmp_path_factory.mktemp("verifier"), probe_port=probe_port)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -295,11 +283,12 @@ def test_interactive_trust_prompt_validates_and_saves_senders(
 
 
 def test_failing_preflight_writes_nothing(env, manager, verifier, probe_port, dns):
-    system = make_system(env, manager, verifier, probe_port, dns, "aimxt-never",
-                         verify_smtp_port=free_port())  # outbound port 25 "blocked"
-    io_ = console()
-    with pytest.raises(SetupError) as err:
-        run_setup(DOMAIN, verify_host=verifier.url, system=system, console=io_)
+    with ReservedPort() as closed:  # outbound port 25 "blocked": nothing listens there
+        system = make_system(env, manager, verifier, probe_port, dns, "aimxt-never",
+                             verify_smtp_port=closed.port)
+        io_ = console()
+        with pytest.raises(SetupError) as err:
+            run_setup(DOMAIN, verify_host=verifier.url, system=system, console=io_)
     assert str(err.value).startswith("Port 25 preflight failed.")
     assert "  Outbound port 25... [FAIL]\n" in io_.out.getvalue()
     assert OUTBOUND_BLOCKED in io_.err.getvalue()
@@ -327,7 +316,8 @@ def test_port_held_by_another_process_aborts_before_any_write(env, manager, veri
 
 
 def test_non_root_is_refused_with_a_pointer_to_agents_setup(test_users, instance_dirs):
-    result = run_cli_as(test_users["alice"], ["setup", DOMAIN])
+    alice = test_users["alice"]
+    result = run_aimx_as(alice, ["setup", DOMAIN], alice.env(), input="")
     assert result.returncode == 1
     assert result.stderr.startswith("Error: `aimx setup` requires root. To set up the AIMX "
                                     "server, run with: `sudo aimx setup`.\n\n")
@@ -336,7 +326,8 @@ def test_non_root_is_refused_with_a_pointer_to_agents_setup(test_users, instance
 
 
 def test_bad_verify_host_fails_before_the_root_check(test_users, instance_dirs):
-    result = run_cli_as(test_users["alice"], ["setup", "--verify-host", "check.example"])
+    alice = test_users["alice"]
+    result = run_aimx_as(alice, ["setup", "--verify-host", "check.example"], alice.env(), input="")
     assert result.returncode == 1
     assert result.stderr == ("Error: verify-host must start with http:// or https:// "
                              "(got: check.example)\n")

@@ -902,7 +902,7 @@ def test_silent_dns_delays_one_message_but_not_other_sessions(owners: tuple[str,
 
             thread = threading.Thread(target=slow_sender)
             thread.start()
-            time.sleep(1.0)  # the first message is now waiting on DNS
+            assert silent.wait_for_query()  # the first message now waits on DNS
             assert thread.is_alive()
             started = time.monotonic()
             with greeted(daemon) as wire:

@@ -399,6 +399,17 @@ def test_readers_ignore_temp_files(data: Path) -> None:
 # Locks
 
 
+def waits_for_a_lock(pid: int, timeout: float = 30.0) -> bool:
+    """True once ``pid`` is blocked on a file lock (a ``->`` line of /proc/locks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as locks:
+            if any("->" in line and line.split()[5] == str(pid) for line in locks):
+                return True
+        time.sleep(0.02)
+    return False
+
+
 def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> None:
     script = textwrap.dedent(f"""
         import time
@@ -410,7 +421,7 @@ def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> 
     with store.mailbox_lock("alice"):
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                  text=True, cwd=ROOT_DIR)
-        time.sleep(1.0)
+        assert waits_for_a_lock(child.pid)
         assert child.poll() is None  # still waiting for our lock
         released = time.monotonic()
     out, _ = child.communicate(timeout=30)

@@ -31,26 +31,10 @@ from typing import Any
 
 import tomlkit
 
+from tests.support.dkimkeys import shared_key
+from tests.support.ports import ReservedPort
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-_KEY_CACHE: dict[str, bytes] = {}
-
-
-def rsa_private_key_pem(bits: int = 2048) -> bytes:
-    """A PKCS#1 PEM RSA key; one per test process, since generating one costs time."""
-    key = _KEY_CACHE.get(f"rsa{bits}")
-    if key is None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-        key = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        _KEY_CACHE[f"rsa{bits}"] = key
-    return key
 
 
 def self_signed_cert(hostname: str) -> tuple[bytes, bytes]:
@@ -77,12 +61,6 @@ def self_signed_cert(hostname: str) -> tuple[bytes, bytes]:
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class DaemonError(RuntimeError):
@@ -129,13 +107,15 @@ class RunningDaemon:
         self.extra_env = dict(env or {})
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
-        self.smtp_port = free_port()
+        # Held until close(): the port stays this daemon's across stop() and start().
+        self._port = ReservedPort()
+        self.smtp_port = self._port.port
         self.proc: subprocess.Popen[bytes] | None = None
         self.tls_cert: Path | None = None
         self.tls_key: Path | None = None
         self.write_config(config)
         self.dkim_key_path.parent.mkdir(exist_ok=True)
-        self.dkim_key_path.write_bytes(dkim_key_pem or rsa_private_key_pem())
+        self.dkim_key_path.write_bytes(dkim_key_pem or shared_key("daemon").private_pem)
         self.dkim_key_path.chmod(0o600)
         if tls:
             cert, key = self_signed_cert(self.domain or "localhost")
@@ -319,6 +299,7 @@ class RunningDaemon:
                 except DaemonError:
                     pass
         finally:
+            self._port.close()
             shutil.rmtree(self._runtime_root, ignore_errors=True)
             if self._own_base:
                 shutil.rmtree(self.base, ignore_errors=True)

@@ -3,7 +3,8 @@
 Run as a subprocess (``python -m tests.support.dnsserver ZONEFILE``) so the
 code under test talks to it over real UDP/TCP on loopback. The zone file is
 JSON: ``{"name": [["MX", "10 mx.example.test"], ["A", "127.0.0.2"], ...]}``.
-It is re-read on SIGHUP, so a test can change records without a restart.
+It is re-read on SIGHUP, so a test can change records without a restart;
+the server prints a line once the new zone is in effect.
 Names not in the file answer NXDOMAIN; a name present without the asked
 type answers NOERROR with no records. ``["SERVFAIL", ""]`` makes a name
 answer SERVFAIL; ``["DROP", ""]`` makes it never answer.
@@ -18,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from tests.support.ports import udp_and_tcp
 
 _TYPES = ("A", "AAAA", "MX", "TXT", "CNAME", "NS", "PTR")
 
@@ -36,11 +39,15 @@ def _serve(zone_path: str, port: int) -> None:
 
     zone: dict[str, list[list[str]]] = {}
 
-    def load(*_args: object) -> None:
+    def load() -> None:
         with open(zone_path) as fh:
             data = json.load(fh)
         zone.clear()
         zone.update({k.lower().rstrip("."): v for k, v in data.items()})
+
+    def reload() -> None:
+        load()
+        print("reloaded", flush=True)  # DnsServer.reload() waits for this line
 
     class ZoneResolver(ResolverBase):
         def _lookup(self, name, cls, type_, timeout):  # noqa: ANN001
@@ -65,12 +72,17 @@ def _serve(zone_path: str, port: int) -> None:
             return defer.succeed((answers, [], []))
 
     load()
-    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(load))
+    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(reload))
     factory = server.DNSServerFactory(clients=[ZoneResolver()])
     protocol = dns.DNSDatagramProtocol(controller=factory)
-    udp = reactor.listenUDP(port, protocol, interface="127.0.0.1")
-    bound = udp.getHost().port
-    reactor.listenTCP(bound, factory, interface="127.0.0.1")
+    udp, tcp = udp_and_tcp(port=port)
+    for sock in (udp, tcp):
+        sock.setblocking(False)
+    reactor.adoptDatagramPort(udp.fileno(), socket.AF_INET, protocol, 65535)
+    reactor.adoptStreamPort(tcp.fileno(), socket.AF_INET, factory)
+    bound = udp.getsockname()[1]
+    udp.close()
+    tcp.close()
     print(bound, flush=True)
     reactor.run()
 
@@ -123,10 +135,13 @@ class DnsServer:
         self.reload()
 
     def reload(self) -> None:
+        """Write the zone; a running server answers from it when this returns."""
         self._write()
         if self.proc:
             self.proc.send_signal(signal.SIGHUP)
-            time.sleep(0.2)
+            line = self.proc.stdout.readline() if self.proc.stdout else ""
+            if line.strip() != "reloaded":
+                raise RuntimeError(f"test DNS server did not reload (said {line!r})")
 
     def start(self) -> DnsServer:
         root = Path(__file__).resolve().parents[2]
@@ -161,12 +176,13 @@ class SilentDns:
     """A UDP+TCP endpoint on loopback that never answers a DNS query."""
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = udp_and_tcp()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", self.port))
-        self.tcp.listen(16)
+
+    def wait_for_query(self, timeout: float = 10.0) -> bool:
+        """True once a query has arrived over UDP (it stays unread, so unanswered)."""
+        readable, _, _ = select.select([self.udp], [], [], timeout)
+        return bool(readable)
 
     @property
     def address(self) -> str:

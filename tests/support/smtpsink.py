@@ -30,9 +30,7 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.locks import HostLock
+from tests.support.ports import ReservedPort
 
 MODES = ("accept", "reject", "defer", "break-tls", "silent", "trickle")
 
@@ -207,6 +208,7 @@ async def _read_data(reader: asyncio.StreamReader) -> bytes:
 
 async def _serve(args: argparse.Namespace) -> None:
     server = _Server(args)
+    # reuse_address: the port may be a ReservedPort of the test (LoopbackHosts).
     listener = await asyncio.start_server(server.handle, args.host, args.port,
                                           limit=4 * 1024 * 1024, reuse_address=True)
     port = listener.sockets[0].getsockname()[1]
@@ -314,34 +316,48 @@ class SmtpSink:
         self.stop()
 
 
-def _bindable(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 class LoopbackHosts:
-    """A few loopback addresses (``127.25.<n>.2``, ``.3``, ...) free on one common port,
-    to stand in for several MX hosts. ``port=25`` needs root; ``port=0`` picks a free
-    high port. Raises ``RuntimeError`` when no free block is found."""
+    """A few loopback addresses (``127.25.<n>.2``, ``.3``, ...) on one common port, to
+    stand in for several MX hosts. ``port=25`` needs root; ``port=0`` picks a free high
+    port. The block ``127.25.<n>`` is this object's alone (a host lock) and the port
+    is reserved on each address until ``close()``; a ``sink()`` listens there.
+    Raises ``RuntimeError`` when no free block is found."""
 
     def __init__(self, count: int = 3, port: int = 0) -> None:
-        for _ in range(50):
-            block = f"127.25.{random.randint(1, 250)}"
-            candidate = port or random.randint(20000, 60000)
-            addresses = [f"{block}.{i}" for i in range(2, 2 + count)]
-            if all(_bindable(address, candidate) for address in addresses):
-                self.port = candidate
-                self.addresses = addresses
-                return
+        for block in range(1, 251):
+            lock = HostLock(f"loopback-127.25.{block}")
+            if not lock.acquire(blocking=False):
+                continue
+            addresses = [f"127.25.{block}.{i}" for i in range(2, 2 + count)]
+            reserved: list[ReservedPort] = []
+            try:
+                for address in addresses:
+                    reserved.append(ReservedPort(address, port or
+                                                 (reserved[0].port if reserved else 0)))
+            except OSError:
+                for held in reserved:
+                    held.close()
+                lock.release()
+                continue
+            self._lock, self._reserved = lock, reserved
+            self.port = reserved[0].port
+            self.addresses = addresses
+            return
         raise RuntimeError(f"no {count} free loopback addresses for port {port}")
 
     def sink(self, index: int, mode: str = "accept", **kwargs: Any) -> SmtpSink:
         return SmtpSink(self.addresses[index], self.port, mode=mode, **kwargs)
+
+    def close(self) -> None:
+        for held in self._reserved:
+            held.close()
+        self._lock.release()
+
+    def __enter__(self) -> LoopbackHosts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 if __name__ == "__main__":

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import pwd
 import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
+
+from tests.support.locks import HostLock
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates Linux users and changes file ownership"
@@ -41,15 +51,27 @@ class LinuxUser:
 
 
 def ensure_user(name: str) -> LinuxUser:
-    """Create ``name`` (with a home dir and its own group) unless it exists."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--create-home", "--user-group", "--shell", "/bin/sh", name],
-            check=True, capture_output=True,
-        )
-        entry = pwd.getpwnam(name)
+    """Create ``name`` (with a home dir and its own group) unless it exists.
+
+    Safe when several test workers or runs ask at once: creation happens under
+    a host lock, and a ``useradd`` that loses a race with a run that does not
+    take the lock (the user appeared, or /etc/passwd was locked) is retried.
+    """
+    with HostLock("useradd"):
+        for attempt in itertools.count():
+            try:
+                entry = pwd.getpwnam(name)
+                break
+            except KeyError:
+                pass
+            done = subprocess.run(
+                ["useradd", "--create-home", "--user-group", "--shell", "/bin/sh", name],
+                check=False, capture_output=True, text=True,
+            )
+            if done.returncode != 0:
+                if attempt >= 20:
+                    raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}")
+                time.sleep(0.1)
     return LinuxUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
@@ -57,4 +79,105 @@ def remove_user(name: str) -> None:
     subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
-TestUser = LinuxUser  # older name, kept for test modules that import it
+# The console script a user runs; the launcher below presents itself as it (sys.argv[0]).
+AIMX = Path(sys.executable).parent / "aimx"
+
+# Runs ``aimx`` as another user. The interpreter may live where only root can read, so
+# the child imports everything a command can need while still root (prompts on a
+# terminal included), then drops to the user (groups, gid, uid) and runs the command.
+# Run as itself, it imports lazily like a real ``aimx``.
+_AIMX_AS_USER = r"""
+import json, os, sys
+spec = json.loads(sys.argv[1])
+import aimx.cli.main
+if spec["uid"] is not None and spec["uid"] != os.geteuid():
+    import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
+    import aimx.config, aimx.configedit, aimx.term, aimx.ops.agents, aimx.mail.compose
+    import aimx.daemon.api, aimx.daemon.client, aimx.daemon.protocol, aimx.storage.mailstore
+    aimx.cli.main.import_all_commands()
+    mimetypes.init()
+    os.initgroups(spec["name"], spec["gid"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+sys.argv = [spec["argv0"], *spec["argv"]]
+sys.exit(aimx.cli.main.main(spec["argv"]))
+"""
+
+
+def aimx_as_command(user: LinuxUser | None, argv: list[str]) -> list[str]:
+    """The command line that runs ``aimx <argv>`` as ``user`` (None: as this process)."""
+    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user is not None
+           else {"uid": None, "gid": None, "name": None})
+    spec = {**who, "argv0": str(AIMX), "argv": list(argv)}
+    return [sys.executable, "-c", _AIMX_AS_USER, json.dumps(spec)]
+
+
+def run_aimx_as(user: LinuxUser | None, argv: list[str], env: dict[str, str], *,
+                input: str | None = None, timeout: float = 120, wait: bool = True,
+                ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """``aimx <argv>`` as ``user`` (None: as this process) with ``env``; with
+    ``wait=False`` the running process (stdout and stderr piped)."""
+    cmd = aimx_as_command(user, argv)
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), input=input, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# One call to the daemon socket from a process running as another user: imports first
+# (the interpreter may live where only root can read), then drops to the user (groups,
+# gid, uid) before it connects, so the daemon's SO_PEERCRED sees that user. Prints the
+# answer as JSON: {"ok": ...}, {"error": [code, reason]}, or the raw reply box.
+_API_CALL_AS_USER = r"""
+import json, os, sys
+spec = json.loads(sys.argv[1])
+import socket
+from aimx.daemon.client import Client, read_box
+from aimx.daemon import protocol
+if spec["uid"] is not None:
+    if spec["name"]:
+        os.initgroups(spec["name"], spec["gid"])
+    else:
+        os.setgroups([])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+command = protocol.COMMANDS[spec["verb"].encode()]
+args = {key: value.encode("utf-8", "surrogateescape") if key in spec["byte_args"] else value
+        for key, value in spec["args"].items()}
+if spec["raw"]:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(spec["socket"])
+    sock.sendall(protocol.request_box(command, args, b"1").serialize())
+    print(json.dumps({"raw": sorted((k.hex(), v.hex()) for k, v in read_box(sock).items())}))
+    sys.exit(0)
+try:
+    print(json.dumps({"ok": Client(spec["socket"]).call(command, **args)}))
+except protocol.ApiError as exc:
+    print(json.dumps({"error": [exc.code, exc.reason]}))
+"""
+
+
+def call_api_as(user: LinuxUser | None, socket_path: os.PathLike[str] | str, verb: str,
+                args: dict[str, Any], env: dict[str, str], *, raw: bool = False,
+                uid: int | None = None, timeout: float = 60) -> dict[str, Any]:
+    """One socket call ``verb(**args)`` as ``user`` (or a bare ``uid``; neither: root).
+
+    ``bytes`` values in ``args`` are passed as bytes. The result is ``{"ok": ...}`` or
+    ``{"error": [code, reason]}`` (with ``raw``, the reply box as hex pairs).
+    """
+    if user is not None:
+        who = {"uid": user.uid, "gid": user.gid, "name": user.name}
+        env = user.env(env)
+    else:
+        who = {"uid": uid, "gid": uid, "name": None}
+    byte_args = [key for key, value in args.items() if isinstance(value, bytes)]
+    spec = {**who, "verb": verb, "socket": str(socket_path), "raw": raw,
+            "byte_args": byte_args,
+            "args": {key: value.decode("utf-8", "surrogateescape") if key in byte_args
+                     else value for key, value in args.items()}}
+    proc = subprocess.run([sys.executable, "-c", _API_CALL_AS_USER, json.dumps(spec)],
+                          env=env, cwd=str(REPO_ROOT), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -1,0 +1,59 @@
+"""Host-wide locks for test resources that exist once per machine.
+
+Test workers (pytest-xdist) and other test runs on the same host share the
+Linux users, fixed addresses such as ``127.0.0.2:25`` and the loopback
+blocks of ``LoopbackHosts``. A ``HostLock`` is an ``flock`` on a file in a
+shared directory under the temp dir; the kernel drops it when the holder
+exits, so a crashed run leaves nothing locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+LOCK_DIR = Path(tempfile.gettempdir()) / "aimx-test-locks"
+
+
+class HostLock:
+    """An exclusive lock named ``name``, held from ``acquire()`` to ``release()``."""
+
+    def __init__(self, name: str) -> None:
+        self.path = LOCK_DIR / f"{name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; without ``blocking``, False at once when someone else holds it."""
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this process")
+        try:
+            LOCK_DIR.mkdir()
+            LOCK_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
+        except FileExistsError:
+            pass
+        # Read-only is enough for flock, so a lock file created by root serves any user.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> HostLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
