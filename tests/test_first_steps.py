@@ -31,34 +31,20 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from aimx.mail import frontmatter
-from tests.support.daemon import REPO_ROOT, free_port
+from tests.support.daemon import REPO_ROOT
+from tests.support.ports import ReservedPort
+from tests.support.users import run_aimx_as
 
 STOP_LINE = "Stop with Ctrl-C."
 DROP_MARKER = b"----- AIMX TEST DROP -----\n"
-
-# Runs the printed `aimx send` as another user: the interpreter may live where only
-# root can read, so the child imports as root, then drops to the user.
-AS_USER = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
-import base64, email.header, email.utils, mimetypes, uuid
-import aimx.cli.main, aimx.cli.send, aimx.term, aimx.mail.compose
-import aimx.daemon.client, aimx.daemon.protocol
-mimetypes.init()
-aimx.cli.main.import_all_commands()
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
-sys.exit(aimx.cli.main.main(spec["argv"]))
-"""
-
 
 class DevRun:
     """``python -m aimx.ops.devrun`` in a subprocess, and what it printed."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
-        self.port = free_port()
+        self.reserved = ReservedPort()  # held while devrun runs; it binds the number
+        self.port = self.reserved.port
         self.log = root.parent / f"{root.name}.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
@@ -96,6 +82,7 @@ class DevRun:
                 self.process.kill()
                 self.process.wait()
         self._drain.join(timeout=10)
+        self.reserved.close()
 
     def block_after(self, heading: str) -> list[str]:
         """The indented command lines printed after ``heading``, without the indent."""
@@ -233,10 +220,7 @@ def test_sudo_make_run_gives_the_invoking_user_a_mailbox_that_sends(dev_root, te
         env = {"PATH": "/usr/bin:/bin", "HOME": alice.home, "USER": alice.name,
                "LOGNAME": alice.name, "NO_COLOR": "1"}
         env.update(dict(item.split("=", 1) for item in shlex.split(export)[1:]))
-        spec = {"uid": alice.uid, "gid": alice.gid, "name": alice.name,
-                "argv": shlex.split(send_line)[1:]}
-        done = subprocess.run([sys.executable, "-c", AS_USER, json.dumps(spec)], env=env,
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        done = run_aimx_as(alice, shlex.split(send_line)[1:], env)
         assert done.returncode == 0, done.stderr
         assert "Email sent." in done.stderr
         assert (dev_root / "outbox.txt").read_bytes().startswith(DROP_MARKER)
