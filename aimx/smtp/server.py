@@ -292,7 +292,7 @@ class SmtpSession(smtp.ESMTP):
         super().__init__(contextFactory=factory.tls_context)
         self.factory = factory
         self.timeout = factory.limits.idle_timeout
-        self._buffer = bytearray()
+        self._unread = bytearray()  # received, not handled yet (LineReceiver is bypassed)
         self._skipping = False  # inside an over-long line, dropping bytes up to its LF
         self._in_data = False
         self._busy = False  # a finished message is being stored; input waits
@@ -375,7 +375,7 @@ class SmtpSession(smtp.ESMTP):
         self._outcome = "timeout"
         if self._in_data:
             self._send(R_DATA_TIMEOUT)
-        elif self._buffer or self._skipping:
+        elif self._unread or self._skipping:
             self._send(R_COMMAND_TIMEOUT)
         else:
             self._send(R_IDLE)
@@ -385,7 +385,7 @@ class SmtpSession(smtp.ESMTP):
         if outcome and self._outcome == "ok" and outcome not in ("quit", "shutdown"):
             self._outcome = outcome
         self._closed = True
-        self._buffer.clear()
+        self._unread.clear()
         self.transport.loseConnection()
 
     # -- output ----------------------------------------------------------------
@@ -411,7 +411,7 @@ class SmtpSession(smtp.ESMTP):
         if self._closed:
             return
         self._received += len(data)
-        self._buffer += data
+        self._unread += data
         self._drain_buffer()
 
     def _drain_buffer(self) -> None:
@@ -422,17 +422,17 @@ class SmtpSession(smtp.ESMTP):
         self._looping = True
         progressed = False
         try:
-            while self._buffer and not self._busy and not self._closed:
+            while self._unread and not self._busy and not self._closed:
                 if self._in_data and not self._skipping and self._data_block():
                     progressed = True
                     continue
-                newline = self._buffer.find(b"\n")
+                newline = self._unread.find(b"\n")
                 if newline < 0:
                     self._partial_line()
                     break
                 progressed = True
-                line = bytes(self._buffer[: newline + 1])
-                del self._buffer[: newline + 1]
+                line = bytes(self._unread[: newline + 1])
+                del self._unread[: newline + 1]
                 if self._skipping:
                     self._skipping = False
                     self._overlong_line_ended()
@@ -450,14 +450,14 @@ class SmtpSession(smtp.ESMTP):
         limit = (MAX_DATA_LINE if self._in_data else MAX_COMMAND_LINE) + 2
         if self._skipping:
             if self._message is not None:
-                self._message.wire_bytes += len(self._buffer)
-            self._buffer.clear()
-        elif len(self._buffer) > limit:
+                self._message.wire_bytes += len(self._unread)
+            self._unread.clear()
+        elif len(self._unread) > limit:
             if self._message is not None:
                 self._message.too_long = True
-                self._message.wire_bytes += len(self._buffer)
+                self._message.wire_bytes += len(self._unread)
                 self._message.chunks.clear()
-            self._buffer.clear()
+            self._unread.clear()
             self._skipping = True
 
     def _overlong_line_ended(self) -> None:
@@ -585,7 +585,7 @@ class SmtpSession(smtp.ESMTP):
         self._message = _Message()
         reactor = self.factory.daemon.reactor
         self._data_started = reactor.seconds()
-        self._data_mark = self._received - len(self._buffer)
+        self._data_mark = self._received - len(self._unread)
         self._data_check = reactor.callLater(self._data_deadline() - self._data_started,
                                              self._check_data_rate)
         self.reply(R_DATA_GO)
@@ -635,7 +635,7 @@ class SmtpSession(smtp.ESMTP):
             return
         self.reply(R_TLS_GO)
         # Plaintext pipelined behind STARTTLS must never be obeyed (CVE-2011-0411 class).
-        self._buffer.clear()
+        self._unread.clear()
         self.transport.startTLS(self.ctx)
         self._tls = True
         self._greeted = False
@@ -658,7 +658,7 @@ class SmtpSession(smtp.ESMTP):
         message = self._message
         if message is None or message.slow or message.rejection() is not None:
             return False
-        buffer = self._buffer
+        buffer = self._unread
         last = buffer.rfind(b"\n")
         if last < 0:
             return False
