@@ -26,7 +26,7 @@ from aimx.daemon import protocol
 from aimx.daemon.api import socket_connection_cap
 from aimx.daemon.client import read_box
 from tests.support.daemon import REPO_ROOT, RunningDaemon
-from tests.support.users import LinuxUser, needs_root
+from tests.support.users import LinuxUser, needs_root, python_as_command
 from tests.test_api import config_text, dns, on_disk, outcome, run_as, users  # noqa: F401 (fixtures)
 from tests.test_cli_mailboxes import aimx
 
@@ -42,14 +42,15 @@ LIMITS = (f"socket_max_connections_per_user = {PER_USER}\n"
 
 # Holds ``hold`` connections open as a user, each proven admitted by a VERSION
 # answer, then makes one more call and reports it; exits when stdin closes.
-HOLDER = r"""
-import json, os, socket, sys
-spec = json.loads(sys.argv[1])
+HOLDER_PREPARE = """
+import socket
+from aimx.daemon import client, protocol
+"""
+
+HOLDER = """
+import socket
 from aimx.daemon import protocol
 from aimx.daemon.client import Client, read_box
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
 held = []
 for number in range(spec["hold"]):
     sock = socket.socket(socket.AF_UNIX)
@@ -71,10 +72,9 @@ class Holder:
     """A process of ``user`` holding ``hold`` admitted connections until ``release()``."""
 
     def __init__(self, user: LinuxUser, d: RunningDaemon, hold: int) -> None:
-        spec = {"uid": user.uid, "gid": user.gid, "name": user.name, "hold": hold,
-                "socket": str(d.socket_path)}
+        spec = {"hold": hold, "socket": str(d.socket_path)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, json.dumps(spec)], cwd=str(REPO_ROOT),
+            python_as_command(user, HOLDER, spec, prepare=HOLDER_PREPARE), cwd=str(REPO_ROOT),
             env=user.env(d.client_env()), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
