@@ -1,5 +1,5 @@
-"""Shared pytest set-up: the run's temp dir and workers, instance dirs, real Linux users
-and the verifier."""
+"""Shared pytest set-up: the run's temp dir and workers, instance dirs, real Linux users,
+a DNS server and the verifier."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dnsserver import DnsServer
 from tests.support.ports import ReservedPort
 from tests.support.users import LinuxUser, ensure_user
 from tests.support.verifier import Verifier
@@ -79,6 +80,19 @@ def test_users() -> dict[str, LinuxUser]:
     # on the same host, and ensure_user() reuses them next time.
     return {short: ensure_user(name) for short, name in
             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
+
+
+@pytest.fixture
+def users(test_users) -> dict[str, LinuxUser]:
+    """The test users as they are now (re-created if something removed them meanwhile)."""
+    return {short: ensure_user(user.name) for short, user in test_users.items()}
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    """A real DNS server with no records: lookups of the test domains find nothing."""
+    with DnsServer({}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
