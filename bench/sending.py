@@ -20,9 +20,9 @@ import time
 
 import attrs
 
-from bench.postfix import SmtpSink
 from bench.targets import DOMAIN, MAILBOX, OWNER, aimx_config
 from tests.support.daemon import REPO_ROOT, RunningDaemon
+from tests.support.postfix import SmtpSinkProgram
 
 PARTNER = "partner.bench"
 RCPT = f"desk@{PARTNER}"
@@ -137,7 +137,7 @@ def _timed(command: list[str], env: dict[str, str], *, as_owner: bool = False) -
 
 def measure(dns_address: str, runs: int = 15) -> SendResult:
     """Median wall time of ``runs`` sends each way, interleaved so drift hits both alike."""
-    sink = SmtpSink()
+    sink = SmtpSinkProgram()
     sink.start()
     daemon = RunningDaemon(aimx_config(dns_address),
                            env={"AIMX_TEST_SMTP_PORT": str(sink.port)})
