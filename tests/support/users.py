@@ -65,8 +65,19 @@ def ensure_user(name: str) -> LinuxUser:
     return LinuxUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
-def remove_user(name: str) -> None:
-    subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def remove_user(name: str) -> str | None:
+    """``userdel --remove``; what went wrong, or None."""
+    done = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True,
+                          check=False)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
 
 
 # Runs Python code as another user. The interpreter may live where only root can read,
