@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import pwd
 import statistics
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import time
 from typing import Any
 
 from bench import listing, loadgen, memory, sending, targets
-from bench.postfix import PostfixMaildir, SmtpSink, ensure_postfix
 from tests.support.daemon import REPO_ROOT
 from tests.support.dkimkeys import new_key
 from tests.support.dnsserver import DnsServer
+from tests.support.postfix import Postfix, SmtpSinkProgram, ensure_installed
 
 SIZES = (4096, 102400)
 SESSIONS = (1, 8)
@@ -48,11 +49,12 @@ def make_target(name: str, dns_address: str) -> Any:
     if name == "aimx":
         return targets.AimxTarget(dns_address)
     if name == "postfix":
-        return PostfixMaildir(domain=targets.DOMAIN,
-                              user=targets.MAILBOX, owner=targets.OWNER)
+        owner = pwd.getpwnam(targets.OWNER)
+        return Postfix(domain=targets.DOMAIN, users=(targets.MAILBOX,), uid=owner.pw_uid,
+                       gid=owner.pw_gid)
     if name == "aiosmtpd":
         return targets.BaselineTarget()
-    return SmtpSink()
+    return SmtpSinkProgram()
 
 
 def run_inbound(name: str, dns_address: str, size: int, sessions: int,
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     key = new_key()
     with DnsServer(sender_zone(key.txt_record)) as dns:
         if "inbound" in parts:
-            skip = ensure_postfix()
+            skip = ensure_installed("postfix")
             if skip:
                 log(f"note: Postfix rows skipped: {skip}")
                 results["postfix_skipped"] = skip

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import attrs
 
-from bench.postfix import SmtpSink
 from bench.targets import DOMAIN, MAILBOX, OWNER, aimx_config
 from tests.support.daemon import REPO_ROOT, RunningDaemon
+from tests.support.postfix import SmtpSinkProgram
+from tests.support.users import as_user
 
 PARTNER = "partner.bench"
 RCPT = f"desk@{PARTNER}"
@@ -116,19 +117,15 @@ def _aimx_command(python: str) -> list[str]:
             "--subject", SUBJECT, "--body", BODY]
 
 
-def _as_owner() -> None:
-    """Drop to the mailbox owner: sending is a per-user operation (never as root)."""
-    entry = pwd.getpwnam(OWNER)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+def _as_owner() -> dict[str, Any]:
+    """As the mailbox owner when root: sending is a per-user operation (never as root)."""
+    return as_user(OWNER) if os.geteuid() == 0 else {}
 
 
 def _timed(command: list[str], env: dict[str, str], *, as_owner: bool = False) -> float:
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd="/",
-                          timeout=60, check=False,
-                          preexec_fn=_as_owner if as_owner and os.geteuid() == 0 else None)
+                          timeout=60, check=False, **(_as_owner() if as_owner else {}))
     elapsed = (time.perf_counter() - started) * 1000
     if done.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stderr.strip()}")
@@ -137,7 +134,7 @@ def _timed(command: list[str], env: dict[str, str], *, as_owner: bool = False) -
 
 def measure(dns_address: str, runs: int = 15) -> SendResult:
     """Median wall time of ``runs`` sends each way, interleaved so drift hits both alike."""
-    sink = SmtpSink()
+    sink = SmtpSinkProgram()
     sink.start()
     daemon = RunningDaemon(aimx_config(dns_address),
                            env={"AIMX_TEST_SMTP_PORT": str(sink.port)})
@@ -159,7 +156,7 @@ def measure(dns_address: str, runs: int = 15) -> SendResult:
         done = subprocess.run(
             [python, "-c", ROUNDTRIP_SCRIPT, f"{MAILBOX}@{DOMAIN}", RCPT, SUBJECT, BODY,
              str(runs)], env=aimx_env, capture_output=True, text=True, cwd="/", timeout=120,
-            check=True, preexec_fn=_as_owner if os.geteuid() == 0 else None)
+            check=True, **_as_owner())
         return SendResult(aimx_ms, plain_ms, json.loads(done.stdout), startup_ms)
     finally:
         daemon.close()

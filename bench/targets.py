@@ -1,5 +1,5 @@
 """The inbound targets the benchmark starts on loopback: aimx, the aiosmtpd baseline,
-and (in ``bench.postfix``) Postfix→Maildir and smtp-sink.
+and (in ``tests.support.postfix``) Postfix→Maildir and smtp-sink.
 
 Every target has the same small surface: ``start()``, ``stop()``, ``host``/``port``,
 ``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (for CPU
@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.postfix import wait_for_banner
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.ports import ReservedPort
+from tests.support.postfix import wait_for_banner
 
 DOMAIN = "aimx.bench"
 MAILBOX = "agent"

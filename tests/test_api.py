@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import smtplib
 import socket
 import stat
 import subprocess
@@ -22,7 +21,6 @@ import time
 import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 from twisted.protocols import amp
@@ -30,54 +28,14 @@ from twisted.protocols import amp
 from aimx.config import derived_hook_name
 from aimx.daemon import protocol
 from aimx.daemon.client import Client, read_box
-from aimx.daemon.protocol import ApiError, request_box
+from aimx.daemon.protocol import request_box
+from tests.support.api import call, config_text, deliver, on_disk, outcome, run_as
 from tests.support.daemon import REPO_ROOT, RunningDaemon
-from tests.support.dnsserver import DnsServer
-from tests.support.users import LinuxUser, call_api_as, ensure_user
 
 DOMAIN = "test.local"
 TIMEOUT_SECS = 1.5  # AIMX_API_TIMEOUT for every daemon here
 
-CONFIG = """\
-# operator note: this comment must survive every rewrite
-domain = "test.local"
-dns_resolvers = ["{dns}"]
-
-[mailboxes.fallback]
-address = "*@test.local"
-owner = "root"
-allow_root_catchall = true
-
-[mailboxes.alice]
-address = "alice@test.local"
-owner = "{alice}"
-
-[mailboxes.bob]
-address = "bob@test.local"
-owner = "{bob}"
-
-# an unrelated table the API must never touch
-[upgrade]
-release_manifest_url = "https://example.invalid/manifest.json"
-"""
-
-# -- fixtures and helpers ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dns() -> Iterator[DnsServer]:
-    with DnsServer({}) as server:
-        yield server
-
-
-def config_text(dns: DnsServer, users: dict[str, LinuxUser]) -> str:
-    return CONFIG.format(dns=dns.address, alice=users["alice"].name, bob=users["bob"].name)
-
-
-@pytest.fixture
-def users(test_users) -> dict[str, LinuxUser]:
-    """The test users as they are now (re-created if something removed them meanwhile)."""
-    return {short: ensure_user(user.name) for short, user in test_users.items()}
+# -- fixtures and helpers (dns and users: tests/conftest.py) -------------------------------
 
 
 @pytest.fixture
@@ -85,35 +43,6 @@ def daemon(dns, users) -> Iterator[RunningDaemon]:
     with RunningDaemon(config_text(dns, users),
                        env={"AIMX_API_TIMEOUT": str(TIMEOUT_SECS)}) as running:
         yield running
-
-
-def call(d: RunningDaemon, command: type[protocol.ApiCommand], **args: Any) -> dict[str, Any]:
-    """A call as root (this process)."""
-    return Client(d.socket_path, timeout=30).call(command, **args)
-
-
-def outcome(d: RunningDaemon, command, **args: Any) -> dict[str, Any]:
-    """A root call's result as ``{"ok": ...}`` or ``{"error": [code, reason]}``."""
-    try:
-        return {"ok": call(d, command, **args)}
-    except ApiError as exc:
-        return {"error": [exc.code, exc.reason]}
-
-
-def run_as(user: LinuxUser | None, d: RunningDaemon, command, *, raw: bool = False,
-           uid: int | None = None, **args: Any) -> dict[str, Any]:
-    """One call from a process running as ``user`` (or as a bare ``uid``)."""
-    return call_api_as(user, d.socket_path, command.commandName.decode(), args,
-                       d.client_env(), raw=raw, uid=uid)
-
-
-def deliver(d: RunningDaemon, rcpt: str, count: int = 1, tag: str = "m") -> None:
-    with smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=30) as smtp:
-        for i in range(count):
-            smtp.sendmail("ann@example.com", [rcpt],
-                          f"From: ann@example.com\r\nTo: {rcpt}\r\nSubject: {tag} {i}\r\n"
-                          f"Message-ID: <{tag}-{i}-{time.monotonic_ns()}@example.com>\r\n"
-                          "\r\nhello\r\n")
 
 
 def email_ids(d: RunningDaemon, mailbox: str) -> list[str]:
@@ -124,10 +53,6 @@ def email_ids(d: RunningDaemon, mailbox: str) -> list[str]:
 def is_read(d: RunningDaemon, mailbox: str, email_id: str) -> bool:
     text = (d.data_dir / "inbox" / mailbox / f"{email_id}.md").read_text()
     return tomllib.loads(text.split("+++\n")[1]).get("read") is True
-
-
-def on_disk(d: RunningDaemon) -> dict[str, Any]:
-    return tomllib.loads(d.config_path.read_text())
 
 
 def raw_exchange(d: RunningDaemon, data: bytes, wait: float = 5.0) -> bytes:

@@ -25,10 +25,10 @@ import pytest
 from aimx.daemon import protocol
 from aimx.daemon.api import socket_connection_cap
 from aimx.daemon.client import read_box
+from tests.support.api import config_text, on_disk, outcome, run_as
+from tests.support.cli import aimx
 from tests.support.daemon import REPO_ROOT, RunningDaemon
-from tests.support.users import LinuxUser, needs_root
-from tests.test_api import config_text, dns, on_disk, outcome, run_as, users  # noqa: F401 (fixtures)
-from tests.test_cli_mailboxes import aimx
+from tests.support.users import LinuxUser, needs_root, python_as_command
 
 pytestmark = needs_root
 
@@ -42,14 +42,15 @@ LIMITS = (f"socket_max_connections_per_user = {PER_USER}\n"
 
 # Holds ``hold`` connections open as a user, each proven admitted by a VERSION
 # answer, then makes one more call and reports it; exits when stdin closes.
-HOLDER = r"""
-import json, os, socket, sys
-spec = json.loads(sys.argv[1])
+HOLDER_PREPARE = """
+import socket
+from aimx.daemon import client, protocol
+"""
+
+HOLDER = """
+import socket
 from aimx.daemon import protocol
 from aimx.daemon.client import Client, read_box
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
 held = []
 for number in range(spec["hold"]):
     sock = socket.socket(socket.AF_UNIX)
@@ -71,10 +72,9 @@ class Holder:
     """A process of ``user`` holding ``hold`` admitted connections until ``release()``."""
 
     def __init__(self, user: LinuxUser, d: RunningDaemon, hold: int) -> None:
-        spec = {"uid": user.uid, "gid": user.gid, "name": user.name, "hold": hold,
-                "socket": str(d.socket_path)}
+        spec = {"hold": hold, "socket": str(d.socket_path)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, json.dumps(spec)], cwd=str(REPO_ROOT),
+            python_as_command(user, HOLDER, spec, prepare=HOLDER_PREPARE), cwd=str(REPO_ROOT),
             env=user.env(d.client_env()), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -90,7 +90,7 @@ class Holder:
 
 
 @pytest.fixture
-def daemon(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
+def daemon(dns, users) -> Iterator[RunningDaemon]:
     text = LIMITS + config_text(dns, users)
     # Held connections must outlive a slow test: no idle drop while they are counted.
     with RunningDaemon(text, env={"AIMX_API_TIMEOUT": "600"}) as running:
@@ -106,7 +106,7 @@ def version_as(user: LinuxUser | None, d: RunningDaemon) -> dict[str, Any]:
 # -- connection caps ------------------------------------------------------------------
 
 
-def test_one_user_cannot_take_every_connection(daemon, users):  # noqa: F811
+def test_one_user_cannot_take_every_connection(daemon, users):
     alice, bob = users["alice"], users["bob"]
     holders = [Holder(alice, daemon, PER_USER)]
     try:
@@ -142,7 +142,7 @@ def test_the_global_cap_leaves_half_the_file_limit_free():
     assert socket_connection_cap(1024, resource.RLIM_INFINITY) == 1024
 
 
-def test_root_connections_count_against_no_cap(daemon, users):  # noqa: F811
+def test_root_connections_count_against_no_cap(daemon, users):
     root_socks = []
     try:
         for number in range(TOTAL + 1):
@@ -161,7 +161,7 @@ def test_root_connections_count_against_no_cap(daemon, users):  # noqa: F811
 # -- mailbox creation ----------------------------------------------------------------
 
 
-def test_role_names_are_reserved_for_root(daemon, users):  # noqa: F811
+def test_role_names_are_reserved_for_root(daemon, users):
     alice = users["alice"]
     before = daemon.config_path.read_bytes()
     for name in ROLE_NAMES:
@@ -174,7 +174,7 @@ def test_role_names_are_reserved_for_root(daemon, users):  # noqa: F811
         "ok": {"address": "postmaster@test.local", "owner": alice.name}}
 
 
-def test_non_root_mailbox_creation_is_capped_per_user(daemon, users):  # noqa: F811
+def test_non_root_mailbox_creation_is_capped_per_user(daemon, users):
     alice, bob = users["alice"], users["bob"]
     # Alice already owns "alice"; the cap is 2.
     assert "ok" in run_as(alice, daemon, protocol.MailboxCreate, name="alice-two")
@@ -196,7 +196,7 @@ def test_non_root_mailbox_creation_is_capped_per_user(daemon, users):  # noqa: F
 # -- leaks ----------------------------------------------------------------------------
 
 
-def test_anothers_mailbox_answers_like_a_missing_one(daemon, users):  # noqa: F811
+def test_anothers_mailbox_answers_like_a_missing_one(daemon, users):
     alice, bob = users["alice"], users["bob"]
     for verb, args in ((protocol.MarkRead, {"id": "x"}), (protocol.MarkUnread, {"id": "x"}),
                        (protocol.HookCreate, {"event": "on_receive", "cmd": ["/bin/true"]})):
@@ -208,7 +208,7 @@ def test_anothers_mailbox_answers_like_a_missing_one(daemon, users):  # noqa: F8
     assert "hooks" not in on_disk(daemon)["mailboxes"]["alice"]
 
 
-def test_conflicting_dir_names_no_other_user(daemon, users):  # noqa: F811
+def test_conflicting_dir_names_no_other_user(daemon, users):
     alice, bob = users["alice"], users["bob"]
     theirs = daemon.data_dir / "inbox" / "theirs"
     theirs.mkdir(parents=True)
@@ -222,7 +222,7 @@ def test_conflicting_dir_names_no_other_user(daemon, users):  # noqa: F811
         .startswith(f"{theirs} already exists with owner {bob.uid}:{bob.gid}, expected")
 
 
-def test_hook_names_reveal_nothing_about_other_users_hooks(daemon, users):  # noqa: F811
+def test_hook_names_reveal_nothing_about_other_users_hooks(daemon, users):
     alice, bob = users["alice"], users["bob"]
     echo = {"event": "on_receive", "cmd": ["/bin/echo", "hi"]}
     assert run_as(alice, daemon, protocol.HookCreate, mailbox="alice", **echo) == {
@@ -259,7 +259,7 @@ def test_hook_names_reveal_nothing_about_other_users_hooks(daemon, users):  # no
                       "hook names must be unique across the mailboxes of one owner"]}
 
 
-def test_hooks_get_a_fixed_path_and_nothing_of_the_daemons_environment(dns, users):  # noqa: F811
+def test_hooks_get_a_fixed_path_and_nothing_of_the_daemons_environment(dns, users):
     alice = users["alice"]
     out = Path(tempfile.mkdtemp(prefix="aimx-hookenv-"))
     out.chmod(0o777)

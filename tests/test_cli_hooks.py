@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from aimx.config import derived_hook_name
+from tests.support.api import config_text
+from tests.support.cli import NO_ANSWER, aimx
 from tests.support.daemon import RunningDaemon
-from tests.test_api import config_text, dns, users  # noqa: F401 (fixtures)
-from tests.test_cli_mailboxes import NO_ANSWER, aimx
 
 NEEDS_ROOT = ("Error: not authorized: aimx hooks {verb} requires root (run with sudo)\n"
               "hint: if the daemon is running, hook CRUD over UDS would handle this without "
@@ -21,13 +21,13 @@ NOTE = ("Note: aimx serve is not running. The change will take effect on the nex
 
 
 @pytest.fixture
-def daemon(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
+def daemon(dns, users) -> Iterator[RunningDaemon]:
     with RunningDaemon(config_text(dns, users)) as running:
         yield running
 
 
 @pytest.fixture
-def stopped(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
+def stopped(dns, users) -> Iterator[RunningDaemon]:
     with RunningDaemon(config_text(dns, users), start=False) as instance:
         yield instance
 
@@ -36,7 +36,7 @@ def hooks_of(d: RunningDaemon, mailbox: str) -> list[dict]:
     return tomllib.loads(d.config_path.read_text())["mailboxes"][mailbox].get("hooks", [])
 
 
-def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):  # noqa: F811
+def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):
     alice, bob = users["alice"], users["bob"]
     run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "on_receive",
                "--cmd", '["/bin/echo", "hi"]', user=alice)
@@ -58,7 +58,7 @@ def test_owner_creates_a_hook_and_only_the_owner_sees_it(daemon, users):  # noqa
     assert (run.returncode, run.stderr) == (1, "Error: [ENOENT] mailbox 'alice' does not exist\n")
 
 
-def test_a_duplicate_name_on_one_mailbox_names_it_once(daemon, users):  # noqa: F811
+def test_a_duplicate_name_on_one_mailbox_names_it_once(daemon, users):
     alice = users["alice"]
     argv = ("hooks", "create", "--mailbox", "alice", "--event", "on_receive", "--name", "x",
             "--cmd")
@@ -69,7 +69,7 @@ def test_a_duplicate_name_on_one_mailbox_names_it_once(daemon, users):  # noqa: 
            "unique across the mailboxes of one owner\n")
 
 
-def test_a_config_dir_closed_to_users_leaves_the_socket_path_working(daemon, users):  # noqa: F811
+def test_a_config_dir_closed_to_users_leaves_the_socket_path_working(daemon, users):
     alice = users["alice"]
     daemon.config_dir.chmod(0o700)
     run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "on_receive",
@@ -78,7 +78,7 @@ def test_a_config_dir_closed_to_users_leaves_the_socket_path_working(daemon, use
     assert [hook["name"] for hook in hooks_of(daemon, "alice")] == ["ok"]
 
 
-def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):  # noqa: F811
+def test_create_writes_non_default_fields_and_long_commands_are_cut(daemon, users):
     alice = users["alice"]
     argv = ["/usr/local/bin/agent", "--prompt", "summarise the new email and file it " * 2]
     run = aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "on_receive",
@@ -119,7 +119,7 @@ def test_create_check_order_and_messages(daemon, overrides, flags, code, message
     assert hooks_of(daemon, "alice") == []
 
 
-def test_root_with_readable_config_checks_the_mailbox_first(daemon, users):  # noqa: F811
+def test_root_with_readable_config_checks_the_mailbox_first(daemon, users):
     # The catchall refuses hooks in the daemon, after the local checks pass.
     run = aimx(daemon, "hooks", "create", "--mailbox", "fallback", "--event", "on_receive",
                "--cmd", '["/bin/true"]')
@@ -127,7 +127,7 @@ def test_root_with_readable_config_checks_the_mailbox_first(daemon, users):  # n
                           "catchall are forbidden\n")
 
 
-def test_delete_shows_the_hook_and_asks(daemon, users):  # noqa: F811
+def test_delete_shows_the_hook_and_asks(daemon, users):
     alice, bob = users["alice"], users["bob"]
     aimx(daemon, "hooks", "create", "--mailbox", "alice", "--event", "after_send",
          "--cmd", '["/bin/true"]', "--name", "audit", "--timeout-secs", "5", user=alice)
@@ -155,7 +155,7 @@ def test_delete_shows_the_hook_and_asks(daemon, users):  # noqa: F811
     assert hooks_of(daemon, "alice") == []
 
 
-def test_delete_by_derived_name_with_yes(daemon, users):  # noqa: F811
+def test_delete_by_derived_name_with_yes(daemon, users):
     bob = users["bob"]
     aimx(daemon, "hooks", "create", "--mailbox", "bob", "--event", "on_receive",
          "--cmd", '["/bin/echo","a b"]', user=bob)
@@ -166,7 +166,7 @@ def test_delete_by_derived_name_with_yes(daemon, users):  # noqa: F811
     assert hooks_of(daemon, "bob") == []
 
 
-def test_daemon_down_non_root_is_refused_without_permission_errors(stopped, users):  # noqa: F811
+def test_daemon_down_non_root_is_refused_without_permission_errors(stopped, users):
     alice = users["alice"]
     before = stopped.config_path.read_bytes()
     for verb, argv in (("list", []), ("delete", ["x"]),

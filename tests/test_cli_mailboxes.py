@@ -1,7 +1,7 @@
 """``aimx mailboxes`` as users run it: the real CLI against the real daemon (or none).
 
 Commands run in subprocesses as root or as the test users (see
-``tests.support.users.run_aimx_as``), with colour off so output compares as text.
+``tests.support.cli.aimx``), with colour off so output compares as text.
 """
 
 from __future__ import annotations
@@ -18,37 +18,26 @@ import pytest
 from aimx.config import derived_hook_name
 from aimx.daemon import protocol
 from aimx.daemon.client import Client
+from tests.support.api import config_text, deliver
+from tests.support.cli import NO_ANSWER, aimx
 from tests.support.daemon import RunningDaemon
-from tests.support.users import LinuxUser, run_aimx_as
-from tests.test_api import config_text, deliver, dns, users  # noqa: F401 (fixtures)
 
 DOWN = ("Error: daemon must be running for non-root mailbox CRUD; start `aimx serve` or run "
         "with sudo to fall back to direct config edit.\n")
-NO_ANSWER = ("Error: no answer to the confirmation prompt (standard input is closed); "
-             "pass -y to confirm without a prompt\n")
 HINT = "Hint: Restart the daemon for the change to take effect:\n  sudo systemctl restart aimx\n"
 
 
 @pytest.fixture
-def daemon(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
+def daemon(dns, users) -> Iterator[RunningDaemon]:
     with RunningDaemon(config_text(dns, users)) as running:
         yield running
 
 
 @pytest.fixture
-def stopped(dns, users) -> Iterator[RunningDaemon]:  # noqa: F811
+def stopped(dns, users) -> Iterator[RunningDaemon]:
     """An instance whose daemon is not running (no socket at all)."""
     with RunningDaemon(config_text(dns, users), start=False) as instance:
         yield instance
-
-
-def aimx(d: RunningDaemon, *argv: str, user: LinuxUser | None = None, input: str = "",
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = d.client_env()
-    environment.update({"NO_COLOR": "1", **(env or {})})
-    if user is not None:
-        environment = user.env(environment)
-    return run_aimx_as(user, list(argv), environment, input=input, timeout=60)
 
 
 def mailboxes(d: RunningDaemon) -> dict:
@@ -73,7 +62,7 @@ def test_group_help_lists_its_subcommands(group, subcommands):
 # -- create -----------------------------------------------------------------------
 
 
-def test_user_creates_their_own_mailbox_over_the_socket(daemon, users):  # noqa: F811
+def test_user_creates_their_own_mailbox_over_the_socket(daemon, users):
     alice = users["alice"]
     run = aimx(daemon, "mailboxes", "create", "helper", user=alice)
     assert (run.returncode, run.stderr) == (0, "")
@@ -89,7 +78,7 @@ def test_user_creates_their_own_mailbox_over_the_socket(daemon, users):  # noqa:
                           "allowed: [a-z0-9._-]\n")
 
 
-def test_root_is_asked_for_an_owner_with_the_local_part_as_default(daemon, users):  # noqa: F811
+def test_root_is_asked_for_an_owner_with_the_local_part_as_default(daemon, users):
     alice = users["alice"]
     run = aimx(daemon, "mailboxes", "create", alice.name, input="\n")
     assert run.returncode == 0, run.stderr
@@ -110,7 +99,7 @@ def test_root_is_asked_for_an_owner_with_the_local_part_as_default(daemon, users
     assert "ops2" not in mailboxes(daemon)
 
 
-def test_noninteractive_root_takes_the_default_or_fails(daemon, users):  # noqa: F811
+def test_noninteractive_root_takes_the_default_or_fails(daemon, users):
     bob = users["bob"]
     env = {"AIMX_NONINTERACTIVE": "1"}
     run = aimx(daemon, "mailboxes", "create", bob.name, env=env)
@@ -123,7 +112,7 @@ def test_noninteractive_root_takes_the_default_or_fails(daemon, users):  # noqa:
     assert "ops" not in mailboxes(daemon)
 
 
-def test_a_broken_config_is_reported_with_its_file_and_line(daemon, stopped, users):  # noqa: F811
+def test_a_broken_config_is_reported_with_its_file_and_line(daemon, stopped, users):
     alice = users["alice"]
     for instance in (daemon, stopped):
         text = instance.config_path.read_text() + '\n[mailboxes.zed]\nowner = "root"\n'
@@ -140,7 +129,7 @@ def test_a_broken_config_is_reported_with_its_file_and_line(daemon, stopped, use
         assert instance.config_path.read_text() == text
 
 
-def test_daemon_down_non_root_exits_2_and_touches_nothing(stopped, users):  # noqa: F811
+def test_daemon_down_non_root_exits_2_and_touches_nothing(stopped, users):
     alice = users["alice"]
     before = stopped.config_path.read_bytes()
     for argv in (("create", "helper"), ("list",), ("delete", "-y", "alice")):
@@ -150,7 +139,7 @@ def test_daemon_down_non_root_exits_2_and_touches_nothing(stopped, users):  # no
     assert not (stopped.data_dir / "inbox" / "helper").exists()
 
 
-def test_daemon_down_root_edits_the_config_directly(stopped, users):  # noqa: F811
+def test_daemon_down_root_edits_the_config_directly(stopped, users):
     alice = users["alice"]
     os.chmod(stopped.config_path, 0o640)
     run = aimx(stopped, "mailboxes", "create", "helper", "--owner", alice.name)
@@ -187,7 +176,7 @@ def test_daemon_down_root_edits_the_config_directly(stopped, users):  # noqa: F8
 # -- list and show ------------------------------------------------------------------
 
 
-def test_list_layout_and_visibility(daemon, users):  # noqa: F811
+def test_list_layout_and_visibility(daemon, users):
     alice, bob = users["alice"], users["bob"]
     deliver(daemon, "alice@test.local", 3)
     stray = daemon.data_dir / "inbox" / "stray-dir"
@@ -214,7 +203,7 @@ def test_list_layout_and_visibility(daemon, users):  # noqa: F811
     assert "\x1b" not in root.stdout
 
 
-def test_show_prints_settings_hooks_and_counts(dns, users):  # noqa: F811
+def test_show_prints_settings_hooks_and_counts(dns, users):
     alice = users["alice"]
     owner_line = f'owner = "{alice.name}"\n'
     extra = (
@@ -261,7 +250,7 @@ def test_show_prints_settings_hooks_and_counts(dns, users):  # noqa: F811
         assert "Permission denied" not in denied.stderr
 
 
-def test_show_of_another_users_mailbox_looks_like_a_missing_one(daemon, users):  # noqa: F811
+def test_show_of_another_users_mailbox_looks_like_a_missing_one(daemon, users):
     alice = users["alice"]
     deliver(daemon, "alice@test.local", 1)
     deliver(daemon, "bob@test.local", 2)
@@ -285,7 +274,7 @@ def _derived_after_send() -> str:
 # -- delete -------------------------------------------------------------------------
 
 
-def test_delete_asks_first_and_no_means_cancelled(daemon, users):  # noqa: F811
+def test_delete_asks_first_and_no_means_cancelled(daemon, users):
     alice = users["alice"]
     run = aimx(daemon, "mailboxes", "delete", "alice", user=alice, input="n\n")
     assert (run.returncode, run.stdout) == (0, "Delete mailbox 'alice'? [y/N] Cancelled.\n")
@@ -303,7 +292,7 @@ def test_delete_asks_first_and_no_means_cancelled(daemon, users):  # noqa: F811
     assert (run.returncode, run.stderr) == (1, "Error: [MAILBOX] mailbox 'bob' does not exist\n")
 
 
-def test_delete_nonempty_needs_force(daemon, users):  # noqa: F811
+def test_delete_nonempty_needs_force(daemon, users):
     bob = users["bob"]
     deliver(daemon, "bob@test.local", 2)
     run = aimx(daemon, "mailboxes", "delete", "-y", "bob", user=bob)

@@ -22,10 +22,10 @@ import pytest
 from aimx.cli.main import main
 from aimx.ops import dkimkeys, doctor
 from aimx.version import version_info
+from tests.support.api import deliver
+from tests.support.cli import aimx
 from tests.support.daemon import RunningDaemon
 from tests.support.dnsserver import DnsServer
-from tests.test_api import deliver, users  # noqa: F401 (fixture)
-from tests.test_cli_mailboxes import aimx
 
 DOMAIN = "agent.example.test"
 IPV4 = "192.0.2.10"
@@ -398,7 +398,7 @@ def test_a_running_daemon_and_a_catchall_without_sent_dir_are_healthy(test_users
 # -- as a user other than root ---------------------------------------------------------------
 
 
-def _two_user_instance(users: dict) -> RunningDaemon:  # noqa: F811
+def _two_user_instance(users: dict) -> RunningDaemon:
     """A daemon with alice's and bob's mailboxes (dirs as setup makes them), mail in both."""
     config = "".join(f'[mailboxes.{short}]\naddress = "{short}@aimx.localhost"\n'
                      f'owner = "{user.name}"\n\n' for short, user in users.items())
@@ -414,7 +414,7 @@ def _two_user_instance(users: dict) -> RunningDaemon:  # noqa: F811
     return daemon
 
 
-def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users):  # noqa: F811
+def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users):
     alice = users["alice"]
     with _two_user_instance(users) as daemon:
         daemon.config_path.chmod(0o644)  # an operator made the config world-readable
@@ -443,7 +443,7 @@ def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users
 
 @pytest.mark.parametrize("private", ["file", "directory"])
 def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_skipped(
-        users, private):  # noqa: F811
+        users, private):
     alice = users["alice"]
     with _two_user_instance(users) as daemon:
         if private == "directory":  # not even whether the file exists can be seen

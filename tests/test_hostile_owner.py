@@ -23,7 +23,6 @@ import secrets
 import shutil
 import smtplib
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,9 +32,10 @@ from typing import Any
 
 import pytest
 
+from tests.support import hostile as hostile_actions
 from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
-from tests.support.users import LinuxUser, ensure_user
+from tests.support.users import LinuxUser, ensure_user, python_as_command, run_program_as
 
 DOMAIN = "hostile.test"
 ROUNDS = 40
@@ -89,11 +89,10 @@ def config(dns: DnsServer, users: dict[str, LinuxUser],
 def hostile(user: LinuxUser, daemon: RunningDaemon, action: str, *, wait: bool = True,
             **args: Any) -> Any:
     """Run one ``tests.support.hostile`` action as ``user``; its JSON result (or the process)."""
-    spec = {"uid": user.uid, "gid": user.gid, "name": user.name, "action": action,
-            "args": args}
+    spec = {"action": action, "args": args}
     env = user.env(daemon.client_env({k: v for k, v in os.environ.items()
                                       if not k.startswith("AIMX_")}))
-    cmd = [sys.executable, "-m", "tests.support.hostile", json.dumps(spec)]
+    cmd = python_as_command(user, hostile_actions.RUN, spec, prepare=hostile_actions.PREPARE)
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -286,7 +285,7 @@ def test_start_up_cleanup_and_counts_never_follow_an_owners_link(users, vault, s
         f"ln -s {vault} {inbox}/2026-01-01-000000-x && "
         f"printf '+++\\nread = true\\n+++\\n' > {inbox}/2026-01-01-000001-y.md && "
         f"ln {inbox}/2026-01-01-000001-y.md {inbox}/2026-01-01-000002-z.md")
-    subprocess.run(["/bin/sh", "-c", hostile_steps], preexec_fn=alice.preexec(), check=True)
+    run_program_as(alice, ["/bin/sh", "-c", hostile_steps], check=True)
 
     assert cleanup_temp_files(data) == 0
     assert bait.exists()

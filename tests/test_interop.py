@@ -198,13 +198,13 @@ def test_unsigned_mail_from_a_forged_instance_domain_is_not_trusted(world) -> No
 
 @pytest.fixture(scope="module")
 def postfix(world):
-    reason = ensure_installed()
+    reason = ensure_installed("postfix", "opendkim-tools")
     if reason:
         pytest.skip(reason)
     if not port_25_free(P_ADDR):
         pytest.skip(f"port 25 on {P_ADDR} is taken by something else")
     carol_owner = world["alice"]
-    with Postfix(address=P_ADDR, domain=P_DOMAIN, users=("carol",),
+    with Postfix(host=P_ADDR, port=25, domain=P_DOMAIN, users=("carol",),
                  transports={B_DOMAIN: B_ADDR, A_DOMAIN: A_ADDR},
                  uid=carol_owner.uid, gid=carol_owner.gid) as server:
         yield server

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import smtplib
-import sys
 import tempfile
 import time
 import tomllib
@@ -40,7 +39,7 @@ from aimx.mcp.server import DAEMON_DOWN
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import SmtpSink
-from tests.support.users import LinuxUser, ensure_user
+from tests.support.users import LinuxUser, aimx_as_command, ensure_user
 
 DOMAIN = "test.local"
 
@@ -62,21 +61,11 @@ address = "bob@test.local"
 owner = "{bob}"
 """
 
-# ``aimx mcp`` as another user. The interpreter lives where only root can read, so
-# the child starts as root, loads everything the server will need, then drops to
-# the user (groups, gid, uid) before it serves: from the first socket connect on it
-# is that user as far as the kernel (SO_PEERCRED, file modes) is concerned.
-USER_LAUNCHER = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
-import anyio._backends._asyncio, sqlite3  # sqlite3: the listing index
-import aimx.cli.main, aimx.mcp.server
-aimx.cli.main.import_all_commands()
+# What ``aimx mcp`` loads before it drops to the user (tests.support.users): the
+# server's imports, which every other command can do without.
+MCP_PREPARE = """
+import anyio._backends._asyncio, aimx.mcp.server
 aimx.mcp.server.build_server()
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
-sys.exit(aimx.cli.main.main(["mcp"]))
 """
 
 TOOL_NAMES = {
@@ -163,13 +152,12 @@ def store(directory: Path, email_id: str, owner: LinuxUser, *, body: str = "Hell
 
 def server_params(d: RunningDaemon, user: LinuxUser, runtime_dir: Path | None = None
                   ) -> StdioServerParameters:
-    spec = {"uid": user.uid, "gid": user.gid, "name": user.name}
     env = {"HOME": user.home, "USER": user.name, "LOGNAME": user.name,
            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "AIMX_RUNTIME_DIR": str(runtime_dir or d.runtime_dir)}
-    return StdioServerParameters(command=sys.executable,
-                                 args=["-c", USER_LAUNCHER, json.dumps(spec)],
-                                 env=env, cwd=str(REPO_ROOT))
+    command = aimx_as_command(user, ["mcp"], prepare=MCP_PREPARE)
+    return StdioServerParameters(command=command[0], args=command[1:], env=env,
+                                 cwd=str(REPO_ROOT))
 
 
 @asynccontextmanager

@@ -34,7 +34,7 @@ from aimx.storage.emailfiles import list_email_ids, resolve_email_path
 from aimx.storage.index import IndexedEmail, count_emails, iter_listing, list_page
 from aimx.storage.layout import README_MARKER, StorageError, readme_text, write_readme
 from aimx.storage.mailstore import MailStore
-from tests.support.users import ensure_user, needs_root
+from tests.support.users import ensure_user, needs_root, python_as_command, run_program_as
 
 UTC = datetime.UTC
 WHEN = datetime.datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
@@ -326,9 +326,9 @@ def test_files_belong_to_the_mailbox_owner(instance_dirs: dict[str, Path], test_
     assert os.lstat(data / "inbox").st_uid == 0
     # The owner can read it; the other test user cannot.
     read = ["/bin/cat", str(stored.path)]
-    ok = subprocess.run(read, preexec_fn=alice.preexec(), capture_output=True, text=True)
+    ok = run_program_as(alice, read, capture_output=True, text=True)
     assert ok.stdout.startswith("+++\n")
-    denied = subprocess.run(read, preexec_fn=bob.preexec(), capture_output=True)
+    denied = run_program_as(bob, read, capture_output=True)
     assert denied.returncode != 0
 
 
@@ -806,15 +806,15 @@ def test_corrupt_index_is_rebuilt_and_never_wrong(store: MailStore, data: Path,
     assert index_file.read_bytes()[:16] == b"SQLite format 3\0"  # a usable index again
 
 
-READER = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
+READER_PREPARE = """
 import sqlite3
 import aimx.mcp.server
 from aimx.storage.index import count_emails, iter_listing, list_page
-os.initgroups(spec["name"], spec["gid"])
-os.setgid(spec["gid"])
-os.setuid(spec["uid"])
+"""
+
+READER = """
+import aimx.mcp.server
+from aimx.storage.index import count_emails, iter_listing, list_page
 box = spec["box"]
 rows = lambda entries: [[e.id, e.summary["subject"], e.summary["read"] is True]
                         for e in entries if e.summary is not None]
@@ -833,9 +833,8 @@ print(json.dumps({
 
 def read_as(user, box: Path) -> dict:
     """What the mailbox owner's own process (as ``aimx mcp`` runs) sees in ``box``."""
-    spec = {"uid": user.uid, "gid": user.gid, "name": user.name, "box": str(box)}
-    done = subprocess.run([sys.executable, "-c", READER, json.dumps(spec)], cwd=ROOT_DIR,
-                          capture_output=True, text=True, timeout=60)
+    command = python_as_command(user, READER, {"box": str(box)}, prepare=READER_PREPARE)
+    done = subprocess.run(command, cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

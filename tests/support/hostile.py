@@ -1,9 +1,10 @@
 """A mailbox owner turned attacker: swaps paths in its own mailbox under a root daemon.
 
-Run as ``python -m tests.support.hostile '<json spec>'`` from root: the module
-imports everything it needs first (the interpreter's tree may be root-only),
-then drops to the user named in the spec, then runs one action and prints its
-result as JSON. Watching actions run until their stdin reaches end of file.
+Run through ``tests.support.users.python_as_command`` with ``PREPARE`` and ``RUN``:
+the module imports everything it needs while still root (the interpreter's tree
+may be root-only), the launcher drops to the user, then one action runs and
+prints its result as JSON. Watching actions run until their stdin reaches end of
+file.
 
 Actions:
 
@@ -28,7 +29,6 @@ import json
 import mimetypes
 import os
 import re
-import sys
 import threading
 import uuid  # noqa: F401
 from pathlib import Path
@@ -140,17 +140,17 @@ ACTIONS = {"swap_staging": swap_staging, "swap_bundle_on_read": swap_bundle_on_r
            "sparse_email": sparse_email, "call": call, "cli": cli}
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    aimx.cli.main.import_all_commands()  # every module a command may need, while still root
+def prepare() -> None:
+    """Load every module a command may need, while still root."""
+    aimx.cli.main.import_all_commands()
     mimetypes.init()
-    os.initgroups(spec["name"], spec["gid"])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
+
+
+def run(spec: dict[str, Any]) -> None:
     os.chdir(Path(spec.get("cwd") or "/"))
     result = ACTIONS[spec["action"]](**spec["args"])
     print(json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
-    main()
+PREPARE = "import tests.support.hostile\ntests.support.hostile.prepare()"
+RUN = "import tests.support.hostile\ntests.support.hostile.run(spec)"

@@ -18,10 +18,12 @@ LOCK_DIR = Path(tempfile.gettempdir()) / "aimx-test-locks"
 
 
 class HostLock:
-    """An exclusive lock named ``name``, held from ``acquire()`` to ``release()``."""
+    """A lock named ``name``, held from ``acquire()`` to ``release()``: exclusive, or
+    with ``shared`` held by any number of holders at once (and by no exclusive one)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, shared: bool = False) -> None:
         self.path = LOCK_DIR / f"{name}.lock"
+        self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -36,7 +38,7 @@ class HostLock:
         # Read-only is enough for flock, so a lock file created by root serves any user.
         fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, self.mode | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False

@@ -1,11 +1,13 @@
-"""A private Postfix instance for interop tests, and DKIM checks with OpenDKIM's tools.
+"""Postfix for interop tests and the benchmark, and DKIM checks with OpenDKIM's tools.
 
-Postfix (the Debian package) runs from its own config directory in a temp
-dir (``postfix -c <dir> start``), listens on one loopback address, delivers
-its virtual domain into Maildirs and relays other domains through a
+``Postfix`` (the Debian package) runs from its own config directory in a temp
+dir (``postfix -c <dir> start``), listens on one loopback address and port,
+delivers its virtual domain into Maildirs through ``virtual(8)`` (Postfix fsyncs
+the queue file before its 250 and the Maildir file before the queue entry is
+removed; both are its defaults) and relays other domains through an optional
 transport map, all without touching the system's Postfix configuration or
-doing any DNS: relay targets are IP literals and client name lookups are
-off.
+service, and without DNS: relay targets are IP literals and client name lookups
+are off. ``SmtpSinkProgram`` is Postfix's ``smtp-sink``, which stores nothing.
 
 ``opendkim-testmsg`` verifies through the C library resolver, which only
 reads ``/etc/resolv.conf``; ``opendkim_verify`` therefore runs it in a
@@ -17,6 +19,7 @@ server. The host's own ``resolv.conf`` is never changed.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -26,47 +29,84 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-PACKAGES = ("postfix", "opendkim-tools")
+from tests.support.ports import ReservedPort
+
+POSTFIX = "/usr/sbin/postfix"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+# The files each Debian package brings that the tests and the benchmark run.
+PACKAGE_FILES = {"postfix": (POSTFIX, SMTP_SINK),
+                 "opendkim-tools": ("/usr/sbin/opendkim-testmsg",)}
 DEBCONF = ("postfix postfix/main_mailer_type select No configuration\n"
            "postfix postfix/mailname string localhost\n")
 
 
-def _missing() -> list[str]:
-    tools = {"postfix": "/usr/sbin/postfix", "opendkim-tools": "/usr/sbin/opendkim-testmsg"}
-    return [pkg for pkg in PACKAGES if not os.path.exists(tools[pkg])]
+def _missing(packages: tuple[str, ...]) -> list[str]:
+    return [pkg for pkg in packages
+            if not all(os.path.exists(path) for path in PACKAGE_FILES[pkg])]
 
 
-def ensure_installed() -> str | None:
-    """Install Postfix and opendkim-tools with apt if missing; the reason to skip, or None."""
-    if os.geteuid() != 0:
-        return "needs root: runs Postfix on port 25 and installs Debian packages"
-    if not _missing():
+def ensure_installed(*packages: str) -> str | None:
+    """Install ``packages`` (default: Postfix) with apt when missing (root only); the
+    reason to skip, or None.
+
+    Postfix is preseeded with "No configuration": the system Postfix is installed
+    but neither configured nor started.
+    """
+    packages = packages or ("postfix",)
+    if not _missing(packages):
         return None
+    missing = ", ".join(_missing(packages))
+    if os.geteuid() != 0:
+        return f"{missing} not installed, and installing needs root"
     if not shutil.which("apt-get"):
-        return f"{', '.join(_missing())} missing and apt-get is not available"
+        return f"{missing} not installed, and apt-get is not available"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["debconf-set-selections"], input=DEBCONF, text=True, env=env,
                    capture_output=True, check=False)
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *_missing()]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *_missing(packages)]
     for attempt in range(2):
         if attempt:
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False,
                            timeout=300)
         try:
-            done = subprocess.run(install, env=env, capture_output=True, text=True,
-                                  check=False, timeout=600)
+            subprocess.run(install, env=env, capture_output=True, check=False, timeout=600)
         except subprocess.TimeoutExpired:
             continue
-        if done.returncode == 0 and not _missing():
+        if not _missing(packages):
             return None
-    return f"could not install {', '.join(_missing())} with apt-get"
+    return f"could not install {', '.join(_missing(packages))} with apt-get"
+
+
+def wait_for_banner(host: str, port: int, timeout: float = 20.0) -> None:
+    """Until an SMTP server greets with 220 on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2) as sock:
+                sock.settimeout(5)
+                if sock.recv(512).startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answers SMTP on {host}:{port}")
+        time.sleep(0.1)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 # The listener names its address here rather than in ``inet_interfaces``: Postfix
 # refuses an ``inet_interfaces`` address that no interface carries, and loopback
 # aliases such as 127.0.0.4 are routed to ``lo`` without being configured on it.
 MASTER_CF = """\
-{address}:25 inet n     -       n       -       -       smtpd
+{host}:{port} inet n     -       n       -       -       smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -93,19 +133,26 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 
 class Postfix:
-    """One Postfix instance: ``address:25``, Maildirs for ``domain``, relays by ``transports``.
+    """One private Postfix: ``host:port``, Maildirs for ``domain``, relays by ``transports``.
 
-    ``users`` are the local parts that have a Maildir (delivered as
-    ``uid``/``gid``); ``transports`` maps a domain to a host (an IP literal)
-    reached on port 25 from ``address``.
+    ``users`` are the local parts that have a Maildir (delivered as ``uid``/``gid``);
+    ``transports`` maps a domain to a host (an IP literal) reached on port 25 from
+    ``host``. Without ``port``, a free one is reserved until ``stop()``. As a
+    benchmark target it counts what reached the Maildirs (``stored()``).
     """
 
-    def __init__(self, *, address: str, domain: str, users: tuple[str, ...],
-                 transports: Mapping[str, str], uid: int, gid: int) -> None:
-        self.address = address
+    name = "postfix"
+
+    def __init__(self, *, domain: str, users: tuple[str, ...], uid: int, gid: int,
+                 host: str = "127.0.0.1", port: int | None = None,
+                 transports: Mapping[str, str] | None = None) -> None:
+        self.host = host
+        # Held until stop(); Postfix binds it by number.
+        self._reserved = ReservedPort(host) if port is None else None
+        self.port = self._reserved.port if self._reserved is not None else port
         self.domain = domain
         self.users = users
-        self.transports = dict(transports)
+        self.transports = dict(transports or {})
         self.uid, self.gid = uid, gid
         self.base = Path(tempfile.mkdtemp(prefix="aimx-postfix-"))
         self.base.chmod(0o755)
@@ -119,13 +166,14 @@ class Postfix:
         self.vmail.mkdir()
         os.chown(self.vmail, self.uid, self.gid)
         (self.base / "data").mkdir()
-        os.chown(self.base / "data", _postfix_uid(), 0)
+        os.chown(self.base / "data", pwd.getpwnam("postfix").pw_uid, 0)
         (self.config_dir / "vmailbox").write_text(
             "".join(f"{user}@{self.domain} {user}/Maildir/\n" for user in self.users))
         (self.config_dir / "transport").write_text(
             "".join(f"{domain} smtp:[{host}]:25\n" for domain, host in self.transports.items()))
-        (self.base / "queue").mkdir()
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(address=self.address))
+        (self.base / "queue").mkdir(mode=0o755)  # postfix-script fills it in
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(host=self.host,
+                                                                    port=self.port))
         settings = {
             "compatibility_level": "3.6",
             "queue_directory": str(self.base / "queue"),
@@ -139,7 +187,7 @@ class Postfix:
             "inet_interfaces": "loopback-only",
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
-            "smtp_bind_address": self.address,
+            "smtp_bind_address": self.host,
             "smtp_helo_name": f"mx.{self.domain}",
             "smtp_dns_support_level": "disabled",
             "smtp_host_lookup": "native",
@@ -168,50 +216,36 @@ class Postfix:
         (self.config_dir / "main.cf").write_text(
             "".join(f"{key} = {value}\n" for key, value in settings.items()))
 
-    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["postfix", "-c", str(self.config_dir), *args],
-                              capture_output=True, text=True, check=check, timeout=60)
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([POSTFIX, "-c", str(self.config_dir), *args],
+                              capture_output=True, text=True, check=False, timeout=60)
 
     def start(self) -> Postfix:
         self._write_config()
-        done = self._postfix("start", check=False)
+        done = self._postfix("start")
         if done.returncode != 0:
             raise RuntimeError(f"postfix start failed: {done.stdout}{done.stderr}\n"
                                f"{self.log_text()}")
         self.started = True
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection((self.address, 25), timeout=2) as sock:
-                    sock.settimeout(5)
-                    if sock.recv(512).startswith(b"220"):
-                        sock.sendall(b"QUIT\r\n")
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"postfix never answered on {self.address}:25\n"
-                                   f"{self.log_text()}")
-            time.sleep(0.2)
+        try:
+            wait_for_banner(self.host, self.port)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_text()}") from None
+        return self
 
     def stop(self) -> None:
         if self.started:
-            self._postfix("stop", check=False)
+            self._postfix("stop")
             # master waits for its children; make sure nothing lingers on the address.
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and self._listening():
+            while time.monotonic() < deadline and _listening(self.host, self.port):
                 time.sleep(0.2)
-            if self._listening():
-                self._postfix("abort", check=False)
+            if _listening(self.host, self.port):
+                self._postfix("abort")
             self.started = False
+        if self._reserved is not None:
+            self._reserved.close()
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection((self.address, 25), timeout=1):
-                return True
-        except OSError:
-            return False
 
     def log_text(self) -> str:
         try:
@@ -235,6 +269,33 @@ class Postfix:
                                      f"{self.log_text()[-4000:]}")
             time.sleep(0.2)
 
+    def stored(self) -> int:
+        """Messages delivered into the Maildirs so far."""
+        count = 0
+        for user in self.users:
+            try:
+                count += sum(1 for _ in os.scandir(self.vmail / user / "Maildir" / "new"))
+            except FileNotFoundError:
+                pass
+        return count
+
+    def last_store_time(self) -> float | None:
+        """Wall-clock time the newest Maildir file was written."""
+        return max((path.stat().st_mtime for user in self.users
+                    for path in self.maildir_messages(user)), default=None)
+
+    def pids(self) -> list[int]:
+        """Every Postfix process of this instance (master and its children)."""
+        for pid_file in (self.base / "data" / "master.lock",
+                         self.base / "queue" / "pid" / "master.pid"):
+            try:
+                master = int(pid_file.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if master:
+                return [master, *_children(master)]
+        return []
+
     def __enter__(self) -> Postfix:
         try:
             return self.start()
@@ -246,10 +307,59 @@ class Postfix:
         self.stop()
 
 
-def _postfix_uid() -> int:
-    import pwd
+class SmtpSinkProgram:
+    """Postfix's ``smtp-sink`` on a reserved loopback port: answers every command and
+    stores nothing (a benchmark target)."""
 
-    return pwd.getpwnam("postfix").pw_uid
+    name = "smtp-sink"
+
+    def __init__(self) -> None:
+        self.host = "127.0.0.1"
+        self._port = ReservedPort(self.host)  # held until stop(); smtp-sink binds it by number
+        self.port = self._port.port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [SMTP_SINK, "-u", "nobody", "-h", "sink.bench", f"{self.host}:{self.port}",
+                   "256"]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_for_banner(self.host, self.port)
+
+    def stored(self) -> int:
+        return 0
+
+    def last_store_time(self) -> float | None:
+        return None
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+        self._port.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
 
 
 class DnsRelay:

@@ -8,6 +8,7 @@ import os
 import pwd
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -38,17 +39,6 @@ class LinuxUser:
         env.update(HOME=self.home, USER=self.name, LOGNAME=self.name)
         return env
 
-    def preexec(self):
-        """A ``preexec_fn`` that drops to this user (groups, gid, then uid)."""
-        name, uid, gid = self.name, self.uid, self.gid
-
-        def drop() -> None:
-            os.initgroups(name, gid)
-            os.setgid(gid)
-            os.setuid(uid)
-
-        return drop
-
 
 def ensure_user(name: str) -> LinuxUser:
     """Create ``name`` (with a home dir and its own group) unless it exists.
@@ -75,41 +65,100 @@ def ensure_user(name: str) -> LinuxUser:
     return LinuxUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
-def remove_user(name: str) -> None:
-    subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
-# The console script a user runs; the launcher below presents itself as it (sys.argv[0]).
-AIMX = Path(sys.executable).parent / "aimx"
+def remove_user(name: str) -> str | None:
+    """``userdel --remove``; what went wrong, or None."""
+    done = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True,
+                          check=False)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
 
-# Runs ``aimx`` as another user. The interpreter may live where only root can read, so
-# the child imports everything a command can need while still root (prompts on a
-# terminal included), then drops to the user (groups, gid, uid) and runs the command.
-# Run as itself, it imports lazily like a real ``aimx``.
-_AIMX_AS_USER = r"""
+
+# Runs Python code as another user. The interpreter may live where only root can read,
+# so the child runs ``prepare`` (imports) while still root, then drops to the user
+# (groups, gid, uid), then runs ``code``; both see the JSON ``spec`` as ``spec``. A
+# child that already is that user skips both steps.
+_LAUNCHER = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
+who = spec.pop("_as_user")
+if who is not None and who["uid"] != os.geteuid():
+{prepare}
+    if who["name"]:
+        os.initgroups(who["name"], who["gid"])
+    else:
+        os.setgroups([])
+    os.setgid(who["gid"])
+    os.setuid(who["uid"])
+{code}
+"""
+
+
+def python_as_command(user: LinuxUser | None, code: str, spec: dict[str, Any] | None = None,
+                      *, prepare: str = "", uid: int | None = None) -> list[str]:
+    """The command line that runs ``code`` as ``user`` (or a bare ``uid``; neither: as
+    this process), after ``prepare`` ran as root. Both see ``spec`` as ``spec``."""
+    if user is not None:
+        who = {"uid": user.uid, "gid": user.gid, "name": user.name}
+    elif uid is not None:
+        who = {"uid": uid, "gid": uid, "name": None}
+    else:
+        who = None
+    script = _LAUNCHER.format(
+        prepare=textwrap.indent(textwrap.dedent(prepare).strip() or "pass", "    "),
+        code=textwrap.dedent(code).strip())
+    return [sys.executable, "-c", script, json.dumps({**(spec or {}), "_as_user": who})]
+
+
+def as_user(name: str) -> dict[str, Any]:
+    """``subprocess`` arguments that run a program as user ``name`` (its groups, gid,
+    uid), switched in the child just before exec: nothing runs in between, so a timed
+    program is timed alone."""
+    entry = pwd.getpwnam(name)
+    return {"user": entry.pw_uid, "group": entry.pw_gid,
+            "extra_groups": os.getgrouplist(name, entry.pw_gid)}
+
+
+def run_program_as(user: LinuxUser, argv: list[str], **kwargs: Any,
+                   ) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run(argv, **kwargs)`` with the program running as ``user``."""
+    return subprocess.run(argv, **as_user(user.name), **kwargs)
+
+
+# The console script a user runs; the CLI launcher presents itself as it (sys.argv[0]).
+AIMX = Path(sys.executable).parent / "aimx"
+
+# Everything an ``aimx`` command can import, prompts on a terminal included. Run as
+# itself, the CLI imports lazily like a real ``aimx``.
+_AIMX_PREPARE = """
+import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
+import aimx.cli.main, aimx.config, aimx.configedit, aimx.term, aimx.ops.agents
+import aimx.mail.compose, aimx.daemon.api, aimx.daemon.client, aimx.daemon.protocol
+import aimx.storage.mailstore
+aimx.cli.main.import_all_commands()
+mimetypes.init()
+"""
+
+_AIMX_RUN = """
 import aimx.cli.main
-if spec["uid"] is not None and spec["uid"] != os.geteuid():
-    import base64, email.header, email.utils, mimetypes, select, sqlite3, termios, tty, uuid
-    import aimx.config, aimx.configedit, aimx.term, aimx.ops.agents, aimx.mail.compose
-    import aimx.daemon.api, aimx.daemon.client, aimx.daemon.protocol, aimx.storage.mailstore
-    aimx.cli.main.import_all_commands()
-    mimetypes.init()
-    os.initgroups(spec["name"], spec["gid"])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
 sys.argv = [spec["argv0"], *spec["argv"]]
 sys.exit(aimx.cli.main.main(spec["argv"]))
 """
 
 
-def aimx_as_command(user: LinuxUser | None, argv: list[str]) -> list[str]:
-    """The command line that runs ``aimx <argv>`` as ``user`` (None: as this process)."""
-    who = ({"uid": user.uid, "gid": user.gid, "name": user.name} if user is not None
-           else {"uid": None, "gid": None, "name": None})
-    spec = {**who, "argv0": str(AIMX), "argv": list(argv)}
-    return [sys.executable, "-c", _AIMX_AS_USER, json.dumps(spec)]
+def aimx_as_command(user: LinuxUser | None, argv: list[str], *, prepare: str = "",
+                    ) -> list[str]:
+    """The command line that runs ``aimx <argv>`` as ``user`` (None: as this process);
+    ``prepare`` adds what to load as root beyond what every command needs (say, the
+    MCP server's imports)."""
+    return python_as_command(user, _AIMX_RUN, {"argv0": str(AIMX), "argv": list(argv)},
+                             prepare=_AIMX_PREPARE + textwrap.dedent(prepare))
 
 
 def run_aimx_as(user: LinuxUser | None, argv: list[str], env: dict[str, str], *,
@@ -117,31 +166,26 @@ def run_aimx_as(user: LinuxUser | None, argv: list[str], env: dict[str, str], *,
                 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """``aimx <argv>`` as ``user`` (None: as this process) with ``env``; with
     ``wait=False`` the running process (stdout and stderr piped)."""
-    cmd = aimx_as_command(user, argv)
+    command = aimx_as_command(user, argv)
     if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
+        return subprocess.Popen(command, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), input=input, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(command, env=env, cwd=str(REPO_ROOT), input=input,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-# One call to the daemon socket from a process running as another user: imports first
-# (the interpreter may live where only root can read), then drops to the user (groups,
-# gid, uid) before it connects, so the daemon's SO_PEERCRED sees that user. Prints the
-# answer as JSON: {"ok": ...}, {"error": [code, reason]}, or the raw reply box.
-_API_CALL_AS_USER = r"""
-import json, os, sys
-spec = json.loads(sys.argv[1])
+# One call to the daemon socket, connecting after the drop so the daemon's SO_PEERCRED
+# sees the user. Prints the answer as JSON: {"ok": ...}, {"error": [code, reason]}, or
+# the raw reply box.
+_API_CALL_PREPARE = """
+import socket
+from aimx.daemon import client, protocol
+"""
+
+_API_CALL = r"""
 import socket
 from aimx.daemon.client import Client, read_box
 from aimx.daemon import protocol
-if spec["uid"] is not None:
-    if spec["name"]:
-        os.initgroups(spec["name"], spec["gid"])
-    else:
-        os.setgroups([])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
 command = protocol.COMMANDS[spec["verb"].encode()]
 args = {key: value.encode("utf-8", "surrogateescape") if key in spec["byte_args"] else value
         for key, value in spec["args"].items()}
@@ -167,17 +211,13 @@ def call_api_as(user: LinuxUser | None, socket_path: os.PathLike[str] | str, ver
     ``{"error": [code, reason]}`` (with ``raw``, the reply box as hex pairs).
     """
     if user is not None:
-        who = {"uid": user.uid, "gid": user.gid, "name": user.name}
         env = user.env(env)
-    else:
-        who = {"uid": uid, "gid": uid, "name": None}
     byte_args = [key for key, value in args.items() if isinstance(value, bytes)]
-    spec = {**who, "verb": verb, "socket": str(socket_path), "raw": raw,
-            "byte_args": byte_args,
+    spec = {"verb": verb, "socket": str(socket_path), "raw": raw, "byte_args": byte_args,
             "args": {key: value.decode("utf-8", "surrogateescape") if key in byte_args
                      else value for key, value in args.items()}}
-    proc = subprocess.run([sys.executable, "-c", _API_CALL_AS_USER, json.dumps(spec)],
-                          env=env, cwd=str(REPO_ROOT), capture_output=True, text=True,
-                          timeout=timeout)
+    command = python_as_command(user, _API_CALL, spec, prepare=_API_CALL_PREPARE, uid=uid)
+    proc = subprocess.run(command, env=env, cwd=str(REPO_ROOT), capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
