@@ -187,6 +187,16 @@ def test_all_temporary_is_deferred_naming_every_host(net, dns):
         "mx-c.dest.test: no A record (enable_ipv6 = false); skipping")
 
 
+def test_a_refused_helo_ends_the_attempt_instead_of_repeating_it(net, dns):
+    zone(dns, {"dest.test": [["MX", "10 mx.dest.test"]], "mx.dest.test": [["A", net.addresses[0]]]})
+    with net.sink(0, "refuse-helo") as sink:
+        result = deliver(net, dns)
+        helos = [e for e in sink.events("command") if e["line"].startswith("HELO ")]
+    assert result["status"] in ("failed", "deferred"), result
+    assert "550 5.7.1 HELO not accepted here" in result["detail"]
+    assert len(helos) == 1  # Twisted alone would answer the refusal with HELO again, forever
+
+
 def test_null_mx_and_nxdomain_fail_for_good(net, dns):
     zone(dns, {"dest.test": [["MX", "0 ."], ["A", net.addresses[0]]]})
     with net.sink(0) as sink:

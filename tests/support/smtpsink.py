@@ -18,6 +18,7 @@ Modes (``mode``):
   that never ask for STARTTLS are accepted and stored.
 - ``silent``: accepts the TCP connection and never says a word.
 - ``trickle``: sends an endless greeting, one continuation line every 0.2 s.
+- ``refuse-helo``: refuses EHLO with ``502`` and HELO with ``550``.
 
 The server is asyncio (no Twisted) so that it shares nothing with the client
 code under test. Events are appended to ``events.jsonl`` as they happen, so a
@@ -42,7 +43,7 @@ from typing import Any
 from tests.support.locks import HostLock
 from tests.support.ports import ReservedPort
 
-MODES = ("accept", "reject", "defer", "break-tls", "silent", "trickle")
+MODES = ("accept", "reject", "defer", "break-tls", "silent", "trickle", "refuse-helo")
 
 REJECT_RCPT = "550 5.1.1 <{rcpt}>: Recipient address rejected: no such user at the test sink"
 REJECT_DATA = "550 5.7.1 Message content rejected by the test sink"
@@ -112,7 +113,10 @@ class _Server:
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
             self.event(session, "command", line=line, tls=tls_active)
-            if verb == "EHLO":
+            if self.mode == "refuse-helo" and verb in ("EHLO", "HELO"):
+                await reply("502 5.5.1 EHLO not accepted here" if verb == "EHLO"
+                            else "550 5.7.1 HELO not accepted here")
+            elif verb == "EHLO":
                 lines = [f"250 {self.hostname} greets {arg}", "250 PIPELINING",
                          "250 8BITMIME", "250 SIZE 52428800"]
                 offer_tls = (self.tls is not None or self.mode == "break-tls") and not tls_active
