@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.ports import ReservedPort
-from tests.support.postfix import wait_for_banner
+from tests.support.postfix import terminate, wait_for_banner
 
 DOMAIN = "aimx.bench"
 MAILBOX = "agent"
@@ -135,12 +135,7 @@ class BaselineTarget:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            terminate(self.proc)
             self.proc = None
         self._port.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -94,6 +94,16 @@ def wait_for_banner(host: str, port: int, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def terminate(proc: subprocess.Popen) -> None:
+    """Stop a server process: TERM, then KILL if it has not gone within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -338,12 +348,7 @@ class SmtpSinkProgram:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            terminate(self.proc)
             self.proc = None
         self._port.close()
 
