@@ -17,6 +17,7 @@ from twisted.internet import defer, threads
 from aimx.logs import kv, logger
 
 log = logger("aimx::config")
+inbound_log = logger("aimx::smtp")
 
 
 def count_hooks(config: Any) -> int:
@@ -102,6 +103,28 @@ class Daemon:
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load)
         d.addCallbacks(loaded, failed)
         return d
+
+    # -- inbound mail ----------------------------------------------------------
+
+    def inbound_stored(self, config: Any, results: list[Any]) -> None:
+        """Everything that follows the 250 of stored inbound emails, in this process.
+
+        The one place the daemon learns of new inbound mail, whichever listener
+        stored it: ``on_receive`` hooks fire from here, after the reply.
+        """
+        if self.hooks is None:
+            return
+        for result in results:
+            if getattr(result, "status", None) != "stored":
+                continue
+            try:
+                d = self.hooks.fire_on_receive(config, result.mailbox, result)
+            except Exception:
+                inbound_log.exception("on_receive hooks failed to start mailbox=%s",
+                                      kv(result.mailbox))
+                continue
+            d.addErrback(lambda f: inbound_log.error("on_receive hooks failed: %s",
+                                                     f.getTraceback()))
 
     # -- sending --------------------------------------------------------------
 

@@ -800,19 +800,7 @@ class SmtpSession(smtp.ESMTP):
         return d
 
     def _fire_hooks(self, config: Any, results: list[Any]) -> None:
-        hooks = self.factory.daemon.hooks
-        if hooks is None:
-            return
-        for result in results:
-            if getattr(result, "status", None) != "stored":
-                continue
-            try:
-                d = hooks.fire_on_receive(config, result.mailbox, result)
-            except Exception:
-                log.exception("on_receive hooks failed to start mailbox=%s",
-                              kv(result.mailbox))
-                continue
-            d.addErrback(lambda f: log.error("on_receive hooks failed: %s", f.getTraceback()))
+        self.factory.daemon.inbound_stored(config, results)
 
     # -- shutdown ------------------------------------------------------------------
 
