@@ -203,6 +203,21 @@ def parse_resolver(text: str) -> tuple[str, int]:
     return (str(address), int(port_text))
 
 
+def parse_proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """One ``smtp_trusted_proxies`` entry: an address or a CIDR network; ``ValueError`` if not.
+
+    Host bits set (``10.0.0.1/8``) are refused rather than masked: such an entry
+    usually means a typo, and silently trusting a whole network is the wrong guess.
+    """
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError:
+        raise ValueError(
+            f"invalid smtp_trusted_proxies entry '{text}': expected an IP address or a "
+            'network such as "10.0.0.0/8" (no host bits set after the /)'
+        ) from None
+
+
 def _ascii_lower(text: str) -> str:
     """Lower-case A–Z only: Unicode folding would map e.g. KELVIN SIGN onto ``k``."""
     return text.translate(_ASCII_LOWER)
@@ -290,6 +305,8 @@ class Config:
     max_mailboxes_per_user: int = DEFAULT_MAX_MAILBOXES_PER_USER
     socket_max_connections: int = DEFAULT_SOCKET_MAX_CONNECTIONS
     socket_max_connections_per_user: int = DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER
+    smtp_proxy_protocol: bool = False
+    smtp_trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -335,6 +352,10 @@ class Config:
     def resolver_addresses(self) -> tuple[tuple[str, int], ...]:
         """``dns_resolvers`` as (ip, port) pairs; empty means the system resolver."""
         return tuple(parse_resolver(entry) for entry in self.dns_resolvers)
+
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``smtp_trusted_proxies`` as networks (a bare address is a one-address network)."""
+        return tuple(parse_proxy_network(entry) for entry in self.smtp_trusted_proxies)
 
     def with_data_dir(self, path: os.PathLike[str] | str) -> Config:
         return attrs.evolve(self, data_dir=Path(path))
@@ -388,6 +409,7 @@ _TOP_KEYS = (
     "domain", "data_dir", "dkim_selector", "trust", "trusted_senders", "mailboxes",
     "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
     "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
+    "smtp_proxy_protocol", "smtp_trusted_proxies",
 )
 # Integer limits and the smallest value each accepts.
 _LIMIT_KEYS = {
@@ -596,8 +618,16 @@ def _decode_top_key(fields: dict[str, Any], key: str, value: Any) -> None:
         fields[key] = Path(_string(value, key, _TOP))
     elif key == "trusted_senders":
         fields[key] = tuple(glob.lower() for glob in _strings(value, key, _TOP))
-    elif key == "enable_ipv6":
+    elif key in ("enable_ipv6", "smtp_proxy_protocol"):
         fields[key] = _bool(value, key, _TOP)
+    elif key == "smtp_trusted_proxies":
+        proxies = _strings(value, key, _TOP)
+        for entry in proxies:
+            try:
+                parse_proxy_network(entry)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        fields[key] = proxies
     elif key in _LIMIT_KEYS:
         fields[key] = _limit(value, key, _LIMIT_KEYS[key])
     elif key == "dns_resolvers":
@@ -760,6 +790,21 @@ def _check_unique_name(seen: dict[tuple[str, str], tuple[str, bool]], mailbox: M
     )
 
 
+def _check_proxy_protocol(fields: dict[str, Any], warnings: list[str]) -> None:
+    """PROXY protocol needs someone to trust: with no trusted proxy every connection
+    would be plain SMTP and the setting would silently do nothing."""
+    enabled = fields.get("smtp_proxy_protocol", False)
+    proxies = fields.get("smtp_trusted_proxies", ())
+    if enabled and not proxies:
+        raise ConfigError(
+            "smtp_proxy_protocol = true needs smtp_trusted_proxies: list the addresses or "
+            'networks of the proxies that send the PROXY header, e.g. ["10.0.0.0/8"]',
+            at=("smtp_proxy_protocol",))
+    if proxies and not enabled:
+        warnings.append("smtp_trusted_proxies is set but smtp_proxy_protocol is not true: "
+                        "the list is ignored and every connection is plain SMTP")
+
+
 def parse_config_text(
     text: str, path: os.PathLike[str] | str, data_dir_override: os.PathLike[str] | str | None = None
 ) -> Config:
@@ -817,6 +862,7 @@ def parse_config_text(
             with _at("mailboxes", mailbox.name, "hooks", index):
                 _check_hook_fields(hook, mailbox.name)
     _check_unique_names(mailboxes)
+    _check_proxy_protocol(fields, warnings)
 
     fields["warnings"] = tuple(warnings)
     if data_dir_override is not None:

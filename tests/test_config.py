@@ -704,3 +704,46 @@ def test_owner_ids():
     assert owner_ids("root") == (0, 0)
     assert owner_ids(EXISTING_USER) == (entry.pw_uid, entry.pw_gid)
     assert owner_ids(ORPHAN) is None
+
+
+# -- PROXY protocol on the SMTP listener ------------------------------------------------
+
+
+def test_proxy_protocol_keys_load_as_networks(tmp_path):
+    path = write(tmp_path, HEAD + "smtp_proxy_protocol = true\n"
+                 'smtp_trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "fd00::/64", "::1"]\n')
+    config = load_config(path)
+    assert config.smtp_proxy_protocol is True
+    assert [str(net) for net in config.trusted_proxy_networks()] == \
+        ["10.0.0.0/8", "192.0.2.7/32", "fd00::/64", "::1/128"]
+    assert load_config(write(tmp_path, HEAD)).smtp_proxy_protocol is False
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (HEAD + "smtp_proxy_protocol = true\n",
+     "smtp_proxy_protocol = true needs smtp_trusted_proxies: list the "
+     'addresses or networks of the proxies that send the PROXY header, e.g. ["10.0.0.0/8"]'),
+    (HEAD + 'smtp_proxy_protocol = true\nsmtp_trusted_proxies = ["10.0.0.1/8"]\n',
+     "invalid smtp_trusted_proxies entry '10.0.0.1/8': expected an IP address or a "
+     'network such as "10.0.0.0/8" (no host bits set after the /)'),
+    (HEAD + 'smtp_trusted_proxies = ["proxy.example"]\n',
+     "invalid smtp_trusted_proxies entry 'proxy.example': expected an IP address or "
+     'a network such as "10.0.0.0/8" (no host bits set after the /)'),
+    (HEAD + 'smtp_proxy_protocol = "yes"\n',
+     "invalid type for 'smtp_proxy_protocol' in top-level table: expected a boolean, "
+     "found string"),
+])
+def test_proxy_protocol_config_errors(tmp_path, text, message):
+    assert load_error(tmp_path, text) == message
+
+
+def test_proxy_protocol_without_proxies_names_the_line(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, HEAD + "\nsmtp_proxy_protocol = true\n"))
+    assert str(caught.value).startswith(f"{tmp_path / 'config.toml'}, line 3: ")
+
+
+def test_trusted_proxies_without_the_protocol_warn(tmp_path):
+    config = load_config(write(tmp_path, HEAD + 'smtp_trusted_proxies = ["10.0.0.0/8"]\n'))
+    assert config.warnings == ("smtp_trusted_proxies is set but smtp_proxy_protocol is not "
+                               "true: the list is ignored and every connection is plain SMTP",)

@@ -178,6 +178,7 @@ class AimxService(service.Service):
 
     def __init__(self, reactor: Any, daemon: Any, *, bind: str, tls_context: Any,
                  tls_cert: str | None) -> None:
+        from aimx.smtp.proxyproto import smtp_listener_factory
         from aimx.smtp.server import SmtpFactory
 
         self.reactor = reactor
@@ -185,6 +186,8 @@ class AimxService(service.Service):
         self.bind = bind
         self.tls_cert = tls_cert
         self.smtp_factory = SmtpFactory(daemon, tls_context=tls_context)
+        # What the port listens with: the sessions, behind the PROXY-protocol check.
+        self.smtp_listener = smtp_listener_factory(self.smtp_factory)
         self.socket_path = paths.socket_path()
         self.pid_path = paths.pid_path()
         self._smtp_port: Any = None
@@ -219,7 +222,7 @@ class AimxService(service.Service):
             log.warning("cannot write %s: %s", data_dir / README_NAME, exc)
         host, port = parse_bind(self.bind)
         try:
-            self._smtp_port = self.reactor.listenTCP(port, self.smtp_factory, backlog=128,
+            self._smtp_port = self.reactor.listenTCP(port, self.smtp_listener, backlog=128,
                                                      interface=host)
         except error.CannotListenError as exc:
             reason = exc.socketError.strerror if hasattr(exc.socketError, "strerror") else exc
