@@ -12,6 +12,7 @@ import ipaddress
 import os
 import pwd
 import socket
+import ssl
 import struct
 import time
 
@@ -106,7 +107,7 @@ def _config(owner: str, dns: DnsServer, **extra: object) -> dict:
 def behind_proxy(owner: str, spf_dns: DnsServer):
     config = _config(owner, spf_dns, smtp_proxy_protocol=True,
                      smtp_trusted_proxies=[f"{PROXY_IP}/32", "::1"])
-    with RunningDaemon(config) as daemon:
+    with RunningDaemon(config, tls=True) as daemon:
         yield daemon
 
 
@@ -161,6 +162,21 @@ def test_v2_header_split_across_reads_and_ipv6_client(behind_proxy) -> None:
         assert deliver(wire, "via-v2-ipv6") == "250 2.0.0 OK message accepted"
     fields = stored_with(behind_proxy, "via-v2-ipv6")
     assert (fields["spf"], fields["received_from_ip"]) == ("fail", "2001:db8::25")
+
+
+def test_starttls_through_the_proxy_keeps_the_forwarded_address(behind_proxy) -> None:
+    with proxied(behind_proxy, v2_header(SPF_PASS_IP) + b"EHLO early.example\r\n") as wire:
+        assert "250-STARTTLS" in wire.reply()  # pipelined right behind the header
+        assert wire.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        wire.sock = context.wrap_socket(wire.sock, server_hostname=DOMAIN)
+        assert deliver(wire, "via-v2-tls") == "250 2.0.0 OK message accepted"
+    fields = stored_with(behind_proxy, "via-v2-tls")
+    assert (fields["spf"], fields["received_from_ip"]) == ("pass", SPF_PASS_IP)
+    behind_proxy.wait_for_log(rf"connection closed peer={SPF_PASS_IP} helo=relay.example "
+                              r"tls=true")
 
 
 def test_per_source_cap_counts_the_forwarded_address(behind_proxy) -> None:
