@@ -206,6 +206,11 @@ def bracket_id(message_id: str) -> str:
     return message_id
 
 
+def _shown(value: str) -> str:
+    """A value for an error message: control characters such as CR and LF escaped."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
 def _strip_line_breaks(value: str) -> str:
     return value.replace("\r", "").replace("\n", "")
 
@@ -229,11 +234,13 @@ def compose_message(*, from_addr: str, to: str, subject: str, body: str,
     if reply_to_address is not None:
         problem = sendoptions.reply_to_address_problem(reply_to_address)
         if problem is not None:
-            raise ComposeError(f"Invalid Reply-To address '{reply_to_address}': {problem}")
+            raise ComposeError(f"Invalid Reply-To address '{_shown(reply_to_address)}': "
+                               f"{problem}")
     if auto_submitted is not None:
         problem = sendoptions.auto_submitted_problem(auto_submitted)
         if problem is not None:
-            raise ComposeError(f"Invalid Auto-Submitted value '{auto_submitted}': {problem}")
+            raise ComposeError(f"Invalid Auto-Submitted value '{_shown(auto_submitted)}': "
+                               f"{problem}")
     recipients = addresses(to)
     if len(recipients) > 1:
         raise ComposeError(
@@ -247,7 +254,7 @@ def compose_message(*, from_addr: str, to: str, subject: str, body: str,
     if message_id is not None:
         problem = sendoptions.message_id_problem(message_id, id_domain, explicit=True)
         if problem is not None:
-            raise ComposeError(f"Invalid Message-ID '{message_id}': {problem}")
+            raise ComposeError(f"Invalid Message-ID '{_shown(message_id)}': {problem}")
         own_id = sendoptions.bracketed(message_id)
     else:
         own_id = f"<{uuid.uuid4()}@{id_domain}>"
