@@ -312,6 +312,11 @@ def test_the_daemon_refuses_a_foreign_message_id_and_a_second_reply_to(daemon, u
     assert foreign == {"error": [
         "MALFORMED", "invalid Message-ID '<someone-else-123@victim.test>': it must end in this "
                      f"server's domain ({DOMAIN}), not victim.test"]}
+    bare = raw_send(users["alice"], daemon,
+                    head + f"Message-ID: bare-id-12345@{DOMAIN}\r\n\r\nx\r\n")
+    assert bare == {"error": [
+        "MALFORMED", f"invalid Message-ID 'bare-id-12345@{DOMAIN}': it must be enclosed in "
+                     "angle brackets: <unique-part@domain>"]}
     two = raw_send(users["alice"], daemon,
                    head + "Reply-To: a@partner.test, b@partner.test\r\n\r\nx\r\n")
     assert two == {"error": ["MALFORMED",

@@ -357,6 +357,8 @@ def _check_options(headers: list[_Header], domain: str) -> None:
     given_id = _first([h for h in headers if h.value], "Message-ID")
     if given_id is not None:
         problem = sendoptions.message_id_problem(given_id.value, domain)
+        if problem is None and not given_id.value.startswith("<"):
+            problem = "it must be enclosed in angle brackets: <unique-part@domain>"
         if problem is not None:
             raise SendError("MALFORMED", f"invalid Message-ID '{given_id.value}': {problem}")
     reply_to = _first(headers, "Reply-To")

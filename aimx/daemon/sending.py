@@ -198,7 +198,7 @@ def _keyed_send(daemon: Any, store: sendkeys.SendKeyStore, key: str, fingerprint
                 body: bytes, text_only: bool, html_body: bytes | None, caller_uid: int,
                 caller_pid: int | None) -> Any:
     reactor = daemon.reactor
-    record = yield _in_thread(reactor, store.lookup, caller_uid, key)
+    record = yield _store_call(reactor, store.lookup, caller_uid, key)
     if record is not None:
         if record.fingerprint != fingerprint or record.state == sendkeys.SENDING:
             log.info("send refused: uid=%s idempotency key %s conflicts (state=%s)",
@@ -213,7 +213,7 @@ def _keyed_send(daemon: Any, store: sendkeys.SendKeyStore, key: str, fingerprint
     def claim() -> defer.Deferred[Any]:
         nonlocal claimed
         claimed = True
-        return _in_thread(reactor, store.claim, caller_uid, key, fingerprint)
+        return _store_call(reactor, store.claim, caller_uid, key, fingerprint)
 
     try:
         message_id = yield _send(daemon, body, text_only, html_body, caller_uid, caller_pid,
@@ -229,6 +229,19 @@ def _keyed_send(daemon: Any, store: sendkeys.SendKeyStore, key: str, fingerprint
     yield _record(reactor, store.complete, caller_uid, key, sendkeys.SENT,
                   message_id=message_id)
     return message_id
+
+
+def _store_call(reactor: Any, func: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """Ask the key store before sending; when it cannot answer, nothing is sent (TEMP)."""
+    d = _in_thread(reactor, func, *args)
+
+    def failed(failure: Failure) -> None:
+        log.error("idempotency key store: %s failed: %s", func.__name__,
+                  failure.getErrorMessage())
+        raise error("TEMP", "the idempotency key store is not available (see the daemon "
+                            "log); nothing was sent")
+
+    return d.addErrback(failed)
 
 
 def _record(reactor: Any, func: Callable[..., Any], *args: Any, **kwargs: Any
