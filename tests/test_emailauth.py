@@ -386,8 +386,8 @@ def test_signature_parameters(resolver):
     # Every signed field once more than present: fields added later break the signature.
     assert [h.strip() for h in tags["h"].split(":")] == [
         "from", "from", "sender", "reply-to", "to", "to", "cc", "subject", "subject", "date",
-        "date", "message-id", "message-id", "in-reply-to", "references", "mime-version",
-        "mime-version", "content-type", "content-type"]
+        "date", "message-id", "message-id", "in-reply-to", "references", "auto-submitted",
+        "mime-version", "mime-version", "content-type", "content-type"]
 
 
 @pytest.mark.parametrize("added", [

@@ -275,7 +275,8 @@ def test_tools_list_has_exactly_the_twelve_tools(daemon, users):
     }
     assert list(by_name["email_send"].input_schema["properties"]) == [
         "from_mailbox", "to", "subject", "reply_to", "body", "attachments", "references",
-        "text_only", "html_body"]
+        "text_only", "html_body", "reply_to_address", "message_id",
+        "idempotency_key", "auto_submitted"]
     for name in ("mailbox_create", "mailbox_delete", "email_mark_read", "email_mark_unread"):
         assert by_name[name].input_schema["additionalProperties"] is False
     assert set(by_name["email_list"].input_schema["properties"]) >= {

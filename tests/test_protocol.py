@@ -61,7 +61,8 @@ def test_large_body_travels_in_chunks_and_reassembles_exactly():
         b"body", b"body.2", b"body.3", b"body.4"]
     assert all(len(v) <= amp.MAX_VALUE_LENGTH for v in box.values())
     received = parse_request(Send, wire(dict(box)))
-    assert received == {"body": body, "text_only": True, "html_body": None}
+    assert received == {"body": body, "text_only": True, "html_body": None,
+                        "idempotency_key": None}
 
 
 def test_chunked_rows_round_trip_through_a_response_box():

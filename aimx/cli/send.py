@@ -23,7 +23,7 @@ ROOT_LOGIN_HINT = ("hint: you are logged in as root; run aimx send as the user w
 DAEMON_DOWN = "aimx daemon not running. Check 'systemctl status aimx'"
 # The codes a SEND can answer with; any other code means the reply is not understood.
 SEND_CODES = frozenset({"MALFORMED", "PROTOCOL", "DOMAIN", "MAILBOX", "EACCES",
-                        "BODY_TOO_LARGE", "SIGN", "TEMP", "DELIVERY"})
+                        "BODY_TOO_LARGE", "SIGN", "TEMP", "DELIVERY", "ECONFLICT"})
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -46,6 +46,18 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
                       help="send the body as plain text, no HTML part")
     kind.add_argument("--html-body", metavar="HTML",
                       help="use this HTML as the HTML part instead of rendering the body")
+    parser.add_argument("--reply-to-address", metavar="ADDRESS",
+                        help="Reply-To header: where answers should go (one address)")
+    parser.add_argument("--message-id", metavar="ID",
+                        help="use this Message-ID (<unique@your-domain>) instead of a "
+                             "generated one")
+    parser.add_argument("--idempotency-key", metavar="KEY",
+                        help="send at most once per key: a retry with the same key within 24 "
+                             "hours returns the first result and sends nothing (letters, "
+                             "digits, . _ : -, at most 128)")
+    parser.add_argument("--auto", action="store_true",
+                        help="mark the mail as automatic (Auto-Submitted: auto-generated); "
+                             "inside a hook run mail is marked auto-replied without it")
     return parser
 
 
@@ -57,12 +69,19 @@ def run(args: argparse.Namespace) -> int:
 
     from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
     from aimx.daemon.protocol import ApiError, Send
-    from aimx.mail import compose
+    from aimx.mail import compose, sendoptions
 
+    key = args.idempotency_key
+    if key is not None:
+        problem = sendoptions.idempotency_key_problem(key)
+        if problem is not None:
+            raise CommandError(f"Invalid idempotency key '{key}': {problem}", 1)
     try:
         message = compose.compose_message(
             from_addr=args.from_addr, to=args.to, subject=args.subject, body=args.body,
-            reply_to=args.reply_to, references=args.references, attachments=args.attachment)
+            reply_to=args.reply_to, references=args.references, attachments=args.attachment,
+            message_id=args.message_id, reply_to_address=args.reply_to_address,
+            auto_submitted=sendoptions.requested_auto_submitted(args.auto, os.environ))
     except compose.ComposeError as exc:
         raise CommandError(str(exc), 1) from None
 
@@ -70,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     html = compose.normalize_crlf(args.html_body) if args.html_body is not None else None
     try:
         reply = client.call(Send, body=message, text_only=True if args.text_only else None,
-                            html_body=html.encode("utf-8") if html is not None else None)
+                            html_body=html.encode("utf-8") if html is not None else None,
+                            idempotency_key=key)
     except DaemonDown as exc:
         # For send only a missing socket means "not running"; refused or denied is
         # a connect failure worth showing as it is.

@@ -59,6 +59,7 @@ from aimx.daemon.protocol import (
 )
 from aimx.logs import logger
 from aimx.mail.naming import check_email_id
+from aimx.mail.sendoptions import idempotency_key_problem
 from aimx.storage.index import count_emails
 from aimx.storage.layout import FOLDERS, mailbox_dir
 from aimx.version import version_info
@@ -611,14 +612,21 @@ class ApiProtocol(amp.AMP):
         return {"tag": info.tag, "git_hash": info.git_hash, "target": info.target,
                 "build_date": info.build_date}
 
-    def do_send(self, box, body: bytes, text_only: bool | None, html_body: bytes | None):
+    def do_send(self, box, body: bytes, text_only: bool | None, html_body: bytes | None,
+                idempotency_key: str | None = None):
         if text_only and html_body is not None:
             raise error("MALFORMED",
                         "AIMX/1 SEND: --text-only and --html-body are mutually exclusive")
+        if idempotency_key is not None:
+            problem = idempotency_key_problem(idempotency_key)
+            if problem is not None:
+                raise error("MALFORMED", f"invalid idempotency key {_q(idempotency_key)}: "
+                                         f"{problem}")
         send = getattr(self.daemon, "send", None)
         if send is None:
             raise error("TEMP", "sending is not available")
-        d = defer.maybeDeferred(send, body, bool(text_only), html_body, self.caller.uid)
+        d = defer.maybeDeferred(send, body, bool(text_only), html_body, self.caller.uid,
+                                caller_pid=self.caller.pid, idempotency_key=idempotency_key)
         d.addCallback(lambda message_id: {"message_id": message_id})
         return d
 

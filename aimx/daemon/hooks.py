@@ -497,6 +497,8 @@ class HookRunner:
         self._systemd_run = shutil.which("systemd-run") or "systemd-run"
         self._in_flight: set[defer.Deferred[Any]] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
+        #: Pids of the hook processes alive now, so SEND can tell mail sent from a hook.
+        self.running_pids: set[int] = set()
 
     # -- public API ---------------------------------------------------------
 
@@ -719,7 +721,13 @@ class HookRunner:
         except Exception as exc:
             return self._finished(job, started, sandbox=self.sandbox, exit_code=-1,
                                   error_kind="spawn-failed", error=str(exc))
-        yield proc.done
+        pid = proc.pid
+        if pid is not None:
+            self.running_pids.add(pid)
+        try:
+            yield proc.done
+        finally:
+            self.running_pids.discard(pid)
         exit_code = proc.exit_code if proc.exit_code is not None else -1
         timed_out = proc.timed_out
         if self.sandbox == SANDBOX_SYSTEMD and not timed_out and exit_code != 0:

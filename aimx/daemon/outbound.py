@@ -14,6 +14,8 @@ import email
 import email.message
 import email.policy
 import email.utils
+import hashlib
+import json
 import re
 import uuid
 from collections import Counter
@@ -26,7 +28,8 @@ import attrs
 
 from aimx import config as configmod
 from aimx.logs import kv, logger
-from aimx.mail import message
+from aimx.mail import message, sendoptions
+from aimx.mail.addressing import mailbox_problem
 from aimx.mail.compose import (
     CRLF,
     LINE_LIMIT,
@@ -348,6 +351,83 @@ def _check_recipient(to_value: str, recipient: str) -> None:
                             f"invalid recipient address '{invalid[0]}': {invalid[1]}")
 
 
+def _check_options(headers: list[_Header], domain: str) -> None:
+    """The headers an agent may choose beyond the parties: Message-ID, Reply-To and
+    Auto-Submitted are checked here because the daemon signs them for ``domain``."""
+    given_id = _first([h for h in headers if h.value], "Message-ID")
+    if given_id is not None:
+        problem = sendoptions.message_id_problem(given_id.value, domain)
+        if problem is None and not given_id.value.startswith("<"):
+            problem = "it must be enclosed in angle brackets: <unique-part@domain>"
+        if problem is not None:
+            raise SendError("MALFORMED", f"invalid Message-ID '{given_id.value}': {problem}")
+    reply_to = _first(headers, "Reply-To")
+    if reply_to is not None:
+        listed = addresses(reply_to.value)
+        if len(listed) != 1:
+            raise SendError("MALFORMED",
+                            f"Reply-To: must name exactly one address: {reply_to.value}")
+        problem = mailbox_problem(listed[0])
+        if problem is not None:
+            raise SendError("MALFORMED", f"invalid Reply-To address '{listed[0]}': {problem}")
+    auto = _first(headers, "Auto-Submitted")
+    if auto is not None:
+        problem = sendoptions.auto_submitted_problem(auto.value)
+        if problem is not None:
+            raise SendError("MALFORMED", f"invalid Auto-Submitted value '{auto.value}': "
+                                         f"{problem}")
+
+
+def _mark_hook_reply(headers: list[_Header]) -> list[_Header]:
+    """A message sent from inside a hook run is automatic (RFC 3834): it keeps an
+    automatic Auto-Submitted value its client chose, anything else becomes
+    ``auto-replied``, so the next server's loop guard sees it."""
+    current = _first(headers, "Auto-Submitted")
+    if current is not None and current.value.split(";", 1)[0].strip().lower() \
+            != sendoptions.AUTO_NO:
+        return headers
+    kept = [header for header in headers if header.name.lower() != "auto-submitted"]
+    value = sendoptions.AUTO_REPLIED
+    return [*kept, _Header("Auto-Submitted", f"Auto-Submitted: {value}")]
+
+
+#: Left out of an idempotent send's fingerprint: a client makes fresh ones for each attempt.
+_PER_ATTEMPT_HEADERS = frozenset({"date", "message-id"})
+
+
+def request_fingerprint(request_body: bytes, *, text_only: bool,
+                        html_body: bytes | None) -> str:
+    """A hash of what a SEND asks for, the same for every retry of one message.
+
+    Date, Message-ID and the MIME framing (boundaries, transfer encodings) differ
+    between two compositions of the same message, so the fingerprint covers the
+    other headers as unfolded values, the decoded text, each attachment's name,
+    type and content, and the format options.
+    """
+    digest = hashlib.sha256()
+    try:
+        text = request_body.decode("utf-8")
+        header_block, body_text = _split_request(text)
+        headers, _ = _parse_headers(header_block)
+        agent_text, files = _client_parts(request_body, headers, body_text or "")
+    except Exception:  # noqa: BLE001 - unparseable requests are compared byte for byte
+        digest.update(b"raw\0" + request_body)
+    else:
+        described = {
+            "headers": [[h.name.lower(), h.value] for h in headers
+                        if h.name.lower() not in _MIME_HEADERS | _PER_ATTEMPT_HEADERS],
+            "text": _LINE_BREAK.sub("\n", agent_text),
+            "files": [[name, kind, hashlib.sha256(data).hexdigest()]
+                      for name, kind, data in files],
+        }
+        digest.update(json.dumps(described, ensure_ascii=False, sort_keys=True).encode())
+    digest.update(b"\0text_only" if text_only else b"\0")
+    if html_body is not None:
+        digest.update(b"\0html\0" + _LINE_BREAK.sub("\n", html_body.decode(
+            "utf-8", "replace")).encode())
+    return digest.hexdigest()
+
+
 # --- the pipeline --------------------------------------------------------------------------
 
 
@@ -445,11 +525,13 @@ def _header_lines(headers: list[_Header], main: _Part, domain: str,
 
 def prepare_send(config: configmod.Config, request_body: bytes, *, text_only: bool,
                  html_body: bytes | None, caller_uid: int, key_pem: bytes,
+                 from_hook_run: bool = False,
                  now: datetime.datetime | None = None) -> PreparedSend:
     """Check, render, assemble and sign one SEND request (spec 30 §2.3–2.9).
 
     Raises ``SendError`` with the code and exact reason of the first failed check;
     nothing is written and nothing leaves the host before this returns.
+    ``from_hook_run``: the caller runs inside one of our hooks (``Auto-Submitted``).
     """
     if text_only and html_body is not None:
         raise SendError("MALFORMED", MUTUALLY_EXCLUSIVE)
@@ -468,6 +550,9 @@ def prepare_send(config: configmod.Config, request_body: bytes, *, text_only: bo
         raise SendError("MALFORMED", "outbound request header block is too large")
     if junk:
         raise SendError("MALFORMED", f"outbound request has a malformed header line: {junk[0]}")
+    _check_options(headers, config.domain)
+    if from_hook_run:
+        headers = _mark_hook_reply(headers)
 
     agent_text, files = _client_parts(request_body, headers, body_text)
     source = with_signature(_LINE_BREAK.sub("\n", agent_text), config.effective_signature)

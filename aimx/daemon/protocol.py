@@ -319,6 +319,7 @@ class Send(ApiCommand):
         (b"body", Chunked()),
         (b"text_only", Flag(optional=True)),
         (b"html_body", Chunked(optional=True)),
+        (b"idempotency_key", Unicode(optional=True)),
     ]
     response = [(b"message_id", Unicode())]
     capped = frozenset({b"body", b"html_body"})

@@ -14,6 +14,8 @@ from typing import Any
 
 from twisted.internet import defer, threads
 
+from aimx.daemon.hookjournal import hook_state_dir
+from aimx.daemon.sendkeys import SendKeyStore
 from aimx.logs import kv, logger
 
 log = logger("aimx::config")
@@ -52,6 +54,9 @@ class Daemon:
         self.tls_enabled = False
         self.draining = False
         self.in_flight: set[defer.Deferred[Any]] = set()
+        # Idempotent sends: the 24 h record on disk, and the keyed sends under way.
+        self.send_keys = SendKeyStore(hook_state_dir(config.data_dir))
+        self.sends_in_flight: dict[tuple[int, str], Any] = {}
 
     # -- config snapshots --------------------------------------------------
 
@@ -129,11 +134,17 @@ class Daemon:
     # -- sending --------------------------------------------------------------
 
     def send(self, body: bytes, text_only: bool, html_body: bytes | None,
-             caller_uid: int) -> defer.Deferred[str]:
-        """Run one SEND (checks, render, sign, deliver, sent copy); fires with the Message-ID."""
+             caller_uid: int, *, caller_pid: int | None = None,
+             idempotency_key: str | None = None) -> defer.Deferred[str]:
+        """Run one SEND (checks, render, sign, deliver, sent copy); fires with the Message-ID.
+
+        ``caller_pid`` (from SO_PEERCRED) tells a send from inside a hook run;
+        ``idempotency_key`` makes a retry return the first outcome instead of sending.
+        """
         from aimx.daemon import sending
 
-        return sending.send(self, body, text_only, html_body, caller_uid)
+        return sending.send(self, body, text_only, html_body, caller_uid,
+                            caller_pid=caller_pid, idempotency_key=idempotency_key)
 
     # -- work in flight (for the SIGTERM drain) ------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from email.header import Header
 from pathlib import Path
 
+from aimx.mail import sendoptions
 from aimx.mail.addressing import header_address, mailbox_problem
 
 CRLF = "\r\n"
@@ -205,6 +206,11 @@ def bracket_id(message_id: str) -> str:
     return message_id
 
 
+def _shown(value: str) -> str:
+    """A value for an error message: control characters such as CR and LF escaped."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
 def _strip_line_breaks(value: str) -> str:
     return value.replace("\r", "").replace("\n", "")
 
@@ -212,15 +218,29 @@ def _strip_line_breaks(value: str) -> str:
 def compose_message(*, from_addr: str, to: str, subject: str, body: str,
                     reply_to: str | None = None, references: str | None = None,
                     attachments: Sequence[Path | str] = (),
+                    message_id: str | None = None, reply_to_address: str | None = None,
+                    auto_submitted: str | None = None,
                     now: datetime.datetime | None = None) -> bytes:
     """The unsigned message a client hands to the daemon's SEND.
 
     ``reply_to`` is the Message-ID being answered (it sets In-Reply-To, not a
     Reply-To header); ``references`` is only used together with it.
+    ``reply_to_address`` is the Reply-To header; ``message_id`` replaces the
+    generated Message-ID; ``auto_submitted`` is an RFC 3834 value.
     """
     files = _read_attachments(attachments)
     for name, value in (("From", from_addr), ("To", to), ("Subject", subject)):
         check_header_value(name, value)
+    if reply_to_address is not None:
+        problem = sendoptions.reply_to_address_problem(reply_to_address)
+        if problem is not None:
+            raise ComposeError(f"Invalid Reply-To address '{_shown(reply_to_address)}': "
+                               f"{problem}")
+    if auto_submitted is not None:
+        problem = sendoptions.auto_submitted_problem(auto_submitted)
+        if problem is not None:
+            raise ComposeError(f"Invalid Auto-Submitted value '{_shown(auto_submitted)}': "
+                               f"{problem}")
     recipients = addresses(to)
     if len(recipients) > 1:
         raise ComposeError(
@@ -231,14 +251,25 @@ def compose_message(*, from_addr: str, to: str, subject: str, body: str,
     when = now or datetime.datetime.now(datetime.UTC)
     sender = bare_address(from_addr)
     id_domain = sender.split("@", 1)[1] if sender and sender.split("@", 1)[1] else "localhost"
+    if message_id is not None:
+        problem = sendoptions.message_id_problem(message_id, id_domain, explicit=True)
+        if problem is not None:
+            raise ComposeError(f"Invalid Message-ID '{_shown(message_id)}': {problem}")
+        own_id = sendoptions.bracketed(message_id)
+    else:
+        own_id = f"<{uuid.uuid4()}@{id_domain}>"
 
     headers = [
         "From: " + encode_address_list(from_addr),
         "To: " + encode_address_list(to),
         "Subject: " + encode_unstructured("Subject", subject),
         "Date: " + email.utils.format_datetime(when.astimezone(datetime.UTC)),
-        f"Message-ID: <{uuid.uuid4()}@{id_domain}>",
+        f"Message-ID: {own_id}",
     ]
+    if reply_to_address is not None:
+        headers.append("Reply-To: " + reply_to_address.strip())
+    if auto_submitted is not None:
+        headers.append("Auto-Submitted: " + auto_submitted.strip().lower())
     parent = _strip_line_breaks(reply_to or "").strip()
     if parent:
         parent = bracket_id(parent)

@@ -41,7 +41,7 @@ from aimx import __version__
 from aimx.daemon import protocol
 from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
 from aimx.logs import logger, setup_logging
-from aimx.mail import compose, frontmatter, naming
+from aimx.mail import compose, frontmatter, naming, sendoptions
 from aimx.storage.emailfiles import resolve_email_path
 from aimx.storage.index import iter_listing, list_page
 
@@ -87,6 +87,23 @@ _HTML_BODY = (
     "Your own finished HTML, sent verbatim as the HTML part; body becomes the plain-text "
     "part. Cannot be combined with text_only."
 )
+_REPLY_TO_ADDRESS = (
+    "Address that answers should go to (the Reply-To header), one bare address such as "
+    "desk@example.com. Not the same as reply_to, which names the message being answered.")
+_MESSAGE_ID = (
+    "Message-ID to send under instead of a generated one: <unique-part@domain>, where "
+    "domain is this server's mail domain (or a subdomain of it) and the unique part has at "
+    "least 8 characters. Set it when you need to know the id before sending.")
+_IDEMPOTENCY_KEY = (
+    "Makes the send safe to retry: within 24 hours, a second call with the same key and "
+    "the same message returns the first call's result and sends nothing; the same key with "
+    "a different message fails with [ECONFLICT]. Letters, digits and . _ : - (at most 128); "
+    "a UUID per message works. A temporary failure ([TEMP]) may be retried with the same "
+    "key; a permanent one ([DELIVERY]) is returned again.")
+_AUTO_SUBMITTED = (
+    "Mark the email as sent by an automatic process (Auto-Submitted: auto-generated) so "
+    "other systems do not auto-reply to it. Set it for notifications and reports you send "
+    "on your own; a hook run marks its mail auto-replied without it.")
 _EMAIL_ID = "Email id as listed by email_list (e.g. 2025-06-15-120000-hello)."
 _FOLDER = 'Folder: "inbox" (default) or "sent".'
 
@@ -222,7 +239,11 @@ TOOL_SPECS: tuple[ToolSpec, ...] = (
              "Full References chain (space-separated Message-IDs). Only used together with "
              "reply_to; ignored without it."),
          "text_only": _boolean(_TEXT_ONLY),
-         "html_body": _string(_HTML_BODY)},
+         "html_body": _string(_HTML_BODY),
+         "reply_to_address": _string(_REPLY_TO_ADDRESS),
+         "message_id": _string(_MESSAGE_ID),
+         "idempotency_key": _string(_IDEMPOTENCY_KEY),
+         "auto_submitted": _boolean(_AUTO_SUBMITTED)},
         required=("from_mailbox", "to", "subject", "body"),
     ),
     ToolSpec(
@@ -236,7 +257,11 @@ TOOL_SPECS: tuple[ToolSpec, ...] = (
          "id": _string("Id of the inbox email to answer (as listed by email_list)."),
          "body": _string(_MARKDOWN_BODY),
          "text_only": _boolean(_TEXT_ONLY),
-         "html_body": _string(_HTML_BODY)},
+         "html_body": _string(_HTML_BODY),
+         "reply_to_address": _string(_REPLY_TO_ADDRESS),
+         "message_id": _string(_MESSAGE_ID),
+         "idempotency_key": _string(_IDEMPOTENCY_KEY),
+         "auto_submitted": _boolean(_AUTO_SUBMITTED)},
         required=("mailbox", "id", "body"),
     ),
     ToolSpec(
@@ -569,6 +594,7 @@ class AimxTools:
             text_only=True if arguments.get("text_only") else None,
             html_body=(compose.normalize_crlf(html_body).encode("utf-8")
                        if html_body is not None else None),
+            idempotency_key=arguments.get("idempotency_key"),
         )
         return f"Email sent to {to}. Message-ID: {reply['message_id']}"
 
@@ -675,8 +701,24 @@ class AimxTools:
             raise ToolFailure(f"Cannot {verb} from '{mailbox}': {CATCHALL_REASON}")
         return address
 
+    @staticmethod
+    def _send_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The optional headers of email_send and email_reply, for ``compose_message``."""
+        key = arguments.get("idempotency_key")
+        if key is not None:
+            problem = sendoptions.idempotency_key_problem(key)
+            if problem is not None:
+                raise ToolFailure(f"Invalid idempotency key '{key}': {problem}")
+        return {
+            "message_id": arguments.get("message_id"),
+            "reply_to_address": arguments.get("reply_to_address"),
+            "auto_submitted": sendoptions.requested_auto_submitted(
+                arguments.get("auto_submitted") is True, os.environ),
+        }
+
     def email_send(self, arguments: dict[str, Any]) -> str:
         check_exclusive(arguments)
+        options = self._send_options(arguments)
         mailbox = arguments["from_mailbox"]
         address = self._sender_address(self.lookup(mailbox), mailbox, "send")
         to = arguments["to"]
@@ -685,7 +727,7 @@ class AimxTools:
                 from_addr=address, to=to, subject=arguments["subject"],
                 body=arguments["body"], reply_to=arguments.get("reply_to"),
                 references=arguments.get("references"),
-                attachments=arguments.get("attachments") or (),
+                attachments=arguments.get("attachments") or (), **options,
             )
         except compose.ComposeError as exc:
             raise ToolFailure(str(exc)) from None
@@ -693,6 +735,7 @@ class AimxTools:
 
     def email_reply(self, arguments: dict[str, Any]) -> str:
         check_exclusive(arguments)
+        options = self._send_options(arguments)
         mailbox, email_id = arguments["mailbox"], arguments["id"]
         check_email_id(email_id)
         row = self.lookup(mailbox)
@@ -709,7 +752,7 @@ class AimxTools:
         try:
             message = compose.compose_message(
                 from_addr=address, to=to, subject=subject, body=arguments["body"],
-                reply_to=in_reply_to, references=references,
+                reply_to=in_reply_to, references=references, **options,
             )
         except compose.ComposeError as exc:
             raise ToolFailure(str(exc)) from None

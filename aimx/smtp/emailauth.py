@@ -40,8 +40,9 @@ log = logger("aimx::auth")
 #: added later (a second From:, a Reply-To: pointing elsewhere) breaks it.
 #: MIME-Version and Content-Type are signed too (our choice over spec 30 §2.9):
 #: leaving them out would let a relay swap the body's interpretation unnoticed.
+#: Auto-Submitted is signed so no relay can strip or add the loop-guard marker.
 SIGNED_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID",
-                  "In-Reply-To", "References", "MIME-Version", "Content-Type")
+                  "In-Reply-To", "References", "Auto-Submitted", "MIME-Version", "Content-Type")
 
 
 class _ParsedFrom(Protocol):
