@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from aimx.daemon.hookjournal import hook_state_dir
 from aimx.mail import frontmatter
 from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
@@ -214,6 +215,9 @@ def test_automatic_mail_wakes_only_hooks_that_opt_in(dns, users, shared_dir) -> 
             found = stored(daemon, mailbox)
             assert {s: f[1].get("automatic") for s, f in found.items()} == {
                 s: reason for s, _e, _m, reason in cases}
+        # No crash-replay marker is left waiting for hooks that will never run.
+        pending = hook_state_dir(daemon.data_dir) / "hooks-pending"
+        assert wait_for(lambda: not pending.exists() or not any(pending.iterdir()))
 
 
 # -- the per-sender cap ---------------------------------------------------------------------
