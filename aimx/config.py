@@ -60,6 +60,9 @@ ROLE_MAILBOX_NAMES = (
 
 # Limits no single local user can exhaust (overridable in config.toml).
 DEFAULT_MAX_MAILBOXES_PER_USER = 10
+# The loop guard's cap: on_receive firings per (mailbox, sender) within a sliding window.
+DEFAULT_HOOK_RATE_LIMIT = 10
+DEFAULT_HOOK_RATE_WINDOW_SECS = 600
 DEFAULT_SOCKET_MAX_CONNECTIONS = 1024
 DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER = 64
 _MAILBOX_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -238,6 +241,7 @@ class Hook:
     fire_on_untrusted: bool = False
     timeout_secs: int = DEFAULT_HOOK_TIMEOUT
     type: str = "cmd"
+    fire_on_automatic: bool = False  # on_receive: also wake for automatic mail (loop guard)
 
     @property
     def effective_name(self) -> str:
@@ -269,6 +273,8 @@ class Mailbox:
         default=None, converter=_optional_tuple
     )
     allow_root_catchall: bool = False
+    hook_rate_limit: int | None = None  # None: the global value
+    hook_rate_window_secs: int | None = None
 
     def is_catchall(self, domain: str) -> bool:
         """Whether this mailbox takes mail for unknown local parts (``*@<domain>``)."""
@@ -307,6 +313,8 @@ class Config:
     socket_max_connections_per_user: int = DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER
     smtp_proxy_protocol: bool = False
     smtp_trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    hook_rate_limit: int = DEFAULT_HOOK_RATE_LIMIT
+    hook_rate_window_secs: int = DEFAULT_HOOK_RATE_WINDOW_SECS
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -343,6 +351,13 @@ class Config:
         if mailbox.trusted_senders is not None:
             return mailbox.trusted_senders
         return self.trusted_senders
+
+    def hook_rate(self, mailbox: Mailbox) -> tuple[int, int]:
+        """(firings allowed per sender, window in seconds) for ``mailbox``; 0 firings: no cap."""
+        limit = mailbox.hook_rate_limit
+        window = mailbox.hook_rate_window_secs
+        return (self.hook_rate_limit if limit is None else limit,
+                self.hook_rate_window_secs if window is None else window)
 
     @property
     def effective_signature(self) -> str:
@@ -410,15 +425,23 @@ _TOP_KEYS = (
     "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
     "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
     "smtp_proxy_protocol", "smtp_trusted_proxies",
+    "hook_rate_limit", "hook_rate_window_secs",
 )
 # Integer limits and the smallest value each accepts.
+_HOOK_RATE_KEYS = {
+    "hook_rate_limit": 0,
+    "hook_rate_window_secs": 1,
+}
 _LIMIT_KEYS = {
     "max_mailboxes_per_user": 0,
     "socket_max_connections": 1,
     "socket_max_connections_per_user": 1,
+    **_HOOK_RATE_KEYS,
 }
-_MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall")
-_HOOK_KEYS = ("name", "event", "type", "cmd", "fire_on_untrusted", "timeout_secs")
+_MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall",
+                 *_HOOK_RATE_KEYS)
+_HOOK_KEYS = ("name", "event", "type", "cmd", "fire_on_untrusted", "timeout_secs",
+              "fire_on_automatic")
 _UPGRADE_KEYS = ("release_manifest_url",)
 _TOP = "top-level table"
 
@@ -518,9 +541,9 @@ def _bool(value: Any, key: str, table: str) -> bool:
     return value
 
 
-def _limit(value: Any, key: str, minimum: int) -> int:
+def _limit(value: Any, key: str, minimum: int, table: str = _TOP) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _type_error(key, _TOP, "an integer", value)
+        raise _type_error(key, table, "an integer", value)
     if value < minimum:
         raise ConfigError(f"invalid {key} = {value}: must be at least {minimum}")
     return value
@@ -562,7 +585,7 @@ def _decode_hook(raw: Any, mailbox: str) -> Hook:
             fields[key] = event
         elif key == "cmd":
             fields[key] = _strings(value, key, table)
-        elif key == "fire_on_untrusted":
+        elif key in ("fire_on_untrusted", "fire_on_automatic"):
             fields[key] = _bool(value, key, table)
         else:  # timeout_secs
             if isinstance(value, bool) or not isinstance(value, int):
@@ -585,6 +608,8 @@ def _decode_mailbox_key(name: str, key: str, value: Any) -> dict[str, Any]:
         return {key: tuple(glob.lower() for glob in _strings(value, key, table))}
     if key == "allow_root_catchall":
         return {key: _bool(value, key, table)}
+    if key in _HOOK_RATE_KEYS:
+        return {key: _limit(value, key, _HOOK_RATE_KEYS[key], table)}
     # hooks
     if not isinstance(value, list):
         raise _type_error(key, table, "an array of tables", value)
@@ -851,6 +876,12 @@ def parse_config_text(
                 raise ConfigError(
                     f"hook '{hook.label}' on mailbox '{mailbox.name}' sets "
                     "`fire_on_untrusted = true` on event 'after_send': fire_on_untrusted is "
+                    "on_receive only", at=("mailboxes", mailbox.name, "hooks", index)
+                )
+            if hook.fire_on_automatic and hook.event == "after_send":
+                raise ConfigError(
+                    f"hook '{hook.label}' on mailbox '{mailbox.name}' sets "
+                    "`fire_on_automatic = true` on event 'after_send': fire_on_automatic is "
                     "on_receive only", at=("mailboxes", mailbox.name, "hooks", index)
                 )
     warnings: list[str] = []

@@ -156,6 +156,8 @@ def _hook_fields(hook: Hook) -> dict[str, Any]:
     fields["cmd"] = list(hook.cmd)
     if hook.fire_on_untrusted:
         fields["fire_on_untrusted"] = True
+    if hook.fire_on_automatic:
+        fields["fire_on_automatic"] = True
     if hook.timeout_secs != DEFAULT_HOOK_TIMEOUT:
         fields["timeout_secs"] = hook.timeout_secs
     return fields

@@ -338,6 +338,38 @@ def test_blank_or_missing_owner(tmp_path, owner_line):
     )
 
 
+def test_hook_rate_limits_default_read_and_overridden_per_mailbox(tmp_path):
+    config = load_config(write(tmp_path, HEAD + mailbox("alice")))
+    assert config.hook_rate(config.mailboxes["alice"]) == (10, 600)
+    text = (HEAD + "hook_rate_limit = 3\nhook_rate_window_secs = 60\n" + mailbox("alice")
+            + mailbox("bob", "hook_rate_limit = 0\n")
+            + mailbox("carol", "hook_rate_window_secs = 5\n"))
+    config = load_config(write(tmp_path, text))
+    assert [config.hook_rate(config.mailboxes[name]) for name in ("alice", "bob", "carol")] == [
+        (3, 60), (0, 60), (3, 5)]
+    assert load_error(tmp_path, HEAD + "hook_rate_limit = -1\n") == (
+        "invalid hook_rate_limit = -1: must be at least 0")
+    assert load_error(tmp_path, HEAD + mailbox("alice", "hook_rate_window_secs = 0\n")) == (
+        "invalid hook_rate_window_secs = 0: must be at least 1")
+    assert load_error(tmp_path, HEAD + mailbox("alice", 'hook_rate_limit = "10"\n')) == (
+        "invalid type for 'hook_rate_limit' in [mailboxes.alice]: expected an integer, "
+        "found string")
+
+
+def test_fire_on_automatic_is_read_and_on_receive_only(tmp_path):
+    config = load_config(write(tmp_path, HEAD + mailbox("alice") + hook(
+        ECHO + "\nfire_on_automatic = true") + hook('event = "on_receive"\ncmd = ["/bin/x"]')))
+    assert [h.fire_on_automatic for h in config.mailboxes["alice"].hooks] == [True, False]
+    body = 'name = "x"\nevent = "after_send"\ncmd = ["/bin/x"]\nfire_on_automatic = true'
+    assert load_error(tmp_path, HEAD + mailbox("alice") + hook(body)) == (
+        "hook 'x' on mailbox 'alice' sets `fire_on_automatic = true` on event "
+        "'after_send': fire_on_automatic is on_receive only")
+    assert load_error(tmp_path, HEAD + mailbox("alice") + hook(
+        ECHO + '\nfire_on_automatic = "yes"')) == (
+        "invalid type for 'fire_on_automatic' in [[mailboxes.alice.hooks]]: expected a "
+        "boolean, found string")
+
+
 def test_trust_values(tmp_path):
     assert load_error(tmp_path, HEAD + 'trust = "all"\n') == (
         "invalid top-level trust value 'all': expected one of [\"none\", \"verified\"]"

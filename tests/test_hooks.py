@@ -54,12 +54,15 @@ def build_config(spec: dict[str, Any]) -> Config:
     for name, box in spec["mailboxes"].items():
         hooks = [Hook(event=h["event"], cmd=h["cmd"], name=h.get("name"),
                       fire_on_untrusted=h.get("fire_on_untrusted", False),
+                      fire_on_automatic=h.get("fire_on_automatic", False),
                       timeout_secs=h.get("timeout_secs", 60))
                  for h in box.get("hooks", ())]
         mailboxes.append(Mailbox(name=name, address=box.get("address", f"{name}@{DOMAIN}"),
                                  owner=box["owner"], hooks=hooks))
+    limits = {key: spec[key] for key in ("hook_rate_limit", "hook_rate_window_secs")
+              if key in spec}
     return Config(path="/nonexistent/config.toml", domain=spec.get("domain", DOMAIN),
-                  mailboxes=mailboxes)
+                  mailboxes=mailboxes, **limits)
 
 
 # --------------------------------------------------------------------------
@@ -451,7 +454,8 @@ def test_200_emails_run_once_each_never_more_than_the_bound(tmp_path):
     out.mkdir()
     config = {"mailboxes": {"a": {"owner": ME, "hooks": [hook(
         f"echo $AIMX_ID start $(date +%s.%N) >> {out}/log; sleep 1;"
-        f" echo $AIMX_ID end $(date +%s.%N) >> {out}/log", name="busy")]}}}
+        f" echo $AIMX_ID end $(date +%s.%N) >> {out}/log", name="busy")]}},
+        "hook_rate_limit": 0}  # one sender, 200 emails: this test is about the bound
     fires = [receive("a", message_id=f"n{i}@example.com", email_id=f"e{i:03d}")
              for i in range(200)]
     run = run_driver(tmp_path, {"config": config, "max_running": 16, "fires": fires},

@@ -31,7 +31,8 @@ from tests.support.users import ensure_user
 
 AIMX = Path(sys.executable).parent / "aimx"
 PLAIN_KEYS = ["id", "message_id", "thread_id", "from", "to", "delivered_to", "subject", "date",
-              "received_at", "size_bytes", "dkim", "spf", "dmarc", "trusted", "mailbox", "read"]
+              "received_at", "size_bytes", "dkim", "spf", "dmarc", "trusted", "mailbox", "read",
+              "trust_reason"]  # after every key the spec orders
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,7 @@ def test_flat_message_file(instance: Instance) -> None:
     assert fm["date"] == "2025-01-01T12:00:00Z"
     assert fm["size_bytes"] == len(raw)
     assert (fm["dkim"], fm["spf"], fm["dmarc"], fm["trusted"]) == ("none",) * 4
+    assert fm["trust_reason"] == "policy_none"
     assert fm["mailbox"] == "alice" and fm["read"] is False
     received = datetime.datetime.fromisoformat(fm["received_at"].replace("Z", "+00:00"))
     assert before - datetime.timedelta(seconds=1) <= received <= datetime.datetime.now(

@@ -172,7 +172,8 @@ def test_kill_9_under_eight_sessions_loses_nothing_acknowledged_and_never_double
     fired = marks / "fired.log"
     hook = {"event": "on_receive", "fire_on_untrusted": True, "cmd": [
         "/bin/sh", "-c", f'cat >/dev/null; echo "$AIMX_MESSAGE_ID" >> {fired}']}
-    config = config_for(owner, zone.address, hooks=[hook])
+    config = config_for(owner, zone.address, hooks=[hook],
+                        hook_rate_limit=0)  # one sender, every message should fire
     env = {"AIMX_TEST_PAUSE_BEFORE_RENAME": "0.01"}
     try:
         with RunningDaemon(config, env=env) as daemon:

@@ -18,6 +18,10 @@ class Mailbox:
     name: str = "agent"
     trust: str | None = None
     trusted_senders: tuple[str, ...] | None = None
+    address: str = "agent@test.com"
+
+    def is_catchall(self, domain: str) -> bool:
+        return self.address.lower() == f"*@{domain}"
 
 
 @attrs.frozen
@@ -26,6 +30,7 @@ class Config:
 
     trust: str = "verified"
     trusted_senders: tuple[str, ...] = ("*@company.com",)
+    domain: str = "test.com"
 
     def effective_trust(self, mb: Mailbox) -> str:
         return mb.trust if mb.trust is not None else self.trust
@@ -44,9 +49,14 @@ SIGNED = AuthResults("pass", "pass", "pass", ("company.com",))
 UNSIGNED_FAIL = AuthResults("fail", "pass", "fail", ())
 
 
+def verdict(from_: str, auth: AuthResults = SIGNED, config: Config | None = None,
+            mailbox: Mailbox | None = None) -> trust.Verdict:
+    return trust.evaluate(config or Config(), mailbox or Mailbox(), Parsed(from_), auth)
+
+
 def gate(from_: str, auth: AuthResults = SIGNED, config: Config | None = None,
          mailbox: Mailbox | None = None) -> str:
-    return trust.evaluate(config or Config(), mailbox or Mailbox(), Parsed(from_), auth)
+    return verdict(from_, auth, config, mailbox).trusted
 
 
 # spec 20 §12, trust cases (verified, ["*@company.com"])
@@ -157,5 +167,31 @@ def test_each_evaluation_logged(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "aimx::trust"]
     assert len(lines) == 1
     for part in ("policy=verified", "sender=boss@company.com", "dkim=pass", "match=true",
-                 "aligned=false", "result=false"):
+                 "aligned=false", "result=false", "reason=dkim_not_aligned"):
         assert part in lines[0]
+
+
+# Why not trusted: each reason for the message that causes it, checks in order.
+
+NO_SIGNATURE = AuthResults("none", "pass", "none", ())
+
+
+@pytest.mark.parametrize(("from_", "auth", "config", "mailbox", "expected"), [
+    ("Boss <boss@company.com>", SIGNED, Config(), Mailbox(), ("true", "trusted")),
+    ("Boss <boss@company.com>", SIGNED, Config(trust="none"), Mailbox(), ("none", "policy_none")),
+    ("Boss <boss@company.com>", SIGNED, Config(), Mailbox(trust="none"),
+     ("none", "policy_none")),
+    ("Boss <boss@company.com>", SIGNED, Config(), Mailbox(name="catchall", address="*@TEST.com"),
+     ("false", "catchall")),
+    ("Eve <eve@other.com>", SIGNED, Config(), Mailbox(), ("false", "sender_not_allowed")),
+    ("", SIGNED, Config(), Mailbox(), ("false", "sender_not_allowed")),
+    ("Eve <eve@other.com>", UNSIGNED_FAIL, Config(), Mailbox(), ("false", "sender_not_allowed")),
+    ("Boss <boss@company.com>", NO_SIGNATURE, Config(), Mailbox(), ("false", "no_dkim")),
+    ("Boss <boss@company.com>", UNSIGNED_FAIL, Config(), Mailbox(), ("false", "dkim_failed")),
+    ("Boss <boss@company.com>", AuthResults("pass", "pass", "fail", ("evil.org",)), Config(),
+     Mailbox(), ("false", "dkim_not_aligned")),
+])
+def test_every_verdict_names_its_reason(from_, auth, config, mailbox, expected):
+    result = verdict(from_, auth, config, mailbox)
+    assert (result.trusted, result.reason) == expected
+    assert result.reason in trust.REASONS

@@ -379,6 +379,8 @@ def show_text(mailbox: Any, trust: str, senders: list[str],
             line = f"    - {hook.effective_name}  cmd: {compact_cmd(list(hook.cmd))}"
             if hook.fire_on_untrusted:
                 line += "   [fire_on_untrusted=true]"
+            if hook.fire_on_automatic:
+                line += "   [fire_on_automatic=true]"
             out.append(line)
     inbox_total, inbox_unread, sent_total = counts
     out += ["", term.style("Messages", "bold"),

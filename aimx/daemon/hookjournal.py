@@ -140,13 +140,25 @@ class PendingHooks:
         return found
 
 
+def receive_skip_reason(hook: Any, fields: Any) -> str | None:
+    """Why an ``on_receive`` hook does not wake for a stored email (the trust gate, then
+    the loop guard's automatic-mail rule), or None when it does."""
+    trusted = str(fields.get("trusted") or "none")
+    if trusted != "true" and not hook.fire_on_untrusted:
+        return f"trusted={trusted} fire_on_untrusted=false"  # spec 40's wording
+    automatic = fields.get("automatic")
+    if automatic and not hook.fire_on_automatic:
+        return f"automatic={automatic} fire_on_automatic=false"
+    return None
+
+
 def has_receive_hooks(config: Any, mailbox_name: str, fields: Any) -> bool:
-    """Whether a stored email will run at least one ``on_receive`` hook (trust gate applied)."""
+    """Whether a stored email will run at least one ``on_receive`` hook (trust gate and
+    automatic-mail rule applied; the firing cap is decided when the hooks fire)."""
     mailbox = config.mailboxes.get(mailbox_name)
     if mailbox is None or mailbox.is_catchall(config.domain):
         return False
-    trusted = str(fields.get("trusted") or "none") == "true"
-    return any(hook.event == ON_RECEIVE and (trusted or hook.fire_on_untrusted)
+    return any(hook.event == ON_RECEIVE and receive_skip_reason(hook, fields) is None
                for hook in mailbox.hooks)
 
 

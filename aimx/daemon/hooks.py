@@ -22,6 +22,11 @@ different emails run concurrently, at most ``max_running`` hook processes
 at once across the daemon. ``on_receive`` fires at most once per
 (mailbox, Message-ID) in 24 h, remembered on disk (``hookjournal``) so a
 restart or a concurrent ``aimx ingest`` does not fire again.
+
+Loop guard (``aimx.mail.loopguard``): automatic mail wakes only hooks with
+``fire_on_automatic``, and ``on_receive`` fires at most ``hook_rate_limit``
+times per (mailbox, sender) within ``hook_rate_window_secs``, counted in
+memory by this runner. Every suppression is logged with its reason.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ from twisted.internet.process import ProcessReader
 from twisted.python import failure
 
 from aimx.config import AFTER_SEND, ON_RECEIVE
-from aimx.daemon.hookjournal import FiredLog, PendingHooks
+from aimx.daemon.hookjournal import FiredLog, PendingHooks, receive_skip_reason
 from aimx.logs import logger
+from aimx.mail.loopguard import FiringCap
+from aimx.mail.trust import sender_address
 
 log = logger("aimx::hook")
 
@@ -134,6 +141,7 @@ class _HookLike(Protocol):
     event: str
     cmd: Sequence[str]
     fire_on_untrusted: bool
+    fire_on_automatic: bool
     timeout_secs: int
 
     @property
@@ -499,6 +507,7 @@ class HookRunner:
         self._idle_waiters: list[defer.Deferred[None]] = []
         #: Pids of the hook processes alive now, so SEND can tell mail sent from a hook.
         self.running_pids: set[int] = set()
+        self._cap = FiringCap()
 
     # -- public API ---------------------------------------------------------
 
@@ -599,15 +608,14 @@ class HookRunner:
             return defer.succeed([])  # a duplicate stores nothing and fires nothing
         mailbox, hooks = self._hooks(config, mailbox_name, ON_RECEIVE)
         fields = result.fields
-        trusted = str(fields.get("trusted") or "none")
         eligible = []
         for hook in hooks:
-            if trusted == "true" or hook.fire_on_untrusted:
+            skip = receive_skip_reason(hook, fields)
+            if skip is None:
                 eligible.append(hook)
             else:
                 log.info(f"hook_name={hook.effective_name} event={ON_RECEIVE} "
-                         f"mailbox={mailbox_name} skipped: trusted={trusted} "
-                         "fire_on_untrusted=false")
+                         f"mailbox={mailbox_name} skipped: {skip}")
         if not eligible:
             return defer.succeed([])
         filepath = str(result.path or "")
@@ -626,8 +634,19 @@ class HookRunner:
             self._in_thread(self.pending.remove, filepath).addErrback(
                 lambda f: log.warning(f"hook pending marker for {filepath}: "
                                       f"{f.getErrorMessage()}"))
+        limit, window = config.hook_rate(mailbox)
+        sender = sender_address(str(fields.get("from") or ""))
+
+        def run_within_cap() -> Any:
+            if self._cap.admit((mailbox_name, sender), limit, window, self._reactor.seconds()):
+                return self._run_in_order(jobs)
+            log.warning(f"event={ON_RECEIVE} mailbox={mailbox_name} sender={sender or '-'} "
+                        f"{log_id_field(email_id, message_id)} skipped: hook rate limit "
+                        f"reached ({limit} firings per {window}s from this sender)")
+            return []
+
         if not message_id:
-            return self._run_in_order(jobs)
+            return defer.maybeDeferred(run_within_cap)
         claimed = self._in_thread(self.fired.claim, mailbox_name, message_id)
 
         def unrecorded(reason: failure.Failure) -> bool:
@@ -640,7 +659,7 @@ class HookRunner:
 
         def decide(first_time: bool) -> Any:
             if first_time:
-                return self._run_in_order(jobs)
+                return run_within_cap()
             log.info(f"event={ON_RECEIVE} mailbox={mailbox_name} message_id={message_id} "
                      "skipped: hooks already fired for this Message-ID within 24h")
             return []

@@ -28,6 +28,8 @@ INBOUND_KEYS: tuple[str, ...] = (
     "in_reply_to", "references", "list_id", "auto_submitted",
     "dkim", "spf", "dmarc", "trusted",
     "mailbox", "read", "read_at", "labels",
+    # Beyond the spec's order, so readers that know only the spec's keys are unaffected.
+    "trust_reason", "automatic",
 )  # then [[attachments]]
 
 SENT_KEYS: tuple[str, ...] = (

@@ -91,6 +91,7 @@ class ParsedMessage:
     attachments: tuple[Attachment, ...]
     from_addresses: tuple[str, ...]
     size_bytes: int
+    precedence: str | None = None  # not stored; the loop guard reads it
 
     def header_fields(self) -> dict[str, object]:
         """The frontmatter keys this message decides, named as in the file (spec 20 §7.2)."""
@@ -791,4 +792,5 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         attachments=tuple(attachments),
         from_addresses=tuple(address for _name, address in from_pairs),
         size_bytes=len(raw),
+        precedence=_trimmed(headers.get("precedence")),
     )

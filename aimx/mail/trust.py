@@ -4,7 +4,12 @@
 ``trusted_senders`` allow-list, and a DKIM signature that verified was made
 by the From domain's own organisation (relaxed alignment). The second part
 is what stops a valid signature from some unrelated domain vouching for a
-forged ``From: boss@company.com``. Pure logic: no DNS, no Twisted.
+forged ``From: boss@company.com``. Mail routed to the catchall is never
+trusted: no agent asked for it, and the catchall runs no hooks.
+
+Every verdict carries the reason for it (one of :data:`REASONS`), so an
+agent reading the file can tell why a message did not wake its hooks.
+Pure logic: no DNS, no Twisted.
 """
 
 from __future__ import annotations
@@ -14,10 +19,31 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
+
 from aimx.logs import kv, logger
 from aimx.mail.authresults import AuthResults, aligned
 
 log = logger("aimx::trust")
+
+# Why a message got its ``trusted`` value, in the order the gate checks them.
+POLICY_NONE = "policy_none"  # the mailbox's trust policy is `none`: nothing evaluated
+CATCHALL = "catchall"  # routed to the catchall, which is never trusted
+SENDER_NOT_ALLOWED = "sender_not_allowed"  # From matches no trusted_senders pattern
+NO_DKIM = "no_dkim"  # the message carries no DKIM signature
+DKIM_FAILED = "dkim_failed"  # signatures present, none verified
+DKIM_NOT_ALIGNED = "dkim_not_aligned"  # a signature verified, but for another organisation
+TRUSTED = "trusted"
+REASONS = (POLICY_NONE, CATCHALL, SENDER_NOT_ALLOWED, NO_DKIM, DKIM_FAILED, DKIM_NOT_ALIGNED,
+           TRUSTED)
+
+
+@attrs.frozen
+class Verdict:
+    """The gate's answer: the stored ``trusted`` value and the reason for it."""
+
+    trusted: str  # "none" | "true" | "false"
+    reason: str  # one of REASONS
 
 
 def sender_address(from_field: str) -> str:
@@ -91,23 +117,38 @@ def _domain_of(address: str) -> str:
     return domain.rstrip(".").lower() if at else ""
 
 
-def evaluate(config: Any, mailbox: Any, parsed: Any, auth: AuthResults) -> str:
-    """``"none"`` | ``"true"`` | ``"false"`` for one message delivered to ``mailbox``."""
+def _reason(config: Any, mailbox: Any, sender: str, auth: AuthResults) -> str:
+    """The first check a ``verified`` mailbox's message fails, or ``trusted``."""
+    if mailbox.is_catchall(config.domain):
+        return CATCHALL
+    if not sender or not matches_any(sender, config.effective_senders(mailbox)):
+        return SENDER_NOT_ALLOWED
+    if auth.dkim == "none":
+        return NO_DKIM
+    if auth.dkim != "pass":
+        return DKIM_FAILED
+    if not any(aligned(d, _domain_of(sender)) for d in auth.dkim_domains):
+        return DKIM_NOT_ALIGNED
+    return TRUSTED
+
+
+def evaluate(config: Any, mailbox: Any, parsed: Any, auth: AuthResults) -> Verdict:
+    """The verdict for one message delivered to ``mailbox``."""
     policy = config.effective_trust(mailbox)
-    if policy == "none":
-        log.debug("mailbox=%s policy=none result=none", kv(mailbox.name))
-        return "none"
+    if policy != "verified":
+        # `none` is the only other policy the config accepts; anything else is "false".
+        verdict = Verdict("none" if policy == "none" else "false", POLICY_NONE)
+        log.debug("mailbox=%s policy=%s result=%s reason=%s", kv(mailbox.name), kv(policy),
+                  verdict.trusted, verdict.reason)
+        return verdict
     sender = sender_address(parsed.from_ or "")
-    match = aligned_ok = False
-    if policy == "verified":
-        match = bool(sender) and matches_any(sender, config.effective_senders(mailbox))
-        domain = _domain_of(sender)
-        aligned_ok = auth.dkim == "pass" and any(aligned(d, domain) for d in auth.dkim_domains)
-    result = "true" if match and aligned_ok else "false"
-    log.info("mailbox=%s policy=%s sender=%s dkim=%s match=%s aligned=%s result=%s",
+    reason = _reason(config, mailbox, sender, auth)
+    verdict = Verdict("true" if reason == TRUSTED else "false", reason)
+    match = reason not in (CATCHALL, SENDER_NOT_ALLOWED)
+    log.info("mailbox=%s policy=%s sender=%s dkim=%s match=%s aligned=%s result=%s reason=%s",
              kv(mailbox.name), kv(policy), kv(sender or "-"), auth.dkim,
-             str(match).lower(), str(aligned_ok).lower(), result)
-    return result
+             str(match).lower(), str(reason == TRUSTED).lower(), verdict.trusted, reason)
+    return verdict
 
 
-__all__ = ["evaluate", "matches_any", "sender_address"]
+__all__ = ["REASONS", "Verdict", "evaluate", "matches_any", "sender_address"]

@@ -201,7 +201,9 @@ TOOL_SPECS: tuple[ToolSpec, ...] = (
     ToolSpec(
         "email_read",
         "Read one email: the whole stored Markdown file, a TOML frontmatter block (headers, "
-        "DKIM/SPF/DMARC results, trusted, read state, attachments) followed by the body.",
+        "DKIM/SPF/DMARC results, trusted and trust_reason (why it is or is not trusted), "
+        "automatic (set for auto-replies, list mail and bounces), read state, attachments) "
+        "followed by the body.",
         {"mailbox": _string("Mailbox name."),
          "id": _string(_EMAIL_ID),
          "folder": _string(_FOLDER)},

@@ -20,7 +20,7 @@ import attrs
 
 from aimx.config import Config
 from aimx.logs import kv, logger
-from aimx.mail import trust
+from aimx.mail import loopguard, trust
 from aimx.mail.authresults import AuthResults
 from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
 from aimx.smtp import dnsresolve, emailauth
@@ -53,6 +53,7 @@ class Analysis:
     peer_ip: str | None
     received_at: datetime.datetime
     size_bytes: int
+    mail_from: str | None = None  # envelope sender; "" is MAIL FROM:<>, None no envelope
 
 
 @attrs.frozen
@@ -119,10 +120,11 @@ def analyse(
     auth = step(config, raw, parsed, peer_ip=peer_ip if is_real_peer(peer_ip) else None,
                 mail_from=mail_from, helo=helo)
     return Analysis(raw=raw, parsed=parsed, auth=auth, peer_ip=peer_ip,
-                    received_at=received_at, size_bytes=len(raw))
+                    received_at=received_at, size_bytes=len(raw), mail_from=mail_from)
 
 
-def build_fields(analysis: Analysis, mailbox: str, rcpt: str, trusted: str) -> dict[str, Any]:
+def build_fields(analysis: Analysis, mailbox: str, rcpt: str,
+                 verdict: trust.Verdict) -> dict[str, Any]:
     """The inbound frontmatter (spec 20 §7.2) without ``id`` and ``attachments``.
 
     Optional keys are left out when empty; ``render_email`` fixes the order.
@@ -151,9 +153,23 @@ def build_fields(analysis: Analysis, mailbox: str, rcpt: str, trusted: str) -> d
     fields["dkim"] = analysis.auth.dkim
     fields["spf"] = analysis.auth.spf
     fields["dmarc"] = analysis.auth.dmarc
-    fields["trusted"] = trusted
+    fields["trusted"] = verdict.trusted
     fields["mailbox"] = mailbox
     fields["read"] = False
+    fields.update(loop_guard_fields(analysis, verdict))
+    return fields
+
+
+def loop_guard_fields(analysis: Analysis, verdict: trust.Verdict) -> dict[str, str]:
+    """The keys beyond the spec's: why the message is (not) trusted, and whether it
+    is automatic mail (which wakes no hook unless the hook opts in)."""
+    parsed = analysis.parsed
+    fields = {"trust_reason": verdict.reason}
+    automatic = loopguard.automatic_reason(
+        auto_submitted=parsed.auto_submitted, precedence=parsed.precedence,
+        list_id=parsed.list_id, mail_from=analysis.mail_from)
+    if automatic:
+        fields["automatic"] = automatic
     return fields
 
 
@@ -187,7 +203,8 @@ def deliver(
                  kv(mailbox.name), kv(message_id))
         return IngestResult("duplicate", mailbox.name, None, None, fields)
     fields = stored.fields or {"id": stored.id, **fields}
-    log.info("stored mailbox=%s id=%s message_id=%s size=%d dkim=%s spf=%s dmarc=%s trusted=%s",
-             kv(mailbox.name), kv(stored.id), kv(message_id), analysis.size_bytes,
-             fields["dkim"], fields["spf"], fields["dmarc"], verdict)
+    log.info("stored mailbox=%s id=%s message_id=%s size=%d dkim=%s spf=%s dmarc=%s trusted=%s "
+             "trust_reason=%s automatic=%s", kv(mailbox.name), kv(stored.id), kv(message_id),
+             analysis.size_bytes, fields["dkim"], fields["spf"], fields["dmarc"],
+             verdict.trusted, verdict.reason, fields.get("automatic") or "-")
     return IngestResult("stored", mailbox.name, stored.id, stored.path, fields)
