@@ -85,7 +85,8 @@ def _send(daemon: Any, body: bytes, text_only: bool, html_body: bytes | None,
     try:
         prepared = yield _in_thread(
             reactor, outbound.prepare_send, config, body, text_only=text_only,
-            html_body=html_body, caller_uid=caller_uid, key_pem=daemon.dkim_key_pem)
+            html_body=html_body, caller_uid=caller_uid, key_pem=daemon.dkim_key_pem,
+            selector=daemon.dkim_selector)
     except outbound.SendError as exc:
         log.info("send refused: uid=%s code=%s reason=%s", caller_uid, exc.code, kv(exc.reason))
         raise error(exc.code, exc.reason) from None

@@ -362,19 +362,43 @@ def other_checks(config: Config, probes: Probes) -> list[Finding]:
 
 # --------------------------------------------------------------------------- sections
 
+def signing_key_files(config: Config) -> tuple[Path, Path]:
+    return dkimkeys.key_files(config.dkim_selector, config.dkim_selector)
+
+
 def configuration_section(config: Config) -> list[str]:
-    dkim = "present" if dkimkeys.key_exists() else "MISSING - run `aimx dkim-keygen`"
+    present = signing_key_files(config)[0].exists()
+    dkim = "present" if present else "MISSING - run `aimx dkim-keygen`"
     senders = ", ".join(config.trusted_senders) if config.trusted_senders else "(none)"
-    return [
+    lines = [
         heading("Configuration"),
         field("Domain", config.domain),
         field("Config file", str(config.path)),
         field("Data directory", str(config.data_dir)),
         field("DKIM selector", config.dkim_selector),
         field("DKIM key", dkim),
+    ]
+    others = [name for name in dkimkeys.selectors(config.dkim_selector)
+              if name != config.dkim_selector]
+    if others:
+        lines.append(field("DKIM keys", f"{config.dkim_selector} (signing), "
+                                        + ", ".join(others)))
+    return lines + [
         field("Global trust", config.trust),
         field("Trusted senders", senders),
     ]
+
+
+def other_selector_checks(config: Config, resolver: object) -> list[dnscheck.DnsCheck]:
+    """One DNS line per key that does not sign (yet, or any more)."""
+    checks = []
+    for name in dkimkeys.selectors(config.dkim_selector):
+        if name == config.dkim_selector:
+            continue
+        public = dkimkeys.local_public_b64(files=dkimkeys.key_files(name, config.dkim_selector))
+        checks.append(dnscheck.check_dkim_key(resolver, config.domain, name, public,
+                                              label=f"DKIM {name} (not signing)"))
+    return checks
 
 
 def service_section(probes: Probes) -> list[str]:
@@ -450,7 +474,7 @@ def dns_section(config: Config, probes: Probes) -> list[str]:
     ipv4, ipv6 = probes.addresses()
     if ipv4 is None:
         return lines + ["  skipped - could not determine server IP"]
-    local_key = dkimkeys.local_public_b64()
+    local_key = dkimkeys.local_public_b64(files=signing_key_files(config))
     try:
         resolver = probes.resolver(config.dns_resolvers)
     except dnsresolve.DnsError as exc:
@@ -458,6 +482,7 @@ def dns_section(config: Config, probes: Probes) -> list[str]:
     checks = dnscheck.check_dns(resolver, config.domain, ipv4, ipv6=ipv6,
                                 enable_ipv6=config.enable_ipv6, selector=config.dkim_selector,
                                 dkim_public_b64=local_key)
+    checks += other_selector_checks(config, resolver)
     return lines + dnscheck.format_checks(checks, dkim_add_hint=local_key is not None)
 
 

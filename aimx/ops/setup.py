@@ -266,7 +266,7 @@ class Wizard:
         self.console.say()
         self.checklist()
         self.reentry = (self.system.service_running() and tlscert.cert_path().exists()
-                        and dkimkeys.key_exists())
+                        and self._dkim_files()[0].exists())
         if self.reentry:
             self.console.say("Existing aimx configuration detected. Skipping install, "
                              "proceeding to verification.")
@@ -363,11 +363,11 @@ class Wizard:
         ipv6 = ipv6 if self.enable_ipv6 else None
         # The key is made now because the record below must publish it, and kept:
         # a key the operator already put in DNS must survive an aborted run.
-        if not dkimkeys.key_exists():
+        if not self._dkim_files()[0].exists():
             self.console.say("Generating DKIM keypair...")
             self._generate_dkim()
             self.console.say("DKIM keypair generated.")
-        public = dkimkeys.local_public_b64()
+        public = dkimkeys.local_public_b64(files=self._dkim_files())
         self.console.say()
         self.console.say(term.style("DNS", "bold"))
         self.console.say("Add the following DNS records at your domain registrar:")
@@ -384,9 +384,13 @@ class Wizard:
         self._verify_dns(ipv4, ipv6, public)
         self.complete(number)
 
+    def _dkim_files(self) -> tuple[Path, Path]:
+        """The signing key's files (after a rotation, named by the selector)."""
+        return dkimkeys.key_files(self.selector, self.selector)
+
     def _generate_dkim(self) -> None:
         try:
-            dkimkeys.generate()
+            dkimkeys.install_keypair(dkimkeys.new_keypair(), files=self._dkim_files())
         except OSError as exc:
             raise SetupError(f"cannot write the DKIM key to {paths.dkim_dir()}: "
                              f"{exc.strerror or exc}") from exc
@@ -565,7 +569,7 @@ class Wizard:
         os.chmod(config_dir, 0o755)
         config, changed = self._write_config(data_dir, explicit)
         self._prepare_mailboxes(config, data_dir)
-        if dkimkeys.key_exists():
+        if self._dkim_files()[0].exists():
             self.console.say("DKIM keypair already exists.")
         else:
             self.console.say("Generating DKIM keypair...")
