@@ -460,3 +460,33 @@ def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_ski
     ]
     assert run.stderr == (f"Error: this command needs to read {daemon.config_path} "
                           "(root-owned). Re-run with sudo, or use a UDS-backed alternative.\n")
+
+
+def test_every_dkim_key_gets_a_dns_line_and_the_signing_one_is_named(healthy, fresh_zone, probes,
+                                                                      capsys):
+    """After ``aimx dkim-keygen --selector``: the new key's DNS state, the old one still signs."""
+    dkim = healthy["config"] / "dkim"
+    dkimkeys.install_keypair(other_keypair(), dkim, dkimkeys.key_files("s2", "aimx", dkim))
+    dkimkeys.install_keypair(dkimkeys.new_keypair(), dkim, dkimkeys.key_files("s3", "aimx", dkim))
+    fresh_zone.records[f"s3._domainkey.{DOMAIN}"] = [
+        ["TXT", f"v=DKIM1; k=rsa; p={keypair().public_b64}"]]  # someone else's key
+    fresh_zone.reload()
+    code, out, _err = run_doctor(capsys)
+    assert "  DKIM keys:        aimx (signing), s2, s3" in section(out, "Configuration")
+    assert section(out, "DNS") == [
+        "  A: [OK]",
+        "  MX: [OK]",
+        "  SPF: [OK]",
+        "  DKIM: [OK]",
+        "  DKIM s2 (not signing): [FAIL] - No DKIM record found",
+        f"         → Add: TXT  s2._domainkey.{DOMAIN}  v=DKIM1; k=rsa; "
+        f"p={other_keypair().public_b64}",
+        "  DKIM s3 (not signing): [FAIL] - DKIM record found but public key does not match "
+        "local key",
+        f"         → Add: TXT  s3._domainkey.{DOMAIN}  v=DKIM1; k=rsa; "
+        f"p={dkimkeys.local_public_b64(dkim, dkimkeys.key_files('s3', 'aimx', dkim))}",
+        "  DMARC: [OK]",
+    ]
+    assert code == 0
+    del fresh_zone.records[f"s3._domainkey.{DOMAIN}"]
+    fresh_zone.reload()

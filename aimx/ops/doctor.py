@@ -482,7 +482,8 @@ def dns_section(config: Config, probes: Probes) -> list[str]:
     checks = dnscheck.check_dns(resolver, config.domain, ipv4, ipv6=ipv6,
                                 enable_ipv6=config.enable_ipv6, selector=config.dkim_selector,
                                 dkim_public_b64=local_key)
-    checks += other_selector_checks(config, resolver)
+    after_dkim = next(i for i, check in enumerate(checks) if check.is_dkim) + 1
+    checks[after_dkim:after_dkim] = other_selector_checks(config, resolver)
     return lines + dnscheck.format_checks(checks, dkim_add_hint=local_key is not None)
 
 
