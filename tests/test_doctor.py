@@ -490,3 +490,62 @@ def test_every_dkim_key_gets_a_dns_line_and_the_signing_one_is_named(healthy, fr
     assert code == 0
     del fresh_zone.records[f"s3._domainkey.{DOMAIN}"]
     fresh_zone.reload()
+
+
+def test_on_a_private_address_doctor_asks_the_verifier_which_address_to_check(
+        instance_dirs, fresh_zone, probes, verifier, capsys):
+    write_config(instance_dirs, f'verify_host = "{verifier.url}"\n', resolver=fresh_zone.address)
+    dkimkeys.install_keypair(keypair(), instance_dirs["config"] / "dkim")
+    probes["addresses"] = ("100.64.3.4", None)  # carrier-grade NAT
+    _code, out, _err = run_doctor(capsys)
+    # The test verifier sees this machine on loopback, so that is the public address.
+    assert section(out, "DNS")[:2] == [
+        "  checking against public address 127.0.0.1 (this machine's address 100.64.3.4 is "
+        f"private; learned from the verifier at {verifier.url})",
+        f"  A: [FAIL] - A record points to [{IPV4}], expected 127.0.0.1",
+    ]
+
+    # --public-ip wins over asking.
+    assert main(["doctor", "--public-ip", IPV4]) == 0
+    lines = section(capsys.readouterr().out, "DNS")
+    assert lines[:4] == [f"  checking against public address {IPV4} (from --public-ip)",
+                         "  A: [OK]", "  MX: [OK]", "  SPF: [OK]"]
+
+
+def test_when_the_verifier_cannot_answer_doctor_says_so_and_uses_the_own_address(
+        instance_dirs, fresh_zone, probes, capsys):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        write_config(instance_dirs, f'verify_host = "{url}"\n', resolver=fresh_zone.address)
+        probes["addresses"] = ("10.1.2.3", None)
+        _code, out, _err = run_doctor(capsys)
+    finally:
+        closed.close()
+    first, second = section(out, "DNS")[:2]
+    assert first.startswith(f"  this machine's address 10.1.2.3 is private and the verifier at "
+                            f"{url} could not tell the public one (")
+    assert first.endswith("); checking against 10.1.2.3. Pass --public-ip or set public_ip in "
+                          "config.toml")
+    assert second == f"  A: [FAIL] - A record points to [{IPV4}], expected 10.1.2.3"
+
+
+def test_a_public_own_address_is_used_as_is_without_a_note(instance_dirs, fresh_zone, probes,
+                                                           capsys):
+    write_config(instance_dirs, 'verify_host = "http://127.0.0.1:9"\n',
+                 resolver=fresh_zone.address)
+    _code, out, _err = run_doctor(capsys)
+    assert section(out, "DNS")[0] == "  A: [OK]"  # the verifier was not needed
+
+
+@pytest.mark.parametrize("address, private", [
+    ("10.0.0.5", True), ("172.16.9.1", True), ("172.32.0.1", False), ("192.168.1.1", True),
+    ("100.64.0.1", True), ("100.127.255.254", True), ("100.128.0.1", False),
+    ("169.254.1.1", True), ("fd12::1", True), ("fe80::1", True), ("203.0.113.7", False),
+    ("8.8.8.8", False), ("2001:db8::7", False),
+])
+def test_private_ranges(address, private):
+    from aimx.ops.publicip import is_private
+
+    assert is_private(address) is private

@@ -22,7 +22,8 @@ import attrs
 
 from aimx import paths, term
 from aimx.config import CATCHALL_OWNER, Config, Mailbox, owner_ids
-from aimx.ops import dkimkeys, dnscheck
+from aimx.ops import dkimkeys, dnscheck, publicip
+from aimx.ops.portcheck import learn_public_address, resolve_verify_host
 from aimx.smtp import dnsresolve
 from aimx.storage.index import count_emails
 from aimx.storage.layout import FOLDERS, mailbox_dir, open_mailbox_dir
@@ -93,6 +94,8 @@ class Probes:
     resolver: Callable[[Sequence[str]], object] = dnscheck.make_resolver
     socket_path: Callable[[], Path] = paths.socket_path
     user_exists: Callable[[str], bool] = _user_exists
+    # Behind NAT: the address the verifier (a URL) sees this machine at.
+    public_address: Callable[[str], str] = learn_public_address
 
 
 @attrs.define
@@ -464,16 +467,23 @@ def mailboxes_section(config: Config, report: Report) -> list[str]:
     return lines
 
 
-def dns_section(config: Config, probes: Probes) -> list[str]:
+def dns_section(config: Config, probes: Probes, public_ip: str | None = None) -> list[str]:
     lines = [heading("DNS")]
     domain = config.domain.lower().rstrip(".")
     if domain == "localhost" or domain.endswith(".localhost"):
         # RFC 6761: such names never resolve on the internet (the dev instance uses one).
         return lines + [f"  skipped - {config.domain} is a local-only name; no DNS records "
                         "can be published for it"]
-    ipv4, ipv6 = probes.addresses()
+    own, ipv6 = probes.addresses()
+    verify_host = resolve_verify_host(None, config)
+    chosen = publicip.choose(own, flag=public_ip, configured=config.public_ip,
+                             learn=lambda: probes.public_address(verify_host),
+                             verifier=verify_host)
+    ipv4 = chosen.address
     if ipv4 is None:
         return lines + ["  skipped - could not determine server IP"]
+    if chosen.note:
+        lines.append("  " + chosen.note)
     local_key = dkimkeys.local_public_b64(files=signing_key_files(config))
     try:
         resolver = probes.resolver(config.dns_resolvers)
@@ -515,7 +525,8 @@ def unreadable_config_report(config_path: Path, probes: Probes | None = None) ->
     return report
 
 
-def build_report(config: Config, probes: Probes | None = None) -> Report:
+def build_report(config: Config, probes: Probes | None = None,
+                 public_ip: str | None = None) -> Report:
     """Run every section and check; nothing is printed here."""
     probes = probes or Probes()
     report = Report()
@@ -530,7 +541,7 @@ def build_report(config: Config, probes: Probes | None = None) -> Report:
         service_section(probes),
         mailboxes_section(config, report),
         [heading("Ownership"), *owner_lines],
-        dns_section(config, probes),
+        dns_section(config, probes, public_ip),
         logs_section(),
         checks_section(report),
     ]
