@@ -549,3 +549,19 @@ def test_private_ranges(address, private):
     from aimx.ops.publicip import is_private
 
     assert is_private(address) is private
+
+
+def test_a_readable_or_foreign_owned_dkim_key_fails(healthy, test_users, probes, capsys):
+    alice = test_users["alice"]
+    dkim = healthy["config"] / "dkim"
+    dkimkeys.install_keypair(other_keypair(), dkim, dkimkeys.key_files("s2", "aimx", dkim))
+    (dkim / "private.key").chmod(0o640)
+    os.chown(dkim / "s2.private.key", alice.uid, alice.gid)
+    code, out, err = run_doctor(capsys)
+    checks = section(out, "Checks")
+    assert (f"  [FAIL] DKIM-KEY-MODE: {dkim / 'private.key'} (selector 'aimx') has mode 0640; "
+            "a private key must be 0600") in checks
+    assert f"         → sudo chmod 0600 {dkim / 'private.key'}" in checks
+    assert (f"  [FAIL] DKIM-KEY-OWNER: {dkim / 's2.private.key'} (selector 's2') is owned by "
+            f"uid {alice.uid}, not root") in checks
+    assert code == 1 and "found failing checks" in err

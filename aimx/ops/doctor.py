@@ -304,6 +304,35 @@ def check_orphan_storage(config: Config) -> list[Finding]:
     return findings
 
 
+def check_dkim_key_files(config: Config) -> list[Finding]:
+    """Every private DKIM key: a regular file, 0600 and, when run as root, owned by root."""
+    findings = []
+    for name in dkimkeys.selectors(config.dkim_selector):
+        path = dkimkeys.key_files(name, config.dkim_selector)[0]
+        try:
+            state = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(state.st_mode):
+            findings.append(Finding(
+                "DKIM-KEY-NOT-FILE", FAIL, f"{path} (selector '{name}') is not a regular file",
+                f"replace it with the key file itself: `sudo aimx dkim-keygen --selector {name} "
+                "--force` makes a new one"))
+            continue
+        mode = stat.S_IMODE(state.st_mode)
+        if mode & 0o077:
+            findings.append(Finding(
+                "DKIM-KEY-MODE", FAIL,
+                f"{path} (selector '{name}') has mode {mode:04o}; a private key must be 0600",
+                f"sudo chmod 0600 {path}"))
+        if os.geteuid() == 0 and state.st_uid != 0:
+            findings.append(Finding(
+                "DKIM-KEY-OWNER", FAIL,
+                f"{path} (selector '{name}') is owned by uid {state.st_uid}, not root",
+                f"sudo chown root:root {path}"))
+    return findings
+
+
 def check_load_warnings(config: Config) -> list[Finding]:
     """The loader's warnings as findings (they are also logged by the daemon)."""
     findings = []
@@ -534,6 +563,7 @@ def build_report(config: Config, probes: Probes | None = None,
     for mailbox in config.mailboxes.values():
         report.findings += check_mailbox_dirs(config, mailbox)
     report.findings += check_orphan_storage(config)
+    report.findings += check_dkim_key_files(config)
     report.findings += other_checks(config, probes)
     report.findings += check_load_warnings(config)
     sections = [
