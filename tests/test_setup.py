@@ -561,3 +561,26 @@ def test_a_bad_public_ip_flag_fails_before_anything_else(env):
                   console=console())
     assert str(err.value) == ("invalid public IP '10.0.0.300': expected an IPv4 address such "
                               "as 203.0.113.7")
+
+
+@needs_root
+def test_rerun_after_a_rotation_keeps_the_named_signing_key(
+        env, manager, verifier, probe_port, dns, catchall_user, capsys):
+    from aimx.cli.main import main
+
+    system = make_system(env, manager, verifier, probe_port, dns, catchall_user)
+    assert run_setup(DOMAIN, verify_host=verifier.url, system=system, console=console()) == 0
+    assert main(["dkim-keygen", "--selector", "s2"]) == 0
+    assert main(["dkim", "rotate", "s2", "--force"]) == 0
+    capsys.readouterr()
+    keys = env["config"] / "dkim"
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "aimx.private.key", "aimx.public.key", "s2.private.key", "s2.public.key"]
+
+    io_ = console()
+    assert run_setup(None, verify_host=verifier.url, system=system, console=io_) == 0
+    out = io_.out.getvalue()
+    assert "Existing aimx configuration detected." in out  # the signing key counts as present
+    assert "Generating DKIM keypair" not in out and not (keys / "private.key").exists()
+    s2 = dkimkeys.local_public_b64(keys, dkimkeys.key_files("s2", "s2", keys))
+    assert f"s2._domainkey.{DOMAIN}" in out and f"p={s2}" in out
