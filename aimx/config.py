@@ -305,6 +305,7 @@ class Config:
     )
     verify_host: str | None = None
     enable_ipv6: bool = False
+    public_ip: str | None = None  # the address the internet sees, for a server behind NAT
     signature: str | None = None
     release_manifest_url: str | None = None
     dns_resolvers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -422,7 +423,7 @@ _HOOK_TEMPLATE_ERROR = (
 
 _TOP_KEYS = (
     "domain", "data_dir", "dkim_selector", "trust", "trusted_senders", "mailboxes",
-    "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
+    "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers", "public_ip",
     "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
     "smtp_proxy_protocol", "smtp_trusted_proxies",
     "hook_rate_limit", "hook_rate_window_secs",
@@ -637,7 +638,7 @@ def _decode_top_key(fields: dict[str, Any], key: str, value: Any) -> None:
     """One top-level key of step 5 into ``fields``."""
     if key not in _TOP_KEYS:
         raise _unknown(key, _TOP)
-    if key in ("domain", "dkim_selector", "trust", "verify_host", "signature"):
+    if key in ("domain", "dkim_selector", "trust", "verify_host", "signature", "public_ip"):
         fields[key] = _string(value, key, _TOP)
     elif key == "data_dir":
         fields[key] = Path(_string(value, key, _TOP))
@@ -853,6 +854,20 @@ def parse_config_text(
     if problem is not None:
         raise ConfigError(f"invalid domain '{domain}': {problem}; `domain` must be the host "
                           "name mail is addressed to, e.g. agent.example.com", at=("domain",))
+
+    selector = fields.get("dkim_selector", DEFAULT_DKIM_SELECTOR)
+    problem = paths.dkim_selector_problem(selector)
+    if problem is not None:
+        raise ConfigError(f"invalid dkim_selector '{selector}': {problem}",
+                          at=("dkim_selector",))
+    public_ip = fields.get("public_ip")
+    if public_ip is not None:
+        try:
+            if ipaddress.ip_address(public_ip).version != 4:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"invalid public_ip '{public_ip}': expected an IPv4 address "
+                              "such as 203.0.113.7", at=("public_ip",)) from None
 
     for mailbox in mailboxes:
         if not mailbox.owner.strip():

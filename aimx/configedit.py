@@ -1,4 +1,4 @@
-"""Edit ``config.toml`` in place: add or remove a mailbox or a hook.
+"""Edit ``config.toml`` in place: add or remove a mailbox or a hook, set the DKIM selector.
 
 Every verb re-reads the file on disk (so hand edits made since the last
 reload survive), changes only the lines of the table it adds or removes,
@@ -425,5 +425,44 @@ def remove_hook(
         del table["hooks"][index]
         if len(table["hooks"]) == 0:
             del table["hooks"]
+
+    return _apply(path, text, expected, text_edit, model_edit, data_dir_override)
+
+
+_SELECTOR_LINE = re.compile(r"""^(?P<lead>[ \t]*dkim_selector[ \t]*=[ \t]*)"""
+                            r"""(?P<value>"[^"\\\n]*"|'[^'\n]*')""", re.MULTILINE)
+
+
+def set_dkim_selector(
+    path: os.PathLike[str] | str,
+    selector: str,
+    data_dir_override: os.PathLike[str] | str | None = None,
+) -> Config:
+    """Make ``selector`` the top-level ``dkim_selector``; return the new config.
+
+    Only the value on the ``dkim_selector`` line changes (a trailing comment
+    stays); a file without the key gets it after ``domain``.
+    """
+    path = Path(path)
+    text, data = _read(path)
+    expected = copy.deepcopy(data)
+    expected["dkim_selector"] = selector
+
+    def text_edit() -> str | None:
+        first_header = next((line.start for line in toml_lines(text)
+                             if line.kind == "header"), len(text))
+        found = _SELECTOR_LINE.search(text, 0, first_header)
+        if found is not None:
+            return text[:found.start("value")] + _value(selector) + text[found.end("value"):]
+        domain = next((line for line in toml_lines(text)
+                       if line.kind == "key" and line.path == ("domain",)
+                       and line.start < first_header), None)
+        if domain is None:
+            return None
+        line = f"dkim_selector = {_value(selector)}{_newline(text)}"
+        return text[:domain.end] + line + text[domain.end:]
+
+    def model_edit(document: tomlkit.TOMLDocument) -> None:
+        document["dkim_selector"] = selector
 
     return _apply(path, text, expected, text_edit, model_edit, data_dir_override)

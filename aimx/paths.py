@@ -8,6 +8,7 @@ instances on a host or a development instance without root.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_CONFIG_DIR = Path("/etc/aimx")
@@ -27,6 +28,43 @@ def config_path() -> Path:
 
 def dkim_dir() -> Path:
     return config_dir() / "dkim"
+
+
+UNNAMED_PRIVATE_KEY = "private.key"
+UNNAMED_PUBLIC_KEY = "public.key"
+_SELECTOR_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def dkim_selector_problem(selector: str) -> str | None:
+    """Why ``selector`` cannot name a DKIM key, or ``None``.
+
+    A selector becomes part of a DNS name and of a file name in the key dir,
+    so it is held to DNS labels (letters, digits, inner hyphens) joined by dots:
+    nothing that could climb out of the directory or hide a file.
+    """
+    if not selector or len(selector) > 253:
+        return "a selector is 1 to 253 characters"
+    if not all(_SELECTOR_LABEL.fullmatch(label) for label in selector.split(".")):
+        return ("use DNS labels of letters, digits and inner hyphens (1-63 each), "
+                "separated by dots")
+    return None
+
+
+def dkim_key_paths(selector: str, signing_selector: str,
+                   directory: os.PathLike[str] | str | None = None) -> tuple[Path, Path]:
+    """(private, public) key files of ``selector``.
+
+    Every key is ``<selector>.private.key`` / ``<selector>.public.key``, except
+    the signing selector's on an install that has never rotated: that one is
+    ``private.key`` / ``public.key`` as it always was, until a rotation names it.
+    """
+    base = Path(directory) if directory is not None else dkim_dir()
+    if dkim_selector_problem(selector) is not None:
+        raise ValueError(f"invalid DKIM selector {selector!r}")
+    named = base / f"{selector}.private.key", base / f"{selector}.public.key"
+    if selector == signing_selector and not named[0].exists():
+        return base / UNNAMED_PRIVATE_KEY, base / UNNAMED_PUBLIC_KEY
+    return named
 
 
 def runtime_dir() -> Path:

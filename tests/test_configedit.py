@@ -424,3 +424,34 @@ def test_lookalike_headers_inside_values_are_not_tables(tmp_path):
     assert path.read_text() == original.replace(tricky_hook, "")
     config = configedit.add_mailbox(path, "c", None, USER)
     assert list(config.mailboxes) == ["a", "b", "c"]
+
+
+def test_set_dkim_selector_changes_only_the_value_and_keeps_the_comment(tmp_path):
+    path = tmp_path / "config.toml"
+    text = ('# top\ndomain = "d.example"\ndkim_selector = "aimx"   # signing key\n'
+            'trust = "none"\n\n[mailboxes.catchall]\naddress = "*@d.example"\nowner = "root"\n'
+            'allow_root_catchall = true\n')
+    path.write_text(text)
+    config = configedit.set_dkim_selector(path, "s2026")
+    assert config.dkim_selector == "s2026"
+    assert path.read_text() == text.replace('"aimx"   #', '"s2026"   #')
+
+
+def test_set_dkim_selector_adds_the_key_after_domain_when_absent(tmp_path):
+    path = tmp_path / "config.toml"
+    text = ('domain = "d.example"\n\n[mailboxes.x]\naddress = "*@d.example"\nowner = "root"\n'
+            'allow_root_catchall = true\n')
+    path.write_text(text)
+    configedit.set_dkim_selector(path, "s2")
+    added = text.replace('"d.example"\n', '"d.example"\ndkim_selector = "s2"\n', 1)
+    assert path.read_text() == added
+    assert load_config(path).dkim_selector == "s2"
+
+
+def test_an_invalid_selector_is_refused_and_nothing_is_written(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('domain = "d.example"\n')
+    with pytest.raises(ConfigEditError) as err:
+        configedit.set_dkim_selector(path, "../key")
+    assert err.value.code == "VALIDATION" and "invalid dkim_selector '../key'" in err.value.reason
+    assert path.read_text() == 'domain = "d.example"\n'

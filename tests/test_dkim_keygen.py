@@ -72,11 +72,35 @@ def test_existing_key_is_kept_with_a_warning(config_dir, capsys):
     main(["dkim-keygen"])
     capsys.readouterr()
     before = (config_dir / "dkim/private.key").read_bytes()
-    assert main(["dkim-keygen", "--selector", "other"]) == 0
+    assert main(["dkim-keygen", "--selector", "s2024"]) == 0  # the signing selector, named
     captured = capsys.readouterr()
     assert captured.err == "Warning: DKIM keys already exist. Use --force to overwrite.\n"
-    assert captured.out.startswith("Add this DNS TXT record:\n  other._domainkey.keys.example\n")
+    assert captured.out.startswith("Add this DNS TXT record:\n  s2024._domainkey.keys.example\n")
     assert (config_dir / "dkim/private.key").read_bytes() == before
+
+
+def test_another_selector_gets_its_own_key_and_the_signing_key_is_untouched(config_dir, capsys):
+    main(["dkim-keygen"])
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (config_dir / "dkim").iterdir()}
+    assert main(["dkim-keygen", "--selector", "s2025"]) == 0
+    out = capsys.readouterr().out
+    private, public = config_dir / "dkim/s2025.private.key", config_dir / "dkim/s2025.public.key"
+    assert (_mode(private), _mode(public)) == (0o600, 0o644)
+    record = f"v=DKIM1; k=rsa; p={_spki_b64(public.read_bytes())}"
+    assert f"  s2025._domainkey.keys.example\n  {record}\n" in out
+    assert "Outgoing mail is still signed with selector 's2024'" in out
+    assert "`sudo aimx dkim rotate s2025`" in out
+    assert {p.name: p.read_bytes() for p in (config_dir / "dkim").iterdir()
+            if p.name in before} == before
+    assert _spki_b64(public.read_bytes()) != _spki_b64(before["public.key"])
+
+
+@pytest.mark.parametrize("selector", ["../etc", "a/b", ".hidden", "-x", "a..b", "x_y", "é"])
+def test_selector_names_that_are_not_dns_labels_are_refused(config_dir, capsys, selector):
+    assert main(["dkim-keygen", f"--selector={selector}"]) == 2
+    assert f"Error: invalid selector '{selector}'" in capsys.readouterr().err
+    assert not (config_dir / "dkim").exists()
 
 
 def test_force_replaces_the_key(config_dir, capsys):

@@ -460,3 +460,108 @@ def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_ski
     ]
     assert run.stderr == (f"Error: this command needs to read {daemon.config_path} "
                           "(root-owned). Re-run with sudo, or use a UDS-backed alternative.\n")
+
+
+def test_every_dkim_key_gets_a_dns_line_and_the_signing_one_is_named(healthy, fresh_zone, probes,
+                                                                      capsys):
+    """After ``aimx dkim-keygen --selector``: the new key's DNS state, the old one still signs."""
+    dkim = healthy["config"] / "dkim"
+    dkimkeys.install_keypair(other_keypair(), dkim, dkimkeys.key_files("s2", "aimx", dkim))
+    dkimkeys.install_keypair(dkimkeys.new_keypair(), dkim, dkimkeys.key_files("s3", "aimx", dkim))
+    fresh_zone.records[f"s3._domainkey.{DOMAIN}"] = [
+        ["TXT", f"v=DKIM1; k=rsa; p={keypair().public_b64}"]]  # someone else's key
+    fresh_zone.reload()
+    code, out, _err = run_doctor(capsys)
+    assert "  DKIM keys:        aimx (signing), s2, s3" in section(out, "Configuration")
+    assert section(out, "DNS") == [
+        "  A: [OK]",
+        "  MX: [OK]",
+        "  SPF: [OK]",
+        "  DKIM: [OK]",
+        "  DKIM s2 (not signing): [FAIL] - No DKIM record found",
+        f"         → Add: TXT  s2._domainkey.{DOMAIN}  v=DKIM1; k=rsa; "
+        f"p={other_keypair().public_b64}",
+        "  DKIM s3 (not signing): [FAIL] - DKIM record found but public key does not match "
+        "local key",
+        f"         → Add: TXT  s3._domainkey.{DOMAIN}  v=DKIM1; k=rsa; "
+        f"p={dkimkeys.local_public_b64(dkim, dkimkeys.key_files('s3', 'aimx', dkim))}",
+        "  DMARC: [OK]",
+    ]
+    assert code == 0
+    del fresh_zone.records[f"s3._domainkey.{DOMAIN}"]
+    fresh_zone.reload()
+
+
+def test_on_a_private_address_doctor_asks_the_verifier_which_address_to_check(
+        instance_dirs, fresh_zone, probes, verifier, capsys):
+    write_config(instance_dirs, f'verify_host = "{verifier.url}"\n', resolver=fresh_zone.address)
+    dkimkeys.install_keypair(keypair(), instance_dirs["config"] / "dkim")
+    probes["addresses"] = ("100.64.3.4", None)  # carrier-grade NAT
+    _code, out, _err = run_doctor(capsys)
+    # The test verifier sees this machine on loopback, so that is the public address.
+    assert section(out, "DNS")[:2] == [
+        "  checking against public address 127.0.0.1 (this machine's address 100.64.3.4 is "
+        f"private; learned from the verifier at {verifier.url})",
+        f"  A: [FAIL] - A record points to [{IPV4}], expected 127.0.0.1",
+    ]
+
+    # --public-ip wins over asking.
+    assert main(["doctor", "--public-ip", IPV4]) == 0
+    lines = section(capsys.readouterr().out, "DNS")
+    assert lines[:4] == [f"  checking against public address {IPV4} (from --public-ip)",
+                         "  A: [OK]", "  MX: [OK]", "  SPF: [OK]"]
+
+
+def test_when_the_verifier_cannot_answer_doctor_says_so_and_uses_the_own_address(
+        instance_dirs, fresh_zone, probes, capsys):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        write_config(instance_dirs, f'verify_host = "{url}"\n', resolver=fresh_zone.address)
+        probes["addresses"] = ("10.1.2.3", None)
+        _code, out, _err = run_doctor(capsys)
+    finally:
+        closed.close()
+    first, second = section(out, "DNS")[:2]
+    assert first.startswith(f"  this machine's address 10.1.2.3 is private and the verifier at "
+                            f"{url} could not tell the public one (")
+    assert first.endswith("); checking against 10.1.2.3. Pass --public-ip or set public_ip in "
+                          "config.toml")
+    assert second == f"  A: [FAIL] - A record points to [{IPV4}], expected 10.1.2.3"
+
+
+def test_a_public_own_address_is_used_as_is_without_a_note(instance_dirs, fresh_zone, probes,
+                                                           capsys):
+    write_config(instance_dirs, 'verify_host = "http://127.0.0.1:9"\n',
+                 resolver=fresh_zone.address)
+    _code, out, _err = run_doctor(capsys)
+    assert section(out, "DNS")[0] == "  A: [OK]"  # the verifier was not needed
+
+
+@pytest.mark.parametrize("address, private", [
+    ("10.0.0.5", True), ("172.16.9.1", True), ("172.32.0.1", False), ("192.168.1.1", True),
+    ("100.64.0.1", True), ("100.127.255.254", True), ("100.128.0.1", False),
+    ("169.254.1.1", True), ("fd12::1", True), ("fe80::1", True), ("203.0.113.7", False),
+    ("8.8.8.8", False), ("2001:db8::7", False),
+])
+def test_private_ranges(address, private):
+    from aimx.ops.publicip import is_private
+
+    assert is_private(address) is private
+
+
+def test_a_readable_or_foreign_owned_dkim_key_fails(healthy, test_users, probes, capsys):
+    alice = test_users["alice"]
+    dkim = healthy["config"] / "dkim"
+    dkimkeys.install_keypair(other_keypair(), dkim, dkimkeys.key_files("s2", "aimx", dkim))
+    (dkim / "private.key").chmod(0o640)
+    os.chown(dkim / "s2.private.key", alice.uid, alice.gid)
+    code, out, err = run_doctor(capsys)
+    checks = section(out, "Checks")
+    assert (f"  [FAIL] DKIM-KEY-MODE: {dkim / 'private.key'} (selector 'aimx') has mode 0640; "
+            "a private key must be 0600") in checks
+    assert f"         → sudo chmod 0600 {dkim / 'private.key'}" in checks
+    assert (f"  [FAIL] DKIM-KEY-OWNER: {dkim / 's2.private.key'} (selector 's2') is owned by "
+            f"uid {alice.uid}, not root") in checks
+    assert code == 1 and "found failing checks" in err

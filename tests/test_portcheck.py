@@ -196,7 +196,7 @@ def test_temporary_listener_drops_idle_clients():
 @pytest.mark.parametrize("body", ['{"reachable":true,"ip":"127.0.0.1"}',
                                   '{ "reachable" : true , "ip" : "127.0.0.1" }'])
 def test_probe_json_with_and_without_spaces_passes(canned, body):
-    check_inbound(canned.answer(body).url)
+    assert check_inbound(canned.answer(body).url) == "127.0.0.1"  # the address it saw
 
 
 @pytest.mark.parametrize("body, message", [

@@ -506,3 +506,81 @@ def test_dns_lookup_errors_fail_with_the_record_type(monkeypatch):
         ("A", "fail"), ("MX", "fail"), ("SPF", "fail"), ("DKIM", "fail"), ("DMARC", "fail")]
     assert checks[0].reason.startswith("A lookup failed: ")
     assert checks[2].reason.startswith("TXT lookup failed: ")
+
+
+# --------------------------------------------------------------------------- behind NAT
+
+@needs_root
+def test_on_a_private_address_setup_checks_dns_against_what_the_verifier_saw(
+        env, manager, verifier, probe_port, dns, catchall_user):
+    system = make_system(env, manager, verifier, probe_port, dns, catchall_user,
+                         addresses=lambda: ["10.0.0.5", "fd00::2"])
+    io_ = console()
+    assert run_setup(DOMAIN, verify_host=verifier.url, system=system, console=io_) == 0
+    out = io_.out.getvalue()
+    # The test verifier sees this machine on loopback: that is the address it reports.
+    assert (f"Checking against public address 127.0.0.1 (this machine's address 10.0.0.5 is "
+            f"private; learned from the verifier at {verifier.url}).\n") in out
+    assert f"  A    {DOMAIN:<45} 127.0.0.1\n" in out
+    assert f"  TXT  {DOMAIN:<45} v=spf1 ip4:127.0.0.1 -all\n" in out
+    assert f"  A: [FAIL] - A record points to [{IPV4}], expected 127.0.0.1\n" in out
+    assert "  SPF: [FAIL] - SPF record does not include ip4:127.0.0.1\n" in out
+    assert "10.0.0.5 -all" not in out and "public_ip" not in (
+        env["config"] / "config.toml").read_text()
+
+
+@needs_root
+def test_public_ip_flag_is_used_saved_and_then_read_by_doctor(
+        env, manager, verifier, probe_port, dns, catchall_user, capsys):
+    system = make_system(env, manager, verifier, probe_port, dns, catchall_user,
+                         addresses=lambda: ["192.168.1.20"])
+    io_ = console()
+    assert run_setup(DOMAIN, verify_host=verifier.url, public_ip=IPV4, system=system,
+                     console=io_) == 0
+    out = io_.out.getvalue()
+    assert f"Checking against public address {IPV4} (from --public-ip).\n" in out
+    assert "  A: [OK]\n  MX: [OK]\n  SPF: [OK]\n" in out
+    assert tomllib.loads((env["config"] / "config.toml").read_text())["public_ip"] == IPV4
+
+    from aimx.cli import doctor as doctor_cli
+    from aimx.cli.main import build_parser
+    from aimx.ops import doctor
+
+    probes = doctor.Probes(service_running=lambda: False,
+                           addresses=lambda: ("192.168.1.20", None),
+                           resolver=lambda _configured: dnscheck.make_resolver([dns.address]))
+    doctor_cli.run(build_parser("doctor").parse_args(["doctor"]), probes)
+    report = capsys.readouterr().out
+    assert f"  checking against public address {IPV4} (public_ip in config.toml)\n" \
+           "  A: [OK]\n  MX: [OK]\n  SPF: [OK]\n" in report
+
+
+def test_a_bad_public_ip_flag_fails_before_anything_else(env):
+    with pytest.raises(SetupError) as err:
+        run_setup(DOMAIN, public_ip="10.0.0.300", system=System(euid=lambda: 1000),
+                  console=console())
+    assert str(err.value) == ("invalid public IP '10.0.0.300': expected an IPv4 address such "
+                              "as 203.0.113.7")
+
+
+@needs_root
+def test_rerun_after_a_rotation_keeps_the_named_signing_key(
+        env, manager, verifier, probe_port, dns, catchall_user, capsys):
+    from aimx.cli.main import main
+
+    system = make_system(env, manager, verifier, probe_port, dns, catchall_user)
+    assert run_setup(DOMAIN, verify_host=verifier.url, system=system, console=console()) == 0
+    assert main(["dkim-keygen", "--selector", "s2"]) == 0
+    assert main(["dkim", "rotate", "s2", "--force"]) == 0
+    capsys.readouterr()
+    keys = env["config"] / "dkim"
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "aimx.private.key", "aimx.public.key", "s2.private.key", "s2.public.key"]
+
+    io_ = console()
+    assert run_setup(None, verify_host=verifier.url, system=system, console=io_) == 0
+    out = io_.out.getvalue()
+    assert "Existing aimx configuration detected." in out  # the signing key counts as present
+    assert "Generating DKIM keypair" not in out and not (keys / "private.key").exists()
+    s2 = dkimkeys.local_public_b64(keys, dkimkeys.key_files("s2", "s2", keys))
+    assert f"s2._domainkey.{DOMAIN}" in out and f"p={s2}" in out

@@ -1,6 +1,9 @@
-"""``aimx dkim-keygen [--selector S] [--force]``: make the DKIM key pair, print its record.
+"""``aimx dkim-keygen [--selector S] [--force]``: make a DKIM key pair, print its record.
 
-Only the domain is needed from ``config.toml``, so a config that fails full
+Without ``--selector`` (or with the signing one) this is the key the daemon
+signs with. Another selector gets a key of its own beside it, which signs
+nothing until ``aimx dkim rotate`` makes it the signing key. Only the domain
+and selector are needed from ``config.toml``, so a config that fails full
 validation (say, a hook typo) does not stop an operator from making a key.
 """
 
@@ -13,7 +16,7 @@ import tomllib
 from typing import Any
 
 from aimx import paths, term
-from aimx.cli.main import CommandError, describe
+from aimx.cli.main import CommandError, UsageError, describe
 from aimx.config import ConfigError, load_config
 from aimx.ops import dkimkeys
 
@@ -25,8 +28,9 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
         help="generate the DKIM key pair",
     )
     parser.add_argument("--selector", metavar="S",
-                        help="selector shown in the record name (default: the config's "
-                             "dkim_selector, normally aimx; not saved)")
+                        help="selector of the key (default: the config's dkim_selector, the "
+                             "signing key); another selector adds a key beside the signing "
+                             "one, see `aimx dkim rotate`")
     parser.add_argument("--force", action="store_true", help="replace an existing key pair")
     return parser
 
@@ -64,14 +68,19 @@ def print_record(selector: str, domain: str, public_b64: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    domain, config_selector = domain_and_selector()
-    selector = args.selector or config_selector
+    domain, signing = domain_and_selector()
+    selector = args.selector or signing
+    problem = paths.dkim_selector_problem(selector)
+    if problem is not None:
+        raise UsageError(f"invalid selector '{selector}': {problem}")
     directory = paths.dkim_dir()
-    if dkimkeys.key_exists(directory) and not args.force:
+    files = dkimkeys.key_files(selector, signing, directory)
+    made = False
+    if files[0].exists() and not args.force:
         print("Warning: DKIM keys already exist. Use --force to overwrite.", file=sys.stderr)
     else:
         try:
-            dkimkeys.install_keypair(dkimkeys.new_keypair(), directory)
+            dkimkeys.install_keypair(dkimkeys.new_keypair(), directory, files)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise CommandError(
@@ -80,10 +89,15 @@ def run(args: argparse.Namespace) -> int:
                     "for development.") from None
             raise CommandError(f"cannot write DKIM keys to {directory}: "
                                f"{exc.strerror or exc}") from None
+        made = True
         print("DKIM keypair generated successfully.")
         print()
-    public = dkimkeys.local_public_b64(directory)
+    public = dkimkeys.local_public_b64(directory, files)
     if public is None:
         raise CommandError(f"cannot read the DKIM public key in {directory}")
     print_record(selector, domain, public)
+    if made and selector != signing:
+        print()
+        print(f"Outgoing mail is still signed with selector '{signing}'. Once the record "
+              f"above resolves, run `sudo aimx dkim rotate {selector}`.")
     return 0

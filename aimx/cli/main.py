@@ -38,6 +38,8 @@ COMMANDS: list[tuple[str, str, str, tuple[str, ...], str]] = [
     ("logs", "aimx.cli.logs", "admin", (), "show the aimx daemon's log"),
     ("dkim-keygen", "aimx.cli.dkim_keygen", "admin", (),
      "generate the DKIM key pair and print its DNS record"),
+    ("dkim", "aimx.cli.dkim", "admin", (),
+     "list DKIM keys, rotate to a new selector, retire an old one"),
     ("portcheck", "aimx.cli.portcheck", "admin", (),
      "check inbound and outbound port 25 through the verifier service"),
     ("uninstall", "aimx.cli.uninstall", "admin", (),

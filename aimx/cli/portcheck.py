@@ -68,8 +68,8 @@ def portcheck(verify_flag: str | None, system: System, console: Console) -> int:
                            "Stop or uninstall the process and run `sudo aimx portcheck` "
                            "again to check.")
     try:
-        outbound, inbound = run_port_checks(console, system, verify_host,
-                                            listen=holder is None)
+        outbound, inbound, _seen = run_port_checks(console, system, verify_host,
+                                                   listen=holder is None)
     except SetupError as exc:
         raise CommandError(str(exc)) from None
     console.say()

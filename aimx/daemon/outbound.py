@@ -525,13 +525,14 @@ def _header_lines(headers: list[_Header], main: _Part, domain: str,
 
 def prepare_send(config: configmod.Config, request_body: bytes, *, text_only: bool,
                  html_body: bytes | None, caller_uid: int, key_pem: bytes,
-                 from_hook_run: bool = False,
+                 from_hook_run: bool = False, selector: str | None = None,
                  now: datetime.datetime | None = None) -> PreparedSend:
     """Check, render, assemble and sign one SEND request (spec 30 §2.3–2.9).
 
     Raises ``SendError`` with the code and exact reason of the first failed check;
     nothing is written and nothing leaves the host before this returns.
     ``from_hook_run``: the caller runs inside one of our hooks (``Auto-Submitted``).
+    ``selector`` is the one ``key_pem`` is published under (default: the config's).
     """
     if text_only and html_body is not None:
         raise SendError("MALFORMED", MUTUALLY_EXCLUSIVE)
@@ -563,7 +564,7 @@ def prepare_send(config: configmod.Config, request_body: bytes, *, text_only: bo
     body = main.body if main.body.endswith(CRLF) else main.body + CRLF
     try:
         signed = emailauth.sign((head + CRLF + body).encode("utf-8"), domain=config.domain,
-                                selector=config.dkim_selector, key_pem=key_pem)
+                                selector=selector or config.dkim_selector, key_pem=key_pem)
     except emailauth.SigningError as err:
         raise SendError("SIGN", str(err)) from err
 

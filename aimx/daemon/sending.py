@@ -98,7 +98,7 @@ def _send(daemon: Any, body: bytes, text_only: bool, html_body: bytes | None,
         prepared = yield _in_thread(
             reactor, outbound.prepare_send, config, body, text_only=text_only,
             html_body=html_body, caller_uid=caller_uid, key_pem=daemon.dkim_key_pem,
-            from_hook_run=from_hook)
+            from_hook_run=from_hook, selector=daemon.dkim_selector)
     except outbound.SendError as exc:
         log.info("send refused: uid=%s code=%s reason=%s", caller_uid, exc.code, kv(exc.reason))
         raise error(exc.code, exc.reason) from None

@@ -365,7 +365,7 @@ def build(options: Options) -> AimxService:
     except ConfigError as exc:
         raise StartupError(str(exc)) from exc
     log_warnings(config)
-    dkim_key = load_dkim_key(paths.dkim_dir() / "private.key")
+    dkim_key = load_dkim_key(paths.dkim_key_paths(config.dkim_selector, config.dkim_selector)[0])
     if options["no-tls"]:
         tls_context, cert = None, None
     else:

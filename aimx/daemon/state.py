@@ -44,6 +44,9 @@ class Daemon:
         self.config_path = Path(config.path)
         self.store = store
         self.data_dir_override = data_dir_override
+        # The key signs under its own selector, so a config snapshot that names a
+        # selector whose key failed to load never pairs the wrong name with a key.
+        self.dkim_selector: str = config.dkim_selector
         self.dkim_key_pem = dkim_key_pem
         self.mail_drop = mail_drop
         # Process-wide config write lock: taken after a mailbox lock, never before.
@@ -79,6 +82,25 @@ class Daemon:
 
         return load_config(self.config_path, self.data_dir_override)
 
+    def load_signing_key_blocking(self, selector: str) -> bytes | None:
+        """The private key of ``selector``, or ``None`` (logged) when it cannot be used."""
+        from aimx import paths
+        from aimx.daemon.service import StartupError, load_dkim_key
+
+        try:
+            return load_dkim_key(paths.dkim_key_paths(selector, selector)[0])
+        except (StartupError, ValueError) as exc:
+            log.warning("SIGHUP: DKIM key for selector %s not loaded: %s. Still signing with "
+                        "selector %s.", kv(selector), exc, kv(self.dkim_selector))
+            return None
+
+    def swap_signing_key(self, selector: str, key_pem: bytes) -> None:
+        """Sign with ``key_pem`` under ``selector`` from now on (reactor thread only)."""
+        if selector != self.dkim_selector:
+            log.info("DKIM: now signing with selector %s (was %s)", kv(selector),
+                     kv(self.dkim_selector))
+        self.dkim_selector, self.dkim_key_pem = selector, key_pem
+
     def reload(self) -> defer.Deferred[bool]:
         """SIGHUP: re-load in a thread under the config write lock; keep the old config on error.
 
@@ -89,9 +111,12 @@ class Daemon:
         def load() -> Any:
             with self.config_lock:
                 new = self.load_config_blocking()
+                key = self.load_signing_key_blocking(new.dkim_selector)
                 # Queue the swap while the lock is held, so swaps land in the order the
                 # rewrites and reloads happened (the API queues its swaps the same way).
                 self.reactor.callFromThread(self.swap_config, new)
+                if key is not None:
+                    self.reactor.callFromThread(self.swap_signing_key, new.dkim_selector, key)
                 return new
 
         def loaded(new: Any) -> bool:

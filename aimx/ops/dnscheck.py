@@ -221,6 +221,25 @@ def _dkim_check(records: Sequence[str], local_b64: str | None, fix: Record | Non
                     fix)
 
 
+def dkim_records(resolver: dns.resolver.Resolver, domain: str, selector: str, *,
+                 tries: int = TRIES, retry_delay: float = RETRY_DELAY) -> list[str]:
+    """The TXT values at ``<selector>._domainkey.<domain>``; raises ``DnsError``."""
+    return _txt(resolver, dkim_record_name(selector, domain), tries, retry_delay)
+
+
+def check_dkim_key(resolver: dns.resolver.Resolver, domain: str, selector: str,
+                   local_b64: str | None, *, label: str = "DKIM", tries: int = TRIES,
+                   retry_delay: float = RETRY_DELAY) -> DnsCheck:
+    """Whether DNS publishes ``local_b64`` under ``selector``: one check line."""
+    fix = (Record("TXT", dkim_record_name(selector, domain), dkim_record_value(local_b64))
+           if local_b64 else None)
+    try:
+        records = dkim_records(resolver, domain, selector, tries=tries, retry_delay=retry_delay)
+    except dnsresolve.DnsError as exc:
+        return DnsCheck(label, FAIL, f"TXT lookup failed: {exc}", fix)
+    return attrs.evolve(_dkim_check(records, local_b64, fix), label=label)
+
+
 def _dmarc_check(records: Sequence[str], fix: Record) -> DnsCheck:
     for record in records:
         tags = _tags(record)
@@ -274,10 +293,8 @@ def check_dns(resolver: dns.resolver.Resolver, domain: str, ipv4: str, *,
     guarded("SPF", "TXT", lambda: spf("SPF", ipv4))
     if v6:
         guarded("SPF (IPv6)", "TXT", lambda: spf("SPF (IPv6)", v6))
-    dkim_name = dkim_record_name(selector, domain)
-    guarded("DKIM", "TXT", lambda: _dkim_check(
-        _txt(resolver, dkim_name, tries, retry_delay), dkim_public_b64,
-        expected.get(("TXT", dkim_name))))
+    checks.append(check_dkim_key(resolver, domain, selector, dkim_public_b64, tries=tries,
+                                 retry_delay=retry_delay))
     dmarc_name = f"_dmarc.{domain}"
     guarded("DMARC", "TXT", lambda: _dmarc_check(
         _txt(resolver, dmarc_name, tries, retry_delay), expected[("TXT", dmarc_name)]))

@@ -22,7 +22,8 @@ import attrs
 
 from aimx import paths, term
 from aimx.config import CATCHALL_OWNER, Config, Mailbox, owner_ids
-from aimx.ops import dkimkeys, dnscheck
+from aimx.ops import dkimkeys, dnscheck, publicip
+from aimx.ops.portcheck import learn_public_address, resolve_verify_host
 from aimx.smtp import dnsresolve
 from aimx.storage.index import count_emails
 from aimx.storage.layout import FOLDERS, mailbox_dir, open_mailbox_dir
@@ -93,6 +94,8 @@ class Probes:
     resolver: Callable[[Sequence[str]], object] = dnscheck.make_resolver
     socket_path: Callable[[], Path] = paths.socket_path
     user_exists: Callable[[str], bool] = _user_exists
+    # Behind NAT: the address the verifier (a URL) sees this machine at.
+    public_address: Callable[[str], str] = learn_public_address
 
 
 @attrs.define
@@ -301,6 +304,35 @@ def check_orphan_storage(config: Config) -> list[Finding]:
     return findings
 
 
+def check_dkim_key_files(config: Config) -> list[Finding]:
+    """Every private DKIM key: a regular file, 0600 and, when run as root, owned by root."""
+    findings = []
+    for name in dkimkeys.selectors(config.dkim_selector):
+        path = dkimkeys.key_files(name, config.dkim_selector)[0]
+        try:
+            state = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(state.st_mode):
+            findings.append(Finding(
+                "DKIM-KEY-NOT-FILE", FAIL, f"{path} (selector '{name}') is not a regular file",
+                f"replace it with the key file itself: `sudo aimx dkim-keygen --selector {name} "
+                "--force` makes a new one"))
+            continue
+        mode = stat.S_IMODE(state.st_mode)
+        if mode & 0o077:
+            findings.append(Finding(
+                "DKIM-KEY-MODE", FAIL,
+                f"{path} (selector '{name}') has mode {mode:04o}; a private key must be 0600",
+                f"sudo chmod 0600 {path}"))
+        if os.geteuid() == 0 and state.st_uid != 0:
+            findings.append(Finding(
+                "DKIM-KEY-OWNER", FAIL,
+                f"{path} (selector '{name}') is owned by uid {state.st_uid}, not root",
+                f"sudo chown root:root {path}"))
+    return findings
+
+
 def check_load_warnings(config: Config) -> list[Finding]:
     """The loader's warnings as findings (they are also logged by the daemon)."""
     findings = []
@@ -362,19 +394,43 @@ def other_checks(config: Config, probes: Probes) -> list[Finding]:
 
 # --------------------------------------------------------------------------- sections
 
+def signing_key_files(config: Config) -> tuple[Path, Path]:
+    return dkimkeys.key_files(config.dkim_selector, config.dkim_selector)
+
+
 def configuration_section(config: Config) -> list[str]:
-    dkim = "present" if dkimkeys.key_exists() else "MISSING - run `aimx dkim-keygen`"
+    present = signing_key_files(config)[0].exists()
+    dkim = "present" if present else "MISSING - run `aimx dkim-keygen`"
     senders = ", ".join(config.trusted_senders) if config.trusted_senders else "(none)"
-    return [
+    lines = [
         heading("Configuration"),
         field("Domain", config.domain),
         field("Config file", str(config.path)),
         field("Data directory", str(config.data_dir)),
         field("DKIM selector", config.dkim_selector),
         field("DKIM key", dkim),
+    ]
+    others = [name for name in dkimkeys.selectors(config.dkim_selector)
+              if name != config.dkim_selector]
+    if others:
+        lines.append(field("DKIM keys", f"{config.dkim_selector} (signing), "
+                                        + ", ".join(others)))
+    return lines + [
         field("Global trust", config.trust),
         field("Trusted senders", senders),
     ]
+
+
+def other_selector_checks(config: Config, resolver: object) -> list[dnscheck.DnsCheck]:
+    """One DNS line per key that does not sign (yet, or any more)."""
+    checks = []
+    for name in dkimkeys.selectors(config.dkim_selector):
+        if name == config.dkim_selector:
+            continue
+        public = dkimkeys.local_public_b64(files=dkimkeys.key_files(name, config.dkim_selector))
+        checks.append(dnscheck.check_dkim_key(resolver, config.domain, name, public,
+                                              label=f"DKIM {name} (not signing)"))
+    return checks
 
 
 def service_section(probes: Probes) -> list[str]:
@@ -440,17 +496,24 @@ def mailboxes_section(config: Config, report: Report) -> list[str]:
     return lines
 
 
-def dns_section(config: Config, probes: Probes) -> list[str]:
+def dns_section(config: Config, probes: Probes, public_ip: str | None = None) -> list[str]:
     lines = [heading("DNS")]
     domain = config.domain.lower().rstrip(".")
     if domain == "localhost" or domain.endswith(".localhost"):
         # RFC 6761: such names never resolve on the internet (the dev instance uses one).
         return lines + [f"  skipped - {config.domain} is a local-only name; no DNS records "
                         "can be published for it"]
-    ipv4, ipv6 = probes.addresses()
+    own, ipv6 = probes.addresses()
+    verify_host = resolve_verify_host(None, config)
+    chosen = publicip.choose(own, flag=public_ip, configured=config.public_ip,
+                             learn=lambda: probes.public_address(verify_host),
+                             verifier=verify_host)
+    ipv4 = chosen.address
     if ipv4 is None:
         return lines + ["  skipped - could not determine server IP"]
-    local_key = dkimkeys.local_public_b64()
+    if chosen.note:
+        lines.append("  " + chosen.note)
+    local_key = dkimkeys.local_public_b64(files=signing_key_files(config))
     try:
         resolver = probes.resolver(config.dns_resolvers)
     except dnsresolve.DnsError as exc:
@@ -458,6 +521,8 @@ def dns_section(config: Config, probes: Probes) -> list[str]:
     checks = dnscheck.check_dns(resolver, config.domain, ipv4, ipv6=ipv6,
                                 enable_ipv6=config.enable_ipv6, selector=config.dkim_selector,
                                 dkim_public_b64=local_key)
+    after_dkim = next(i for i, check in enumerate(checks) if check.is_dkim) + 1
+    checks[after_dkim:after_dkim] = other_selector_checks(config, resolver)
     return lines + dnscheck.format_checks(checks, dkim_add_hint=local_key is not None)
 
 
@@ -489,7 +554,8 @@ def unreadable_config_report(config_path: Path, probes: Probes | None = None) ->
     return report
 
 
-def build_report(config: Config, probes: Probes | None = None) -> Report:
+def build_report(config: Config, probes: Probes | None = None,
+                 public_ip: str | None = None) -> Report:
     """Run every section and check; nothing is printed here."""
     probes = probes or Probes()
     report = Report()
@@ -497,6 +563,7 @@ def build_report(config: Config, probes: Probes | None = None) -> Report:
     for mailbox in config.mailboxes.values():
         report.findings += check_mailbox_dirs(config, mailbox)
     report.findings += check_orphan_storage(config)
+    report.findings += check_dkim_key_files(config)
     report.findings += other_checks(config, probes)
     report.findings += check_load_warnings(config)
     sections = [
@@ -504,7 +571,7 @@ def build_report(config: Config, probes: Probes | None = None) -> Report:
         service_section(probes),
         mailboxes_section(config, report),
         [heading("Ownership"), *owner_lines],
-        dns_section(config, probes),
+        dns_section(config, probes, public_ip),
         logs_section(),
         checks_section(report),
     ]

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -282,6 +283,28 @@ class System:
         else:
             return False
         return self.run(argv).returncode == 0
+
+    def reload_daemon(self) -> str | None:
+        """SIGHUP the daemon; returns how it was reached, or ``None`` when none was found.
+
+        Through the service manager when it runs the service, else (``aimx serve``
+        started by hand) through the pid file, but only while the daemon's socket
+        answers: a pid file left by a crash may name an unrelated process by now.
+        """
+        if self.service_running() and self.reload_service():
+            if self.init_system() == SYSTEMD:
+                return f"`systemctl reload {SERVICE}`"
+            return f"`rc-service {SERVICE} reload`"
+        from aimx.daemon.client import Client
+        from aimx.daemon.protocol import Version
+
+        try:
+            pid = int(paths.pid_path().read_text().strip())
+            Client(paths.socket_path(), timeout=5).call(Version)
+            os.kill(pid, signal.SIGHUP)
+        except Exception:  # noqa: BLE001 - no pid file, no daemon, no such process
+            return None
+        return f"SIGHUP to pid {pid}"
 
     def remove_service(self) -> list[str]:
         """Stop, disable and delete the service; returns what was removed.

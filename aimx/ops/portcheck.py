@@ -26,6 +26,7 @@ from aimx.ops.console import Console, SetupError
 from aimx.ops.initsystem import (
     System,
 )
+from aimx.ops.publicip import LearnFailed
 
 OUTBOUND_TIMEOUT = 10.0
 INBOUND_TIMEOUT = 60.0
@@ -154,8 +155,8 @@ def check_outbound(host: str, port: int = 25, timeout: float = OUTBOUND_TIMEOUT)
         raise CheckFailed(f"Outbound port 25 check failed: {exc}") from exc
 
 
-def check_inbound(verify_host: str, timeout: float = INBOUND_TIMEOUT) -> None:
-    """Ask the verifier to connect back to our port 25; raise CheckFailed unless it could."""
+def probe_answer(verify_host: str, timeout: float = INBOUND_TIMEOUT) -> dict[str, object]:
+    """The verifier's ``/probe`` answer (``reachable``, ``ip``); raises CheckFailed."""
     url = f"{verify_host}/probe"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http[s] only)
@@ -169,8 +170,41 @@ def check_inbound(verify_host: str, timeout: float = INBOUND_TIMEOUT) -> None:
         answer = json.loads(body)
     except ValueError as exc:
         raise CheckFailed(f"Inbound port 25 check failed: invalid JSON from {url}") from exc
-    if not isinstance(answer, dict) or answer.get("reachable") is not True:
+    if not isinstance(answer, dict):
+        raise CheckFailed(f"Inbound port 25 check failed: invalid JSON from {url}")
+    return answer
+
+
+def seen_address(answer: dict[str, object]) -> str | None:
+    """The caller's address as the verifier saw it (behind NAT: the public one)."""
+    ip = answer.get("ip")
+    return ip if isinstance(ip, str) and ip else None
+
+
+def check_inbound(verify_host: str, timeout: float = INBOUND_TIMEOUT) -> str | None:
+    """Ask the verifier to connect back to our port 25; raise CheckFailed unless it could.
+
+    Returns the address the verifier saw this machine at.
+    """
+    answer = probe_answer(verify_host, timeout)
+    if answer.get("reachable") is not True:
         raise CheckFailed(INBOUND_UNREACHABLE)
+    return seen_address(answer)
+
+
+def learn_public_address(verify_host: str, timeout: float = INBOUND_TIMEOUT) -> str:
+    """The address the verifier sees this machine at; raises ``publicip.LearnFailed``.
+
+    ``/probe`` is the one call every verifier answers; its ``ip`` is the caller's
+    address whether or not the connect-back reached port 25.
+    """
+    try:
+        ip = seen_address(probe_answer(verify_host, timeout))
+    except CheckFailed as exc:
+        raise LearnFailed(str(exc).removeprefix("Inbound port 25 check failed: ")) from exc
+    if ip is None:
+        raise LearnFailed("its answer names no address")
+    return ip
 
 
 def verify_smtp_host(verify_host: str) -> str:
@@ -179,8 +213,9 @@ def verify_smtp_host(verify_host: str) -> str:
 
 
 def run_port_checks(console: Console, system: System, verify_host: str,
-                    *, listen: bool) -> tuple[str | None, str | None]:
-    """Print the two check lines; returns (outbound failure, inbound failure).
+                    *, listen: bool) -> tuple[str | None, str | None, str | None]:
+    """Print the two check lines; returns (outbound failure, inbound failure, the
+    address the verifier saw this machine at).
 
     ``listen`` starts the temporary responder for the inbound check (when
     nothing holds the port); raises ``SetupError`` if it cannot bind.
@@ -205,9 +240,9 @@ def run_port_checks(console: Console, system: System, verify_host: str,
             console.say(term.mark("fail"))
             raise SetupError(f"Cannot bind port 25 for preflight: {exc}\n"
                              "Run with sudo or ensure port 25 is available.") from exc
-    inbound = None
+    inbound = seen = None
     try:
-        check_inbound(verify_host)
+        seen = check_inbound(verify_host)
         console.say(term.mark("ok"))
     except CheckFailed as exc:
         inbound = str(exc)
@@ -216,4 +251,4 @@ def run_port_checks(console: Console, system: System, verify_host: str,
     finally:
         if listener is not None:
             listener.close()
-    return outbound, inbound
+    return outbound, inbound, seen

@@ -33,7 +33,7 @@ from aimx.config import (
     parse_config_text,
 )
 from aimx.configedit import ConfigEditError, write_config_text
-from aimx.ops import dkimkeys, dnscheck, tlscert
+from aimx.ops import dkimkeys, dnscheck, publicip, tlscert
 from aimx.ops.console import Console, SetupError
 from aimx.ops.initsystem import (
     OPENRC,
@@ -142,7 +142,10 @@ def _toml(value: object) -> str:
 
 
 def new_config_text(domain: str, data_dir: Path, trust: str, senders: Sequence[str],
-                    catchall_owner: str, selector: str = DEFAULT_DKIM_SELECTOR) -> str:
+                    catchall_owner: str, selector: str = DEFAULT_DKIM_SELECTOR,
+                    public_ip: str | None = None) -> str:
+    nat = ("# The address the internet reaches this server at (it is behind NAT).\n"
+           f"public_ip = {_toml(public_ip)}\n") if public_ip else ""
     return (
         "# aimx configuration, written by `aimx setup`.\n"
         "# The daemon re-reads it on `systemctl reload aimx` (SIGHUP).\n"
@@ -151,6 +154,7 @@ def new_config_text(domain: str, data_dir: Path, trust: str, senders: Sequence[s
         f"dkim_selector = {_toml(selector)}\n"
         f"trust = {_toml(trust)}\n"
         f"trusted_senders = {_toml(list(senders))}\n"
+        f"{nat}"
         "\n"
         "# Mail for addresses without a mailbox of their own lands here.\n"
         "[mailboxes.catchall]\n"
@@ -160,13 +164,16 @@ def new_config_text(domain: str, data_dir: Path, trust: str, senders: Sequence[s
 
 
 def refresh_config_text(text: str, domain: str, data_dir: Path | None,
-                        catchall_owner: str) -> str:
-    """An existing config with the new domain, data dir and a catchall; comments kept.
+                        catchall_owner: str, public_ip: str | None = None) -> str:
+    """An existing config with the new domain, data dir, public IP and a catchall;
+    comments kept.
 
     Addresses on the old domain move to the new one; a config without a
     catchall gets ``[mailboxes.catchall]`` back.
     """
     document = tomlkit.parse(text)
+    if public_ip is not None and str(document.get("public_ip", "")) != public_ip:
+        document["public_ip"] = public_ip
     old = str(document.get("domain", ""))
     if old.lower() != domain.lower():
         document["domain"] = domain
@@ -207,6 +214,9 @@ class Wizard:
     domain_arg: str | None = None
     verify_host_flag: str | None = None
     data_dir_flag: str | None = None
+    public_ip_flag: str | None = None
+    verify_host: str = ""
+    seen_ip: str | None = None  # where the verifier saw this machine (preflight)
     states: list[str] = attrs.field(factory=lambda: ["pending"] * len(STEPS))
     config: Config | None = None
     config_text: str | None = None
@@ -256,17 +266,21 @@ class Wizard:
     def run(self) -> int:
         if self.verify_host_flag is not None:
             normalise_verify_host(self.verify_host_flag)  # a bad flag fails first
+        if self.public_ip_flag is not None:
+            problem = publicip.ipv4_problem(self.public_ip_flag)
+            if problem is not None:
+                raise SetupError(problem)
         if self.system.euid() != 0:
             raise SetupError(ROOT_REQUIRED)
         self.load_existing()
-        verify_host = resolve_verify_host(self.verify_host_flag, self.config)
+        verify_host = self.verify_host = resolve_verify_host(self.verify_host_flag, self.config)
         self.console.say(term.style("🐦‍⬛ AIMX setup", "bold"))
         self.console.say(term.style("Self-hosted email SMTP and MCP server for AI agents.",
                                     "dim"))
         self.console.say()
         self.checklist()
         self.reentry = (self.system.service_running() and tlscert.cert_path().exists()
-                        and dkimkeys.key_exists())
+                        and self._dkim_files()[0].exists())
         if self.reentry:
             self.console.say("Existing aimx configuration detected. Skipping install, "
                              "proceeding to verification.")
@@ -306,8 +320,8 @@ class Wizard:
         self.console.say(f"Checking port 25 through {verify_host}")
         if holder is not None:
             self.console.say("aimx is already listening on port 25; probing it.")
-        outbound, inbound = run_port_checks(self.console, self.system, verify_host,
-                                            listen=holder is None)
+        outbound, inbound, self.seen_ip = run_port_checks(self.console, self.system,
+                                                          verify_host, listen=holder is None)
         if outbound:
             self.console.problem("Providers known to allow SMTP on port 25: "
                                  + ", ".join(SMTP_PROVIDERS) + ".")
@@ -357,19 +371,26 @@ class Wizard:
         if self.console.interactive and not self.console.confirm(
                 f"Do you control the DNS records of {self.domain}?"):
             raise SetupError("Setup cancelled. You need DNS access to proceed.")
-        ipv4, ipv6 = self.system.ip_addresses()
-        if ipv4 is None:
+        own, ipv6 = self.system.ip_addresses()
+        if own is None and not (self.public_ip_flag or self.config and self.config.public_ip):
             raise SetupError("Could not determine server IPv4 address")
         ipv6 = ipv6 if self.enable_ipv6 else None
+        chosen = publicip.choose(own, flag=self.public_ip_flag,
+                                 configured=self.config.public_ip if self.config else None,
+                                 learn=self._seen_by_verifier, verifier=self.verify_host)
+        ipv4 = chosen.address
+        assert ipv4 is not None
         # The key is made now because the record below must publish it, and kept:
         # a key the operator already put in DNS must survive an aborted run.
-        if not dkimkeys.key_exists():
+        if not self._dkim_files()[0].exists():
             self.console.say("Generating DKIM keypair...")
             self._generate_dkim()
             self.console.say("DKIM keypair generated.")
-        public = dkimkeys.local_public_b64()
+        public = dkimkeys.local_public_b64(files=self._dkim_files())
         self.console.say()
         self.console.say(term.style("DNS", "bold"))
+        if chosen.note:
+            self.console.say(chosen.note[:1].upper() + chosen.note[1:] + ".")
         self.console.say("Add the following DNS records at your domain registrar:")
         self.console.say()
         records = dnscheck.server_records(self.domain, ipv4, ipv6, selector=self.selector,
@@ -384,9 +405,19 @@ class Wizard:
         self._verify_dns(ipv4, ipv6, public)
         self.complete(number)
 
+    def _seen_by_verifier(self) -> str:
+        """The address the preflight's verifier saw this machine at (no second request)."""
+        if self.seen_ip is None:
+            raise publicip.LearnFailed("its answer named no address")
+        return self.seen_ip
+
+    def _dkim_files(self) -> tuple[Path, Path]:
+        """The signing key's files (after a rotation, named by the selector)."""
+        return dkimkeys.key_files(self.selector, self.selector)
+
     def _generate_dkim(self) -> None:
         try:
-            dkimkeys.generate()
+            dkimkeys.install_keypair(dkimkeys.new_keypair(), files=self._dkim_files())
         except OSError as exc:
             raise SetupError(f"cannot write the DKIM key to {paths.dkim_dir()}: "
                              f"{exc.strerror or exc}") from exc
@@ -513,10 +544,11 @@ class Wizard:
         owner = self.system.catchall_user
         if self.config_text is None:
             text = new_config_text(self.domain, data_dir, self.trust, self.senders, owner,
-                                   self.selector)
+                                   self.selector, self.public_ip_flag)
         else:
             text = refresh_config_text(self.config_text, self.domain,
-                                       data_dir if explicit else None, owner)
+                                       data_dir if explicit else None, owner,
+                                       self.public_ip_flag)
         try:
             config = parse_config_text(text, path)
         except ConfigError as exc:
@@ -565,7 +597,7 @@ class Wizard:
         os.chmod(config_dir, 0o755)
         config, changed = self._write_config(data_dir, explicit)
         self._prepare_mailboxes(config, data_dir)
-        if dkimkeys.key_exists():
+        if self._dkim_files()[0].exists():
             self.console.say("DKIM keypair already exists.")
         else:
             self.console.say("Generating DKIM keypair...")
@@ -654,11 +686,12 @@ class Wizard:
 
 
 def run_setup(domain: str | None = None, *, verify_host: str | None = None,
-              data_dir: str | None = None, system: System | None = None,
-              console: Console | None = None) -> int:
+              data_dir: str | None = None, public_ip: str | None = None,
+              system: System | None = None, console: Console | None = None) -> int:
     """Run the wizard; raises ``SetupError`` with the operator message on failure."""
     wizard = Wizard(system=system or System(), console=console or Console(),
-                    domain_arg=domain, verify_host_flag=verify_host, data_dir_flag=data_dir)
+                    domain_arg=domain, verify_host_flag=verify_host, data_dir_flag=data_dir,
+                    public_ip_flag=public_ip)
     return wizard.run()
 
 
