@@ -32,21 +32,23 @@ def dkim_dir() -> Path:
 
 UNNAMED_PRIVATE_KEY = "private.key"
 UNNAMED_PUBLIC_KEY = "public.key"
-_SELECTOR_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_SELECTOR_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def dkim_selector_problem(selector: str) -> str | None:
     """Why ``selector`` cannot name a DKIM key, or ``None``.
 
     A selector becomes part of a DNS name and of a file name in the key dir,
-    so it is held to DNS labels (letters, digits, inner hyphens) joined by dots:
-    nothing that could climb out of the directory or hide a file.
+    so it is held to DNS labels (letters, digits, underscores, inner hyphens)
+    joined by dots: nothing that could climb out of the directory or hide a file.
+    Underscores are more than RFC 6376 asks, but DNS carries them and selectors
+    such as ``mail_2024`` were accepted before keys were named by selector.
     """
     if not selector or len(selector) > 253:
         return "a selector is 1 to 253 characters"
     if not all(_SELECTOR_LABEL.fullmatch(label) for label in selector.split(".")):
-        return ("use DNS labels of letters, digits and inner hyphens (1-63 each), "
-                "separated by dots")
+        return ("use DNS labels of letters, digits, underscores and inner hyphens "
+                "(1-63 each), separated by dots")
     return None
 
 

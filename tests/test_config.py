@@ -779,3 +779,14 @@ def test_trusted_proxies_without_the_protocol_warn(tmp_path):
     config = load_config(write(tmp_path, HEAD + 'smtp_trusted_proxies = ["10.0.0.0/8"]\n'))
     assert config.warnings == ("smtp_trusted_proxies is set but smtp_proxy_protocol is not "
                                "true: the list is ignored and every connection is plain SMTP",)
+
+
+@pytest.mark.parametrize("selector", ["mail_2024", "s1.aimx", "2026-12"])
+def test_selectors_accepted_before_rotation_existed_still_load(tmp_path, selector):
+    config = load_config(write(tmp_path, HEAD + f'dkim_selector = "{selector}"\n'))
+    assert config.dkim_selector == selector
+
+
+@pytest.mark.parametrize("selector", ["../key", "a/b", "", "-x"])
+def test_a_selector_that_could_name_a_path_is_refused(tmp_path, selector):
+    assert "invalid dkim_selector" in load_error(tmp_path, HEAD + f'dkim_selector = "{selector}"\n')
