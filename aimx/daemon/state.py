@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import defer, threads
 
+from aimx.daemon.watch import WatchHub
 from aimx.logs import kv, logger
 
 log = logger("aimx::config")
@@ -52,6 +53,7 @@ class Daemon:
         self.tls_enabled = False
         self.draining = False
         self.in_flight: set[defer.Deferred[Any]] = set()
+        self.watch = WatchHub()  # socket connections that sent WATCH
 
     # -- config snapshots --------------------------------------------------
 
@@ -67,6 +69,7 @@ class Daemon:
                         kv(current.data_dir), kv(new.data_dir))
             new = new.with_data_dir(current.data_dir)
         self.config = new
+        self.watch.config_swapped(current, new)
 
     def load_config_blocking(self) -> Any:
         """Load and validate the config file again, honouring the data-dir override."""
@@ -112,6 +115,7 @@ class Daemon:
         The one place the daemon learns of new inbound mail, whichever listener
         stored it: ``on_receive`` hooks fire from here, after the reply.
         """
+        self.watch.inbound_stored(self.config, results)
         if self.hooks is None:
             return
         for result in results:
