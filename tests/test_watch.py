@@ -234,10 +234,16 @@ def test_a_client_that_stops_answering_is_dropped(daemon, users, inboxes):
     sock.sendall(protocol.request_box(protocol.Watch, {"mailboxes": ["alice"]}, b"1")
                  .serialize())
     assert read_box(sock)[b"_answer"] == b"1"  # watching from here on
-    client = Client(daemon.socket_path)
-    for turn in range(MAX_UNANSWERED + 1):  # each flip is one event nobody answers
-        client.call(protocol.MarkRead if turn % 2 == 0 else protocol.MarkUnread,
-                    mailbox="alice", id=email_id)
+    # Each flip of the read state is one event nobody answers; all asked on one connection.
+    flips = socket.socket(socket.AF_UNIX)
+    flips.connect(str(daemon.socket_path))
+    flips.sendall(b"".join(
+        protocol.request_box(protocol.MarkRead if turn % 2 == 0 else protocol.MarkUnread,
+                             {"mailbox": "alice", "id": email_id}, b"%d" % turn).serialize()
+        for turn in range(MAX_UNANSWERED + 1)))
+    answers = [read_box(flips) for _ in range(MAX_UNANSWERED + 1)]
+    flips.close()
+    assert all(b"_answer" in answer for answer in answers)
     sock.settimeout(WAIT)
     received = b""
     while chunk := sock.recv(65536):  # the daemon closes the connection: EOF
@@ -245,7 +251,7 @@ def test_a_client_that_stops_answering_is_dropped(daemon, users, inboxes):
     sock.close()
     # Cut off, not flushed: what the socket buffers held arrived, the rest was let go.
     assert 0 < received.count(b"WATCH-EVENT") <= MAX_UNANSWERED
-    assert client.call(protocol.Version)["tag"]  # the daemon itself carries on
+    assert Client(daemon.socket_path).call(protocol.Version)["tag"]  # the daemon carries on
     assert f"left {MAX_UNANSWERED} events unanswered" in daemon.log_text()
 
 
@@ -326,3 +332,26 @@ def test_aimx_watch_with_the_daemon_down(daemon, users, tmp_path):
     proc = run_aimx_as(users["alice"], ["watch", "alice"], env)
     assert proc.returncode == 2
     assert proc.stderr == "Error: aimx daemon not running. Check 'systemctl status aimx'\n"
+
+
+def test_listen_stream_of_a_modern_client_hears_of_new_mail(daemon, users, inboxes):
+    """The 2026-07-28 protocol has no resources/subscribe: events ride subscriptions/listen."""
+    from mcp import Client as McpClient
+
+    inbox = "aimx://mailbox/alice/inbox"
+
+    async def main() -> Any:
+        with anyio.fail_after(WAIT):
+            async with McpClient(server_params(daemon, users["alice"])) as client, \
+                    client.listen(resource_subscriptions=[inbox],
+                                  resources_list_changed=True) as subscription:
+                await deliver_async(daemon, "alice@test.local", "heard by listen")
+                async for event in subscription:
+                    if getattr(event, "uri", None) == inbox:
+                        break
+                result = await client.read_resource(inbox)
+                return client.session.protocol_version, result.contents[0].text
+
+    version, listing = anyio.run(main)
+    assert version >= "2026-07-28"
+    assert row_with_subject(listing, "heard by listen") is not None

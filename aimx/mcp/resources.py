@@ -35,6 +35,7 @@ from mcp.server.subscriptions import (
     ServerEvent,
 )
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from aimx.daemon.client import ConnectFailed, DaemonDown, MalformedReply, WatchEnded
 from aimx.daemon.protocol import ApiError
@@ -122,14 +123,16 @@ class MailFeed:
                     stream.close()  # wakes the reader thread, so the process can exit
                 tasks.cancel_scope.cancel()
 
-    async def start(self, session: Any) -> None:
-        """Use ``session`` for notifications; return once the WATCH has been tried once.
+    async def start(self, ctx: Any) -> None:
+        """Note ``ctx``'s session for notifications; return once the WATCH was tried once.
 
         So a client that subscribed (or listed) hears of mail stored right after
         the answer. If the daemon is down the feed keeps retrying in the background.
+        Only a handshake-era session is told directly: 2026-07-28 clients hear
+        through their ``subscriptions/listen`` streams alone.
         """
-        if session is not None:
-            self._session = session
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self._session = ctx.session
         if not self._started and self._tasks is not None:
             self._started = True
             self._tasks.start_soon(self._run)
@@ -225,7 +228,7 @@ def build_resource_handlers(tools: Any, feed: MailFeed) -> dict[str, Any]:
             raise MCPError(code=types.INVALID_PARAMS, message=failure.text) from None
 
     async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
-        await feed.start(ctx.session)
+        await feed.start(ctx)
         rows = await blocking(lambda _: tools.mailbox_rows(), {})
         resources = []
         for row in rows:
@@ -275,7 +278,7 @@ def build_resource_handlers(tools: Any, feed: MailFeed) -> dict[str, Any]:
             raise unknown_resource(uri)
         await blocking(lambda _: tools.lookup(parsed[0]), {})  # the caller's own only
         feed.subscriptions.add(uri)
-        await feed.start(ctx.session)
+        await feed.start(ctx)
         return types.EmptyResult()
 
     async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams
@@ -284,7 +287,7 @@ def build_resource_handlers(tools: Any, feed: MailFeed) -> dict[str, Any]:
         return types.EmptyResult()
 
     async def listen(ctx: Any, params: Any) -> Any:
-        await feed.start(None)
+        await feed.start(ctx)
         return await feed.listen(ctx, params)
 
     return {
