@@ -1,5 +1,7 @@
 """The stdio MCP server (``aimx mcp``): twelve tools for an agent's own mail.
 
+Its mailboxes are resources too, with push on new mail: see ``aimx.mcp.resources``.
+
 One process per agent, running as the agent's Linux user. Everything that
 needs authority goes through the daemon socket, where ``SO_PEERCRED`` tells
 the daemon who is asking: each mailbox tool first asks MAILBOX-LIST (which
