@@ -317,6 +317,15 @@ def test_aimx_watch_human_line(daemon, users, inboxes):
     assert rest == "Ann <ann@example.com>  human"
 
 
+def test_a_human_line_cannot_carry_terminal_escapes():
+    from aimx.cli.watch import human_line
+
+    line = human_line({"event": "stored", "folder": "inbox", "id": "2026-x",
+                       "at": "2026-01-05T09:12:03.123456Z", "from": "Eve <e@example.com>",
+                       "subject": "\x1b]0;owned\x07 hi"})
+    assert line == "2026-01-05T09:12:03Z  2026-x  Eve <e@example.com>  \ufffd]0;owned\ufffd hi"
+
+
 def test_aimx_watch_refuses_a_mailbox_of_another_user(daemon, users):
     env = users["bob"].env(daemon.client_env({"PATH": "/usr/bin:/bin", "NO_COLOR": "1"}))
     proc = run_aimx_as(users["bob"], ["watch", "alice", "--json"], env)

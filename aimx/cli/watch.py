@@ -31,6 +31,11 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> argpa
     return parser
 
 
+def printable(text: str) -> str:
+    """Sender-controlled text made safe for a terminal: no escape or other control characters."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
+
+
 def human_line(event: dict[str, Any]) -> str:
     """``<time>  <id>  <from>  <subject>`` (time to the second, UTC; sent copies marked)."""
     at = event.get("at") or ""
@@ -38,7 +43,7 @@ def human_line(event: dict[str, Any]) -> str:
     parts = [when, event.get("id") or "", event.get("from") or "", event.get("subject") or ""]
     if event.get("folder") == "sent":
         parts.insert(1, "sent")
-    return "  ".join(parts).rstrip()
+    return printable("  ".join(parts).rstrip())
 
 
 def json_line(event: dict[str, Any]) -> str:
