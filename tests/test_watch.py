@@ -41,7 +41,9 @@ def users(test_users) -> dict[str, LinuxUser]:
 @pytest.fixture(scope="module")
 def daemon(dns, users) -> Iterator[RunningDaemon]:
     config = CONFIG.format(dns=dns.address, alice=users["alice"].name, bob=users["bob"].name)
-    with RunningDaemon(config) as d:
+    with RunningDaemon(config, start=False) as d:
+        d.extra_env["AIMX_TEST_MAIL_DROP"] = str(d.base / "outbox" / "drop.txt")
+        d.start()
         yield d
 
 
@@ -145,6 +147,22 @@ def test_subscriber_hears_of_new_mail_and_reads_it(daemon, users, inboxes):
     assert row is not None and row["from"] == "Ann <ann@example.com>"
     assert not result.is_error and 'subject = "push me"' in result.content[0].text
     assert message == result.content[0].text
+
+
+def test_sent_copy_updates_the_sent_listing(daemon, users, inboxes):
+    sent = "aimx://mailbox/alice/sent"
+
+    async def body(session: ClientSession, notes: Notifications):
+        await session.subscribe_resource(sent)
+        result = await session.call_tool("email_send", {
+            "from_mailbox": "alice", "to": "dana@example.com", "subject": "outbound push",
+            "body": "Hello."})
+        await notes.until_updated(sent)
+        return result, row_with_subject(await text_of(session, sent), "outbound push")
+
+    result, row = run_mcp(daemon, users["alice"], body)
+    assert not result.is_error, result.content[0].text
+    assert row is not None and row["to"] == "dana@example.com"
 
 
 def test_non_owner_cannot_subscribe_and_hears_nothing_of_it(daemon, users, inboxes):
