@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.to_thread
 from mcp import types
