@@ -260,7 +260,9 @@ def test_tools_list_has_exactly_the_twelve_tools(daemon, users):
     assert init.server_info.version == __version__
     assert init.instructions == "aimx email server. Manage mailboxes and emails for AI agents"
     assert init.capabilities.tools is not None
-    assert init.capabilities.resources is None and init.capabilities.prompts is None
+    assert init.capabilities.prompts is None
+    # Mailboxes are resources too (tests/test_watch.py), with subscriptions and listChanged.
+    assert init.capabilities.resources.subscribe and init.capabilities.resources.list_changed
 
     by_name = {tool.name: tool for tool in tools}
     assert set(by_name) == TOOL_NAMES and len(tools) == 12

@@ -22,6 +22,8 @@ from aimx import term
 COMMANDS: list[tuple[str, str, str, tuple[str, ...], str]] = [
     ("send", "aimx.cli.send", "user", (),
      "Send an email (Markdown body) from a mailbox you own"),
+    ("watch", "aimx.cli.watch", "user", (),
+     "Print a line for each new email in a mailbox, as it arrives"),
     ("mailboxes", "aimx.cli.mailboxes", "user", ("mailbox",),
      "create, list, show and delete mailboxes"),
     ("hooks", "aimx.cli.hooks", "user", ("hook",), "list, create and delete mailbox hooks"),

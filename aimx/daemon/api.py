@@ -52,11 +52,15 @@ from aimx.daemon.protocol import (
     MarkUnread,
     Send,
     Version,
+    Watch,
+    WatchEvent,
     clean_reason,
     error,
     parse_request,
+    request_box,
     undeclared_keys,
 )
+from aimx.daemon.watch import MAX_UNANSWERED, MailEvent, Watcher, may_read
 from aimx.logs import logger
 from aimx.mail.naming import check_email_id
 from aimx.mail.sendoptions import idempotency_key_problem
@@ -413,6 +417,9 @@ class ApiProtocol(amp.AMP):
         self._timer = None
         self._timer_kind: str | None = None
         self._dropped = False
+        self._watcher: Watcher | None = None  # set by WATCH
+        self._unanswered: set[bytes] = set()  # tags of WATCH-EVENTs the client owes answers to
+        self._event_tags = 0
 
     @property
     def reactor(self):
@@ -453,6 +460,9 @@ class ApiProtocol(amp.AMP):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted's name)
+        if self._watcher is not None:
+            self.daemon.watch.remove(self._watcher)
+            self._watcher = None
         if self._counted_uid is not None:
             self.factory.release(self._counted_uid)
             self._counted_uid = None
@@ -488,7 +498,7 @@ class ApiProtocol(amp.AMP):
             return
         if self._box_open or self.recvd:
             self._arm("incomplete request")
-        elif self._in_flight == 0:
+        elif self._in_flight == 0 and self._watcher is None:  # a watch waits for mail
             self._arm("idle")
         else:
             self._disarm()
@@ -536,6 +546,8 @@ class ApiProtocol(amp.AMP):
             box.pop(amp.ANSWER, None)
             box.pop(amp.ERROR, None)
             super().ampBoxReceived(box)
+        elif self._watcher is not None and (amp.ANSWER in box or amp.ERROR in box):
+            self._event_answered(box.get(amp.ANSWER, box.get(amp.ERROR)))
         elif amp.ASK in box:
             try:
                 self.boxSender.sendBox(amp.AmpBox({
@@ -645,7 +657,11 @@ class ApiProtocol(amp.AMP):
             self.daemon.store.set_read(mailbox, target.owner, id, read)
             return {}
 
-        return self._in_thread(work)
+        def marked(result: dict) -> dict:
+            self.daemon.watch.read_state(self.daemon.config, mailbox, id, read)
+            return result
+
+        return self._in_thread(work).addCallback(marked)
 
     def do_mark_read(self, box, mailbox: str, id: str):
         return self._mark("MARK-READ", box, mailbox, id, True)
@@ -775,6 +791,52 @@ class ApiProtocol(amp.AMP):
     def do_hook_list(self, box):
         return {"rows": hook_rows(self.daemon.config, self.caller)}
 
+    # -- WATCH: events pushed to the client over this connection ----------------
+
+    def do_watch(self, box, mailboxes: list[str] | None):
+        """Watch the named mailboxes (none named: every one the caller may read).
+
+        Authorized as listing is; a name the caller may not read is missing,
+        exactly like one nobody has. A second WATCH replaces the first.
+        """
+        config = self.daemon.config
+        names = frozenset(mailboxes) if mailboxes else None
+        for name in sorted(names or ()):
+            target = config.mailboxes.get(name)
+            if target is None or not self.caller.authorize("WATCH", name, target):
+                raise mailbox_not_found(name)
+        if self._watcher is not None:
+            self.daemon.watch.remove(self._watcher)
+        self._watcher = Watcher(self.caller, names, self._send_event)
+        self.daemon.watch.add(self._watcher)
+        watched = sorted(name for name, mailbox in config.mailboxes.items()
+                         if (names is None or name in names) and may_read(self.caller, mailbox))
+        log.info("watch started caller_uid=%d mailboxes=%s", self.caller.uid,
+                 _q(",".join(watched) if names is not None else "*"))
+        return {"mailboxes": watched}
+
+    def _send_event(self, event: MailEvent) -> None:
+        """One WATCH-EVENT; a client this far behind is dropped rather than buffered for."""
+        if self.transport is None or self._dropped:
+            return
+        if len(self._unanswered) >= MAX_UNANSWERED:
+            self._drop(f"watch client uid {self.caller.uid} left {MAX_UNANSWERED} events "
+                       "unanswered")
+            return
+        self._event_tags += 1
+        tag = b"e%x" % self._event_tags
+        self._unanswered.add(tag)
+        try:
+            self.boxSender.sendBox(amp.AmpBox(request_box(WatchEvent, event.fields(), tag)))
+        except (amp.ProtocolSwitched, ConnectionLost):
+            self._unanswered.discard(tag)
+
+    def _event_answered(self, tag: bytes) -> None:
+        if tag not in self._unanswered:
+            self._drop("answer to no WATCH-EVENT")
+            return
+        self._unanswered.discard(tag)
+
 
 _HANDLERS: dict[type[ApiCommand], Callable[..., Any]] = {
     Send: ApiProtocol.do_send,
@@ -787,6 +849,7 @@ _HANDLERS: dict[type[ApiCommand], Callable[..., Any]] = {
     HookDelete: ApiProtocol.do_hook_delete,
     HookList: ApiProtocol.do_hook_list,
     Version: ApiProtocol.do_version,
+    Watch: ApiProtocol.do_watch,
 }
 
 

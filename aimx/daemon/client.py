@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,13 @@ from aimx.daemon.protocol import (
     MAX_BOX_BYTES,
     REFUSED_TAG,
     ApiCommand,
+    ApiError,
+    Box,
+    Watch,
+    WatchEvent,
     error,
     parse_answer,
+    parse_request,
     request_box,
 )
 
@@ -140,24 +146,96 @@ class Client:
         return sock
 
     def call(self, command: type[ApiCommand], **arguments: Any) -> dict[str, Any]:
+        with self.connect() as sock:
+            return self._ask(sock, command, arguments)
+
+    def _ask(self, sock: socket.socket, command: type[ApiCommand],
+             arguments: dict[str, Any]) -> dict[str, Any]:
+        """Send one request on ``sock`` and read its answer."""
         tag = _next_tag()
         request = request_box(command, arguments, tag).serialize()
-        with self.connect() as sock:
+        try:
             try:
-                try:
-                    sock.sendall(request)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # a refused connection: its error box is waiting to be read
-                reply = read_box(sock)
-            except TimeoutError:
-                raise MalformedReply("timed out waiting for the daemon") from None
-            except OSError as exc:
-                raise MalformedReply(f"connection failed: {exc}") from None
+                sock.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a refused connection: its error box is waiting to be read
+            reply = read_box(sock)
+        except TimeoutError:
+            raise MalformedReply("timed out waiting for the daemon") from None
+        except OSError as exc:
+            raise MalformedReply(f"connection failed: {exc}") from None
         if reply.get(b"_error") == REFUSED_TAG:
             return interpret_reply(command, reply)  # raises the refusal's ApiError
         if reply.get(b"_answer", reply.get(b"_error")) != tag:
             raise MalformedReply("reply does not answer the request")
         return interpret_reply(command, reply)
+
+    def watch(self, mailboxes: list[str] | None = None) -> WatchStream:
+        """Open a WATCH on ``mailboxes`` (``None``: all the caller may read).
+
+        Raises like ``call`` when the daemon refuses (an unreadable mailbox is
+        ``ENOENT``); otherwise the stream yields events until it is closed.
+        """
+        sock = self.connect()
+        try:
+            reply = self._ask(sock, Watch, {"mailboxes": mailboxes or None})
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)  # events come whenever mail does
+        return WatchStream(sock, list(reply.get("mailboxes") or []))
+
+
+class WatchEnded(Exception):
+    """The daemon closed a watch (it stopped or restarted, or the client fell behind)."""
+
+
+class WatchStream:
+    """An open WATCH connection: iterate for events (dicts of ``WatchEvent``'s fields).
+
+    Each event is answered as soon as it is read, which is what keeps the
+    daemon sending; ``close`` may be called from another thread to end a
+    blocked iteration, which then raises ``WatchEnded``.
+    """
+
+    def __init__(self, sock: socket.socket, mailboxes: list[str]) -> None:
+        self.sock = sock
+        self.mailboxes = mailboxes
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            while True:
+                yield self._next_event()
+        finally:
+            self.sock.close()
+
+    def _next_event(self) -> dict[str, Any]:
+        try:
+            box = read_box(self.sock)
+        except (MalformedReply, OSError) as exc:
+            raise WatchEnded(str(exc)) from None
+        if box.get(b"_command") != WatchEvent.commandName or b"_ask" not in box:
+            raise WatchEnded("the daemon sent something other than a WATCH-EVENT")
+        try:
+            event = parse_request(WatchEvent, box)
+        except ApiError as exc:
+            raise WatchEnded(f"unreadable WATCH-EVENT: {exc.reason}") from None
+        try:
+            self.sock.sendall(Box({b"_answer": box[b"_ask"]}).serialize())
+        except OSError as exc:
+            raise WatchEnded(str(exc)) from None
+        return event
+
+    def close(self) -> None:
+        """End the watch from any thread: a blocked iteration wakes and raises ``WatchEnded``.
+
+        The iteration closes the socket itself, so no other thread's descriptor
+        can take its number while it still reads.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def call_deferred(reactor, command: type[ApiCommand], socket_path=None, **arguments: Any):

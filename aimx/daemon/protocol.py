@@ -400,10 +400,48 @@ class Version(ApiCommand):
     takes_no_arguments = True
 
 
+class Watch(ApiCommand):
+    """Subscribe this connection to mail events of the named mailboxes (none: all readable).
+
+    The answer lists the mailboxes now watched; from then on the daemon sends
+    ``WATCH-EVENT`` commands over the same connection until it closes.
+    """
+
+    commandName = b"WATCH"
+    arguments = [(b"mailboxes", ListOf(Unicode(), optional=True))]
+    response = [(b"mailboxes", ListOf(Unicode()))]
+
+
+class WatchEvent(ApiCommand):
+    """Daemon → client on a watching connection; the client answers each with an empty box.
+
+    ``event`` is one of ``WATCH_EVENTS``. Mail events carry ``folder`` and
+    ``id`` (and, for ``stored``, ``from`` and ``subject``); mailbox events only
+    the ``mailbox``. ``at`` is when the daemon saw it (RFC 3339, UTC).
+    Never a verb a client may send: it is not in ``COMMANDS``.
+    """
+
+    commandName = b"WATCH-EVENT"
+    arguments = [
+        (b"event", Unicode()),
+        (b"mailbox", Unicode()),
+        (b"at", Unicode()),
+        (b"folder", Unicode(optional=True)),
+        (b"id", Unicode(optional=True)),
+        (b"from", Unicode(optional=True)),
+        (b"subject", Unicode(optional=True)),
+    ]
+    response: ClassVar[list] = []
+
+
+# Kinds of WATCH-EVENT: a new email in a folder, a read-state change, a mailbox coming or going.
+WATCH_EVENTS: tuple[str, ...] = ("stored", "read", "unread", "created", "deleted")
+
+
 COMMANDS: dict[bytes, type[ApiCommand]] = {
     cmd.commandName: cmd
     for cmd in (Send, MarkRead, MarkUnread, MailboxCreate, MailboxDelete, MailboxList,
-                HookCreate, HookDelete, HookList, Version)
+                HookCreate, HookDelete, HookList, Version, Watch)
 }
 
 _ENVELOPE_KEYS = frozenset({COMMAND, ASK})
@@ -474,7 +512,8 @@ def parse_request(command: type[ApiCommand], box: dict[bytes, bytes]) -> dict[st
 
 
 def request_box(command: type[ApiCommand], arguments: dict[str, Any], tag: bytes) -> Box:
-    """The request box for ``command`` (client side), ``None`` arguments left out."""
+    """The request box for ``command`` (a client's verb, or the daemon's ``WATCH-EVENT``),
+    ``None`` arguments left out."""
     box = _to_strings(command.arguments, arguments)
     box[COMMAND] = command.commandName
     box[ASK] = tag

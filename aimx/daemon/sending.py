@@ -113,6 +113,8 @@ def _send(daemon: Any, body: bytes, text_only: bool, html_body: bytes | None,
         except Exception as exc:  # noqa: BLE001 (the mail went out; only the copy is lost)
             log.error("sent copy for %s in mailbox %s not written: %s",
                       kv(prepared.message_id), kv(prepared.mailbox.name), exc)
+        else:
+            daemon.watch.sent_stored(daemon.config, prepared.mailbox.name, copy)
     log.info("send: mailbox=%s uid=%s from=%s to=%s message_id=%s format=%s status=%s "
              "copy=%s duration_ms=%d hook_run=%s detail=%s",
              kv(prepared.mailbox.name), caller_uid, kv(prepared.envelope_from),

@@ -16,6 +16,7 @@ from twisted.internet import defer, threads
 
 from aimx.daemon.hookjournal import hook_state_dir
 from aimx.daemon.sendkeys import SendKeyStore
+from aimx.daemon.watch import WatchHub
 from aimx.logs import kv, logger
 
 log = logger("aimx::config")
@@ -60,6 +61,7 @@ class Daemon:
         # Idempotent sends: the 24 h record on disk, and the keyed sends under way.
         self.send_keys = SendKeyStore(hook_state_dir(config.data_dir))
         self.sends_in_flight: dict[tuple[int, str], Any] = {}
+        self.watch = WatchHub()  # socket connections that sent WATCH
 
     # -- config snapshots --------------------------------------------------
 
@@ -75,6 +77,7 @@ class Daemon:
                         kv(current.data_dir), kv(new.data_dir))
             new = new.with_data_dir(current.data_dir)
         self.config = new
+        self.watch.config_swapped(current, new)
 
     def load_config_blocking(self) -> Any:
         """Load and validate the config file again, honouring the data-dir override."""
@@ -142,6 +145,7 @@ class Daemon:
         The one place the daemon learns of new inbound mail, whichever listener
         stored it: ``on_receive`` hooks fire from here, after the reply.
         """
+        self.watch.inbound_stored(self.config, results)
         if self.hooks is None:
             return
         for result in results:

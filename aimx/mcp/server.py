@@ -1,5 +1,7 @@
 """The stdio MCP server (``aimx mcp``): twelve tools for an agent's own mail.
 
+Its mailboxes are resources too, with push on new mail: see ``aimx.mcp.resources``.
+
 One process per agent, running as the agent's Linux user. Everything that
 needs authority goes through the daemon socket, where ``SO_PEERCRED`` tells
 the daemon who is asking: each mailbox tool first asks MAILBOX-LIST (which
@@ -33,7 +35,7 @@ import anyio
 import anyio.to_thread
 import attrs
 from mcp import types
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
@@ -42,6 +44,7 @@ from aimx.daemon import protocol
 from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
 from aimx.logs import logger, setup_logging
 from aimx.mail import compose, frontmatter, naming, sendoptions
+from aimx.mcp import resources
 from aimx.storage.emailfiles import resolve_email_path
 from aimx.storage.index import iter_listing, list_page
 
@@ -802,8 +805,10 @@ def _text_result(text: str, *, error: bool = False) -> types.CallToolResult:
 
 
 def build_server(tools: AimxTools | None = None) -> Server[Any]:
-    """The MCP server: tools capability only, the twelve tools of spec 50 §3."""
+    """The MCP server: the twelve tools of spec 50 §3, and the mailboxes as resources
+    (``aimx.mcp.resources``) with subscriptions fed by a daemon WATCH."""
     tools = tools or AimxTools()
+    feed = resources.MailFeed(tools.client.watch)
     listing = [spec.as_tool() for spec in TOOL_SPECS]
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
@@ -826,13 +831,16 @@ def build_server(tools: AimxTools | None = None) -> Server[Any]:
         return _text_result(text)
 
     return Server(SERVER_NAME, version=__version__, instructions=INSTRUCTIONS,
-                  on_list_tools=list_tools, on_call_tool=call_tool)
+                  on_list_tools=list_tools, on_call_tool=call_tool,
+                  **resources.build_resource_handlers(tools, feed))
 
 
 async def serve_stdio(server: Server[Any] | None = None) -> None:
     server = server or build_server()
+    # Mailboxes come and go: resources advertise listChanged (subscribe follows the handler).
+    options = server.create_initialization_options(NotificationOptions(resources_changed=True))
     async with stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
+        await server.run(read_stream, write_stream, options)
 
 
 def run_stdio(argv: Sequence[str] | None = None) -> int:
