@@ -12,8 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dkim.canonicalization import CanonicalizationPolicy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aimx.mail.message import ParsedMessage, parse_message, parse_spooled
+from aimx.smtp.emailauth import BareLineFeed, write_canonical_body
 from aimx.storage.spool import SPOOL_DIR, Spool, SpoolFile
 
 MIME_DIR = Path(__file__).parent / "data" / "mime"
@@ -145,3 +149,36 @@ def test_spool_dir_that_is_a_link_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         Spool(data).new_file()
     assert list(elsewhere.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- DKIM bodies
+
+_BODY_PIECES = st.lists(st.sampled_from(
+    [b"a", b"b c", b" ", b"\t", b"  ", b"\r\n", b"\r", b"\r\n\r\n", b".", b"x \t y"]),
+    max_size=40)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=_BODY_PIECES, relaxed=st.booleans(), split=st.integers(1, 7))
+def test_streamed_dkim_canonical_body_equals_dkimpy(pieces: list[bytes], relaxed: bool,
+                                                    split: int) -> None:
+    body = b"".join(pieces)
+    policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed" if relaxed
+                                                 else b"simple/simple")
+    out = _Collect()
+    write_canonical_body((body[i:i + split] for i in range(0, len(body), split)), relaxed,
+                         out)  # type: ignore[arg-type]
+    assert bytes(out.data) == policy.canonicalize_body(body)
+
+
+def test_body_with_a_bare_lf_is_left_to_the_in_memory_path() -> None:
+    with pytest.raises(BareLineFeed):
+        write_canonical_body([b"one\r\ntwo\nthree\r\n"], True, _Collect())  # type: ignore[arg-type]
