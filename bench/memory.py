@@ -17,7 +17,7 @@ import attrs
 import dkim
 
 from bench import loadgen
-from bench.targets import RCPT, AimxTarget, rss_kib, wait_stored
+from bench.targets import RCPT, AimxTarget, rss_kib
 
 BIG_MESSAGE_BYTES = 25 * 1000 * 1000
 CONCURRENT = 20
@@ -112,7 +112,6 @@ def _one(dns_address: str, payload: bytes, small: bytes) -> tuple[int, ...]:
                                   rcpt=RCPT, size=len(payload))
         if result.messages != 1:
             raise RuntimeError(f"the 25 MB message was not accepted: {result.first_failure}")
-        wait_stored(target, 2)
         peak = total_kib(target, "VmHWM")
         time.sleep(1.0)
         after = total_kib(target)
@@ -121,16 +120,26 @@ def _one(dns_address: str, payload: bytes, small: bytes) -> tuple[int, ...]:
         target.stop()
 
 
+def stored_emails(target: AimxTarget) -> int:
+    """Emails in the bench mailbox, flat ones and bundles (a 25 MB message is a bundle)."""
+    try:
+        return sum(1 for entry in os.scandir(target.inbox) if not entry.name.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
 def _many(dns_address: str, payloads: list[bytes]) -> tuple[int, int, int]:
     target = AimxTarget(dns_address)
     target.start()
     try:
         time.sleep(2.0)
         idle = total_kib(target)
-        loadgen.run_load(target.host, target.port, payloads, sessions=len(payloads),
-                         seconds=300, rcpt=RCPT, size=max(map(len, payloads)))
-        stored = wait_stored(target, len(payloads), timeout=120)
-        return idle, total_kib(target, "VmHWM"), stored
+        result = loadgen.run_load(target.host, target.port, payloads, sessions=len(payloads),
+                                  seconds=300, rcpt=RCPT, size=max(map(len, payloads)))
+        if result.failures:
+            print(f"  {result.failures} of the concurrent messages failed: "
+                  f"{result.first_failure}", flush=True)
+        return idle, total_kib(target, "VmHWM"), stored_emails(target)
     finally:
         target.stop()
 

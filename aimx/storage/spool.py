@@ -16,6 +16,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,23 +117,27 @@ class SpoolFile:
 
 
 class Spool:
-    """The spool directory of one data dir; makes :class:`SpoolFile` s."""
+    """The spool directory of one data dir; makes :class:`SpoolFile` s (from any thread)."""
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir)
         self._fd: int | None = None
+        self._lock = threading.Lock()
 
     def new_file(self) -> SpoolFile:
-        if self._fd is None:
-            self._fd = open_spool_dir(self.data_dir)
-        try:
-            return SpoolFile(self._fd)
-        except FileNotFoundError:  # the directory was removed under us: make it again
-            os.close(self._fd)
-            self._fd = open_spool_dir(self.data_dir)
-            return SpoolFile(self._fd)
+        with self._lock:
+            if self._fd is None:
+                self._fd = open_spool_dir(self.data_dir)
+            try:
+                return SpoolFile(self._fd)
+            except FileNotFoundError:  # the directory was removed under us: make it again
+                os.close(self._fd)
+                self._fd = None
+                self._fd = open_spool_dir(self.data_dir)
+                return SpoolFile(self._fd)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
