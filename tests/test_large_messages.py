@@ -158,3 +158,39 @@ def test_connection_dropped_mid_data_leaves_no_spool_file(daemon: RunningDaemon)
     assert wait_no_spool_fds(daemon) == []
     assert list((daemon.data_dir / SPOOL_DIR).iterdir()) == []
     assert not [p for p in stored_emails(daemon.data_dir, "alice") if "dropped" in p.name]
+
+
+def test_data_at_a_fair_rate_outlasts_the_session_deadline(owners: tuple[str, str]) -> None:
+    """The session deadline (2 s here) does not cut DATA that keeps up the minimum rate;
+    it applies again once the message is answered."""
+    config = {"domain": DOMAIN, "mailboxes": {
+        "alice": {"address": f"alice@{DOMAIN}", "owner": owners[0]}}}
+    env = {"AIMX_SMTP_SESSION_DEADLINE": "2", "AIMX_SMTP_IDLE_TIMEOUT": "1",
+           "AIMX_SMTP_MIN_DATA_RATE": "100"}
+    with RunningDaemon(config, env=env) as running:
+        wire = SmtpWire(running.smtp_port)
+        wire.cmd("EHLO mx.sender.test")
+        wire.cmd("MAIL FROM:<a@sender.test>")
+        wire.cmd(f"RCPT TO:<alice@{DOMAIN}>")
+        assert wire.cmd("DATA").startswith("354")
+        started = time.monotonic()
+        wire.send(b"Subject: patient\r\nMessage-ID: <patient@sender.test>\r\n\r\n")
+        while time.monotonic() - started < 4:  # ~4 KB/s, far above 100 B/s
+            wire.send(b"z" * 398 + b"\r\n")
+            time.sleep(0.1)
+        assert wire.cmd(".") == "250 2.0.0 OK message accepted"
+        assert wire.reply(timeout=5).startswith("421 4.4.2 ")  # deadline or idle: both over
+        assert wire.eof()
+        wire.close()
+        assert [p for p in stored_emails(running.data_dir, "alice")
+                if "patient@sender.test" in p.read_text()]
+
+
+def test_start_up_removes_spool_files_a_crash_left(tmp_path: Path) -> None:
+    from aimx.storage.atomic import cleanup_temp_files
+
+    spool = tmp_path / SPOOL_DIR
+    spool.mkdir(mode=0o700)
+    (spool / ".msg.tmp.0123abcd").write_bytes(b"half a message")
+    assert cleanup_temp_files(tmp_path) == 1
+    assert list(spool.iterdir()) == []

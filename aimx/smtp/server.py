@@ -410,17 +410,12 @@ class SmtpSession(smtp.ESMTP):
 
     def _deadline_reached(self) -> None:
         """The connection's overall time is up; a message being stored finishes first,
-        and DATA that keeps up the minimum rate may run to its own deadline (a 25 MB
+        and so does DATA, which has its own deadline from the minimum rate (a 25 MB
         message at a legitimate pace must not be cut off; a trickle still is)."""
         if self._closed:
             return
-        reactor = self.factory.daemon.reactor
-        if self._in_data:
-            wait = max(1.0, self._data_deadline() - reactor.seconds())
-            self._deadline = reactor.callLater(wait, self._deadline_reached)
-            return
-        if self._busy:
-            self._deadline = reactor.callLater(1, self._deadline_reached)
+        if self._in_data or self._busy:  # checked again each second until both are over
+            self._deadline = self.factory.daemon.reactor.callLater(1, self._deadline_reached)
             return
         self._outcome = "timeout"
         self._send(R_DEADLINE)
