@@ -664,9 +664,11 @@ class SmtpSession(smtp.ESMTP):
 
     def _data_deadline(self) -> float:
         """When DATA must be over: the idle timeout, plus one second for every
-        ``min_data_rate`` bytes received since the 354."""
+        ``min_data_rate`` bytes received since the 354, counting at most twice the
+        size limit (a message with every line dot-stuffed), so DATA, which the
+        session deadline waits for, cannot be stretched for ever."""
         limits = self.factory.limits
-        received = self._received - self._data_mark
+        received = min(self._received - self._data_mark, 2 * limits.max_message_bytes)
         return self._data_started + limits.idle_timeout + received / limits.min_data_rate
 
     def _check_data_rate(self) -> None:
