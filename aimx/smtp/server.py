@@ -17,8 +17,10 @@ protocol differs from the spec in ways that matter for a mail server:
   minimum rate, and one source address (an IPv6 /64) holds a bounded number
   of sessions, so slow clients cannot keep every slot.
 
-After the terminator the message is analysed once and delivered per
-recipient in worker threads; the reply goes out only when every file is
+A message past 256 KiB goes to a root-only spool file as it arrives
+(``storage.spool``) and is analysed from there with bounded memory; past the
+size limit the rest is dropped unread. After the terminator the message is
+analysed once and delivered per recipient in worker threads; the reply goes out only when every file is
 durable (D1), and hooks fire after the reply, never delaying it.
 """
 
