@@ -39,8 +39,10 @@ import functools
 import hashlib
 import quopri
 import re
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from email.message import Message
+from typing import Protocol
 
 import attrs
 
@@ -62,13 +64,28 @@ class MessageParseError(ValueError):
         super().__init__(message)
 
 
+class SpooledBytes(Protocol):
+    """Bytes kept in a scratch file (``aimx.storage.spool.SpoolFile``)."""
+
+    def __len__(self) -> int: ...
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def chunks(self, start: int = 0, end: int | None = None,
+               size: int = ...) -> Iterator[bytes]: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+
 @attrs.frozen
 class Attachment:
     """One saved MIME leaf; ``filename`` is as the message names it (not sanitised)."""
 
     filename: str
     content_type: str
-    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    #: The decoded content: bytes, or for a message parsed from a spool file
+    #: (:func:`parse_spooled`) a spooled file of them (``len()`` gives the size).
+    data: bytes | SpooledBytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
 
 
 @attrs.frozen
@@ -595,8 +612,12 @@ def _leaves(root: Message) -> Iterator[tuple[str, Message]]:
         yield _classify(part, context), part
 
 
-def _attachment(part: Message, linesep: str) -> Attachment:
-    if part.is_multipart():
+def _attachment(part: Message, linesep: str,
+                streamed: dict[int, SpooledBytes] | None = None) -> Attachment:
+    data: bytes | SpooledBytes
+    if streamed is not None and id(part) in streamed:
+        data = streamed[id(part)]
+    elif part.is_multipart():
         data = _serialized(part, linesep)
     else:
         data = _decoded_payload(part)
@@ -664,7 +685,9 @@ def _html_body(parts: list[Message]) -> str:
     return body
 
 
-def _body_and_attachments(msg: Message, linesep: str) -> tuple[str, list[Attachment]]:
+def _body_and_attachments(msg: Message, linesep: str,
+                          streamed: dict[int, SpooledBytes] | None = None,
+                          ) -> tuple[str, list[Attachment]]:
     leaves = list(_leaves(msg))
     has_text = any(kind == "text" for kind, _ in leaves)
     texts: list[str] = []
@@ -676,7 +699,7 @@ def _body_and_attachments(msg: Message, linesep: str) -> tuple[str, list[Attachm
         elif kind == "html" and not has_text:
             html_parts.append(part)
         elif kind == "attach" or kind == "html":  # stray HTML beside a text body: keep it
-            attachments.append(_attachment(part, linesep))
+            attachments.append(_attachment(part, linesep, streamed))
     if texts:
         return _join_texts(texts), attachments
     return _html_body(html_parts), attachments
@@ -761,10 +784,18 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         msg = _feed_parse(raw)
         body, attachments = _body_and_attachments(msg, linesep)
     except Exception as exc:  # RecursionError on absurd nesting, parser bugs
-        log.warning("MIME structure unusable, keeping the raw body as text: %r", exc)
-        msg = email.parser.BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
-        body, attachments = _raw_body_text(msg), []
+        msg, body, attachments = _unstructured(raw, exc)
+    return _parsed_message(msg, body, attachments, now, _lone_root(raw, now), len(raw))
 
+
+def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attachment]]:
+    log.warning("MIME structure unusable, keeping the raw body as text: %r", exc)
+    msg = email.parser.BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
+    return msg, _raw_body_text(msg), []
+
+
+def _parsed_message(msg: Message, body: str, attachments: list[Attachment],
+                    now: datetime.datetime, lone_root: str, size: int) -> ParsedMessage:
     headers = _last_headers(msg)
     from_pairs = _addresses(headers.get("from"))
     to_pairs = _addresses(headers.get("to"))
@@ -787,10 +818,194 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         list_id=_trimmed(headers.get("list-id")),
         auto_submitted=_trimmed(headers.get("auto-submitted")),
         thread_id=compute_thread_id(in_reply_to_raw, references_raw, message_id_raw,
-                                    lone_root=_lone_root(raw, now)),
+                                    lone_root=lone_root),
         body=body,
         attachments=tuple(attachments),
         from_addresses=tuple(address for _name, address in from_pairs),
-        size_bytes=len(raw),
+        size_bytes=size,
         precedence=_trimmed(headers.get("precedence")),
     )
+
+
+# --------------------------------------------------------------------------- spooled input
+#
+# A large message is parsed from its spool file with bounded memory and the same result
+# as ``parse_message`` on its bytes. The stdlib parser runs on a *skeleton*: the message
+# with every run of base64-looking lines (letters, digits, "+", "/", "=", CRLF) replaced
+# by one placeholder line of the same kind. Such a line is never a header, a boundary or
+# a blank line, so the parser builds exactly the same tree; only payloads hold
+# placeholders. A base64 attachment is then decoded from the file straight into a spool
+# file of its own; every other payload that holds a placeholder gets its real text back.
+
+#: Runs shorter than this many lines stay in the skeleton (not worth a placeholder).
+_MIN_RUN_LINES = 16
+_ELIDABLE_RUN = re.compile(
+    rb"^(?:[A-Za-z0-9+/=]{1,998}\r\n){%d,}" % _MIN_RUN_LINES, re.MULTILINE)
+_BASE64_JUNK = bytes(sorted(set(range(256)) - set(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")))
+
+
+@attrs.define
+class _Skeleton:
+    text: bytes
+    ranges: list[tuple[int, int]]  # file span of each placeholder, its final CRLF included
+    token: re.Pattern[str]  # a placeholder in a payload; group 2 absent when the CRLF was cut
+    lone_root_hash: str
+
+
+def _skeleton(source: SpooledBytes) -> _Skeleton:
+    """One pass over the file: the skeleton, the placeholders' spans and the file's sha256."""
+    prefix = f"AIMXSPOOL{secrets.token_hex(8)}N"
+    pieces: list[bytes] = []
+    ranges: list[tuple[int, int]] = []
+    digest = hashlib.sha256()
+    carry = b""
+    start = 0  # file offset of ``carry``
+    for chunk in source.chunks():
+        digest.update(chunk)
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        block, carry = data[:cut], data[cut:]
+        position = 0
+        for run in _ELIDABLE_RUN.finditer(block):
+            pieces.append(block[position:run.start()])
+            pieces.append(f"{prefix}{len(ranges)}\r\n".encode("ascii"))
+            ranges.append((start + run.start(), start + run.end()))
+            position = run.end()
+        pieces.append(block[position:])
+        start += cut
+    pieces.append(carry)
+    token = re.compile(re.escape(prefix) + r"(\d+)(\r\n)?")
+    return _Skeleton(b"".join(pieces), ranges, token, digest.hexdigest())
+
+
+def _payload_bytes(text: str, skeleton: _Skeleton, source: SpooledBytes) -> Iterator[bytes]:
+    """The real bytes of a skeleton payload, piece by piece."""
+    position = 0
+    for match in skeleton.token.finditer(text):
+        if match.start() > position:
+            yield text[position:match.start()].encode("ascii", "surrogateescape")
+        begin, end = skeleton.ranges[int(match.group(1))]
+        yield from source.chunks(begin, end if match.group(2) else end - 2)
+        position = match.end()
+    if position < len(text):
+        yield text[position:].encode("ascii", "surrogateescape")
+
+
+class _Base64ToFile:
+    """Streaming base64 decoding with ``_b64decode_lenient``'s result, for input of the
+    ordinary shape: junk ignored, padding only at the very end. Anything else makes
+    ``finish`` return False and the caller decodes the whole payload the old way."""
+
+    def __init__(self, out: SpooledBytes) -> None:
+        self.out = out
+        self.carry = b""
+        self.pads = 0
+        self.ordinary = True
+
+    def feed(self, data: bytes) -> None:
+        clean = data.translate(None, _BASE64_JUNK)
+        if not clean or not self.ordinary:
+            return
+        if self.pads:
+            self.ordinary = clean.count(b"=") == len(clean)
+            self.pads += len(clean)
+            return
+        equals = clean.find(b"=")
+        if equals >= 0:
+            tail = clean[equals:]
+            if tail.count(b"=") != len(tail):
+                self.ordinary = False
+                return
+            self.pads, clean = len(tail), clean[:equals]
+        buffer = self.carry + clean
+        whole = len(buffer) - len(buffer) % 4
+        if whole:
+            self.out.write(binascii.a2b_base64(buffer[:whole]))
+        self.carry = buffer[whole:]
+
+    def finish(self) -> bool:
+        if not self.ordinary or (len(self.carry), self.pads) not in ((0, 0), (2, 2), (3, 1)):
+            return False
+        if self.carry:
+            self.out.write(binascii.a2b_base64(self.carry + b"=" * self.pads))
+        return True
+
+
+def _stream_attachments(msg: Message, skeleton: _Skeleton, source: SpooledBytes,
+                        new_file: Callable[[], SpooledBytes]) -> dict[int, SpooledBytes]:
+    """Decode every base64 attachment that holds placeholders into a spool file of its own
+    (keyed by ``id(part)``); one of unusual shape is left for the in-memory decoder."""
+    leaves = list(_leaves(msg))
+    has_text = any(kind == "text" for kind, _ in leaves)
+    streamed: dict[int, SpooledBytes] = {}
+    for kind, part in leaves:
+        if not (kind == "attach" or (kind == "html" and has_text)) or part.is_multipart():
+            continue
+        payload = part.get_payload()
+        if (_transfer_encoding(part) != "base64" or not isinstance(payload, str)
+                or not skeleton.token.search(payload)):
+            continue
+        out = new_file()
+        decoder = _Base64ToFile(out)
+        for piece in _payload_bytes(payload, skeleton, source):
+            decoder.feed(piece)
+        if decoder.finish():
+            streamed[id(part)] = out
+        else:
+            _close(out)
+    return streamed
+
+
+def _restore_payloads(msg: Message, skeleton: _Skeleton, source: SpooledBytes,
+                      streamed: dict[int, SpooledBytes]) -> None:
+    """Put the real text back wherever a placeholder is left (text bodies, embedded
+    messages, unusual attachments, preambles and epilogues)."""
+
+    def restored(text: str) -> str:
+        data = b"".join(_payload_bytes(text, skeleton, source))
+        return data.decode("ascii", "surrogateescape")
+
+    for part in msg.walk():
+        for attribute in ("preamble", "epilogue"):
+            value = getattr(part, attribute, None)
+            if isinstance(value, str) and skeleton.token.search(value):
+                setattr(part, attribute, restored(value))
+        if id(part) in streamed:
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, str) and skeleton.token.search(payload):
+            part.set_payload(restored(payload))
+
+
+def _close(data: object) -> None:
+    close = getattr(data, "close", None)
+    if close is not None:
+        close()
+
+
+def parse_spooled(source: SpooledBytes, now: datetime.datetime,
+                  new_file: Callable[[], SpooledBytes]) -> ParsedMessage:
+    """:func:`parse_message` for a message in a spool file, with bounded memory.
+
+    Base64 attachments come back as spool files made by ``new_file`` (the caller
+    closes them); the result is otherwise the one ``parse_message`` gives for the
+    file's bytes. Raises :class:`MessageParseError` like it.
+    """
+    if not any(chunk.strip() for chunk in source.chunks()):
+        raise MessageParseError()
+    streamed: dict[int, SpooledBytes] = {}
+    try:
+        skeleton = _skeleton(source)
+        linesep = "\r\n" if b"\r\n" in source.read_at(0, 65536) else "\n"
+        msg = _feed_parse(skeleton.text)
+        streamed = _stream_attachments(msg, skeleton, source, new_file)
+        _restore_payloads(msg, skeleton, source, streamed)
+        body, attachments = _body_and_attachments(msg, linesep, streamed)
+        return _parsed_message(msg, body, attachments, now,
+                               f"{skeleton.lone_root_hash}@{now.isoformat()}", len(source))
+    except Exception as exc:  # absurd nesting, a parser bug: the in-memory path decides
+        log.info("parsing the spooled message in memory: %r", exc)
+        for data in streamed.values():
+            _close(data)
+        return parse_message(b"".join(source.chunks()), now)

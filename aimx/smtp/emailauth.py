@@ -14,14 +14,17 @@ import contextvars
 import functools
 import ipaddress
 import logging
+import mmap
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 import dkim
 import dkim.canonicalization
+import dkim.util
 import spf
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -169,13 +172,22 @@ _WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 
 
+class _CanonicalBody(mmap.mmap):
+    """A spooled body already in canonical form (mapped read-only): the canonicalization
+    steps below hand it on untouched, so dkimpy hashes it without a copy."""
+
+
 def _compress_whitespace(content: bytes) -> bytes:
+    if isinstance(content, _CanonicalBody):
+        return content
     if b"\t" not in content and b"  " not in content:
         return content  # only single spaces: nothing to compress
     return _WSP_TO_COMPRESS.sub(b" ", content)
 
 
 def _strip_trailing_whitespace(content: bytes) -> bytes:
+    if isinstance(content, _CanonicalBody):
+        return content
     if b" \r\n" not in content and b"\t\r\n" not in content:
         return content
     return _TRAILING_WSP.sub(b"\r\n", content)
@@ -210,10 +222,154 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, body
 
 
+_dkimpy_strip_trailing_lines = dkim.canonicalization.strip_trailing_lines
+_dkimpy_correct_empty_body = dkim.canonicalization.correct_empty_body
+
+
+def _strip_trailing_lines(content: bytes) -> bytes:
+    if isinstance(content, _CanonicalBody):
+        return content
+    return _dkimpy_strip_trailing_lines(content)
+
+
+def _correct_empty_body(content: bytes) -> bytes:
+    if isinstance(content, _CanonicalBody):
+        return content
+    return _dkimpy_correct_empty_body(content)
+
+
 dkim.parse_public_key = _parse_public_key
 dkim.rfc822_parse = _rfc822_parse
 dkim.canonicalization.compress_whitespace = _compress_whitespace
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
+dkim.canonicalization.strip_trailing_lines = _strip_trailing_lines
+dkim.canonicalization.correct_empty_body = _correct_empty_body
+
+
+# -- DKIM body hashes of a spooled message ---------------------------------------
+#
+# dkimpy hashes ``DKIM.body`` after canonicalising it whole: for a 25 MB message that
+# is the body plus two or three copies. For a message in a spool file, the body is
+# canonicalised here line block by line block into a spool file of its own (once per
+# algorithm the signatures use), which is mapped and given to dkimpy as ``body``; the
+# steps above pass it through and dkimpy hashes the mapping (``l=`` slices it).
+# A body with a bare LF (never over SMTP) is left to the in-memory path, whose
+# line-end repair this does not repeat.
+
+#: Canonical bodies up to this size are handed over as plain bytes.
+_MAP_THRESHOLD = 64 * 1024
+_CRLF = b"\r\n"
+
+
+def header_block_end(start: bytes) -> int | None:
+    """Where the body begins, as DKIM splits a message whose first bytes are ``start``:
+    just after the first blank line. None when ``start`` holds no blank line, or the
+    message begins with one (those take the in-memory path)."""
+    if _LEADING_BLANK_LINE.match(start):
+        return None
+    blank = _BLANK_LINE.search(start)
+    return blank.end() if blank is not None else None
+
+
+class BareLineFeed(Exception):
+    """The body has a bare LF: only the in-memory path canonicalises it like dkimpy."""
+
+
+class _ScratchFile(Protocol):
+    fd: int
+
+    def __len__(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.frozen
+class SpooledBody:
+    """The body of a spooled message: ``chunks`` yields its bytes (from the first byte
+    after the header block's blank line), ``new_file`` makes scratch files."""
+
+    chunks: Callable[[], Iterable[bytes]]
+    new_file: Callable[[], _ScratchFile]
+
+
+def write_canonical_body(chunks: Iterable[bytes], relaxed: bool, out: _ScratchFile) -> None:
+    """Write the DKIM canonical form of a body (RFC 6376 §3.4.3/§3.4.4, exactly as dkimpy
+    computes it) to ``out``, reading ``chunks`` once. Raises :class:`BareLineFeed`."""
+    pending = 0  # empty lines held back: only content after them lets them count
+    wrote = False
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        block, carry = data[:cut], data[cut:]
+        if not block:
+            continue
+        if block.count(b"\n") != block.count(_CRLF):
+            raise BareLineFeed()
+        if relaxed:
+            block = _compress_whitespace(_strip_trailing_whitespace(block))
+        end = len(block)
+        empties = 0
+        while end >= 2 and block.endswith(_CRLF, 0, end) and (end == 2 or block[end - 3] == 10):
+            empties += 1
+            end -= 2
+        if end == 0:
+            pending += empties
+            continue
+        out.write(_CRLF * pending)
+        out.write(block[:end] if end < len(block) else block)
+        pending, wrote = empties, True
+    if carry:  # a last line without CRLF: no trailing blanks stripped, a CRLF added
+        out.write(_CRLF * pending)
+        out.write((_compress_whitespace(carry) if relaxed else carry) + _CRLF)
+        wrote = True
+    if not wrote and not relaxed:
+        out.write(_CRLF)
+
+
+def _body_algorithm(verifier: Any, index: int) -> bytes | None:
+    """``simple`` or ``relaxed``: the body canonicalization of signature ``index``
+    (None when dkimpy would refuse the signature anyway)."""
+    values = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    try:
+        sig = dkim.util.parse_tag_value(values[index])
+        policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(
+            sig.get(b"c", b"simple/simple"))
+    except Exception:  # noqa: BLE001 - dkimpy reports the same problem when verifying
+        return None
+    return bytes(policy.body_algorithm.name)
+
+
+class _CanonicalBodies:
+    """Canonical forms of one spooled body, made on first use; ``close`` frees them."""
+
+    def __init__(self, body: SpooledBody) -> None:
+        self.body = body
+        self.made: dict[bytes, Any] = {}
+        self.files: list[_ScratchFile] = []
+
+    def get(self, algorithm: bytes) -> Any:
+        if algorithm not in self.made:
+            out = self.body.new_file()
+            self.files.append(out)
+            write_canonical_body(self.body.chunks(), algorithm == b"relaxed", out)
+            size = len(out)
+            if size <= _MAP_THRESHOLD:
+                self.made[algorithm] = out.read_at(0, size)
+            else:
+                self.made[algorithm] = _CanonicalBody(out.fd, size, access=mmap.ACCESS_READ)
+        return self.made[algorithm]
+
+    def close(self) -> None:
+        for value in self.made.values():
+            if isinstance(value, _CanonicalBody):
+                value.close()
+        for out in self.files:
+            out.close()
 
 class _DkimpyLog:
     """dkimpy reports ordinary verification failures (missing key, bad hash) at
@@ -249,9 +405,15 @@ def _count_signatures(raw: bytes) -> int:
     return sum(1 for name, _ in _header_fields(raw) if name.lower() == "dkim-signature")
 
 
-def check_dkim(raw: bytes, resolver: Any, budget: Budget) -> tuple[str, tuple[str, ...]]:
+def check_dkim(raw: bytes, resolver: Any, budget: Budget, *,
+               body: SpooledBody | None = None) -> tuple[str, tuple[str, ...]]:
     """(result, passing d= domains): pass if any signature verifies, fail if
-    signatures exist and none does, none if the message is unsigned."""
+    signatures exist and none does, none if the message is unsigned.
+
+    With ``body``, ``raw`` is only the header block up to and including its blank
+    line and the body is read from the spool (see :class:`SpooledBody`); raises
+    :class:`BareLineFeed` when that body needs the in-memory path.
+    """
     count = _count_signatures(raw)
     if not count:
         return "none", ()
@@ -260,9 +422,21 @@ def check_dkim(raw: bytes, resolver: Any, budget: Budget) -> tuple[str, tuple[st
     except Exception as exc:  # noqa: BLE001
         log.info("dkim=fail reason=%s", kv(f"message not parseable for DKIM: {exc}"))
         return "fail", ()
-    dnsfunc = _dkim_dnsfunc(resolver, budget)
+    canonical = _CanonicalBodies(body) if body is not None else None
+    try:
+        return _verify_each(verifier, count, _dkim_dnsfunc(resolver, budget), canonical)
+    finally:
+        if canonical is not None:
+            canonical.close()
+
+
+def _verify_each(verifier: Any, count: int, dnsfunc: Callable[..., bytes | None],
+                 canonical: _CanonicalBodies | None) -> tuple[str, tuple[str, ...]]:
     passing: list[str] = []
     for index in range(count):
+        if canonical is not None:
+            algorithm = _body_algorithm(verifier, index)
+            verifier.body = canonical.get(algorithm) if algorithm is not None else b""
         try:
             ok = verifier.verify(idx=index, dnsfunc=dnsfunc)
         except Exception as exc:  # noqa: BLE001 - one bad signature must not hide the others
@@ -452,9 +626,15 @@ def check_dmarc(parsed: _ParsedFrom, *, dkim_domains: Sequence[str], spf_result:
 
 def authenticate(raw: bytes, parsed: _ParsedFrom, *, peer_ip: str | None,
                  mail_from: str | None, helo: str | None, resolver: Any,
-                 budget: Budget | None = None) -> AuthResults:
+                 budget: Budget | None = None,
+                 body: SpooledBody | None = None,
+                 whole: Callable[[], bytes] | None = None) -> AuthResults:
     """DKIM, SPF and DMARC for one message; blocking, bounded by ``budget``
     (a fresh 15 s one when omitted), and it never raises.
+
+    For a spooled message ``raw`` is the header block with its blank line, ``body``
+    the rest (see :func:`check_dkim`) and ``whole`` reads the entire message for the
+    rare body DKIM must canonicalise in memory.
 
     ``resolver`` is a ``dnsresolve.make_resolver`` result; ``None`` (no resolver
     could be built) gives ``NONE``. ``mail_from`` is the envelope sender without
@@ -466,7 +646,12 @@ def authenticate(raw: bytes, parsed: _ParsedFrom, *, peer_ip: str | None,
     budget = budget if budget is not None else Budget()
 
     try:
-        dkim_result, dkim_domains = check_dkim(raw, resolver, budget)
+        try:
+            dkim_result, dkim_domains = check_dkim(raw, resolver, budget, body=body)
+        except BareLineFeed:
+            if whole is None:
+                raise
+            dkim_result, dkim_domains = check_dkim(whole(), resolver, budget)
     except Exception:  # noqa: BLE001
         log.exception("dkim check failed unexpectedly")
         dkim_result, dkim_domains = ("fail" if _safe_count(raw) else "none"), ()
@@ -542,6 +727,7 @@ def sign(message: bytes, *, domain: str, selector: str, key_pem: bytes | str) ->
 
 
 __all__ = [
-    "SIGNED_HEADERS", "SigningError", "authenticate", "check_dkim", "check_dmarc", "check_spf",
-    "load_signing_key", "received_ip", "sign",
+    "SIGNED_HEADERS", "BareLineFeed", "SigningError", "SpooledBody", "authenticate", "check_dkim",
+    "check_dmarc", "check_spf", "header_block_end", "load_signing_key", "received_ip", "sign",
+    "write_canonical_body",
 ]

@@ -22,10 +22,17 @@ from aimx.config import Config
 from aimx.logs import kv, logger
 from aimx.mail import loopguard, trust
 from aimx.mail.authresults import AuthResults
-from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, rfc3339_utc
+from aimx.mail.message import (
+    MessageParseError,
+    ParsedMessage,
+    parse_message,
+    parse_spooled,
+    rfc3339_utc,
+)
 from aimx.smtp import dnsresolve, emailauth
 from aimx.storage.layout import StorageError
 from aimx.storage.mailstore import MailStore
+from aimx.storage.spool import SpoolFile
 
 log = logger("aimx::ingest")
 
@@ -33,6 +40,9 @@ log = logger("aimx::ingest")
 FAIL_FOR_ENV = "AIMX_TEST_INGEST_FAIL_FOR"
 
 PARSE_FAILED = "Failed to parse email"
+#: How far into a spooled message its header block is looked for; a message whose
+#: header block is longer is analysed in memory.
+HEADER_SCAN_BYTES = 1024 * 1024
 
 
 class IngestError(Exception):
@@ -45,15 +55,24 @@ class NoRoute(IngestError):
 
 @attrs.frozen
 class Analysis:
-    """Everything about one message that does not depend on the recipient."""
+    """Everything about one message that does not depend on the recipient.
 
-    raw: bytes
+    ``raw`` is the message's bytes, or the spool file it was analysed from.
+    """
+
+    raw: bytes | SpoolFile
     parsed: ParsedMessage
     auth: AuthResults
     peer_ip: str | None
     received_at: datetime.datetime
     size_bytes: int
     mail_from: str | None = None  # envelope sender; "" is MAIL FROM:<>, None no envelope
+
+    def release(self) -> None:
+        """Free the spool files of attachments decoded from a spooled message."""
+        for attachment in self.parsed.attachments:
+            if isinstance(attachment.data, SpoolFile):
+                attachment.data.close()
 
 
 @attrs.frozen
@@ -71,7 +90,8 @@ Authenticator = Callable[..., AuthResults]
 
 
 def _default_authenticate(config: Config, raw: bytes, parsed: ParsedMessage, *, peer_ip: str | None,
-                          mail_from: str | None, helo: str | None) -> AuthResults:
+                          mail_from: str | None, helo: str | None,
+                          **spooled: Any) -> AuthResults:
     """DKIM, SPF and DMARC through the configured resolvers; all ``none`` if impossible.
 
     The resolver is the process-wide one for this resolver list, so answers are
@@ -83,7 +103,7 @@ def _default_authenticate(config: Config, raw: bytes, parsed: ParsedMessage, *, 
         log.warning("no DNS resolver, authentication skipped: %s", kv(exc))
         resolver = None  # authenticate() then records none for all three
     return emailauth.authenticate(raw, parsed, peer_ip=peer_ip, mail_from=mail_from,
-                                  helo=helo, resolver=resolver)
+                                  helo=helo, resolver=resolver, **spooled)
 
 
 def is_real_peer(peer_ip: str | None) -> bool:
@@ -98,27 +118,48 @@ def is_real_peer(peer_ip: str | None) -> bool:
 
 def analyse(
     config: Config,
-    raw: bytes,
+    raw: bytes | SpoolFile,
     *,
     peer_ip: str | None = None,
     mail_from: str | None = None,
     helo: str | None = None,
     now: datetime.datetime | None = None,
     authenticate: Authenticator | None = None,
+    new_file: Callable[[], SpoolFile] | None = None,
 ) -> Analysis:
     """Parse and authenticate a message once (blocking: DNS).
 
-    ``authenticate`` replaces the DKIM/SPF/DMARC step; it is called as
+    ``raw`` is the message, or a spool file holding it: that is read with bounded
+    memory (attachments decoded into spool files from ``new_file``, which the
+    caller frees with ``Analysis.release``), for the same result. ``authenticate``
+    replaces the DKIM/SPF/DMARC step; it is called as
     ``authenticate(config, raw, parsed, peer_ip=, mail_from=, helo=)``.
     """
     received_at = now or datetime.datetime.now(datetime.UTC)
+    peer = peer_ip if is_real_peer(peer_ip) else None
+    body_start = (emailauth.header_block_end(raw.read_at(0, HEADER_SCAN_BYTES))
+                  if isinstance(raw, SpoolFile) else None)
+    if isinstance(raw, SpoolFile) and (body_start is None or new_file is None
+                                       or authenticate is not None):
+        raw = b"".join(raw.chunks())  # unusual: the in-memory path, as for small mail
     try:
-        parsed = parse_message(raw, received_at)
+        if isinstance(raw, SpoolFile):
+            assert new_file is not None and body_start is not None
+            parsed = parse_spooled(raw, received_at, new_file)
+        else:
+            parsed = parse_message(raw, received_at)
     except MessageParseError as exc:
         raise IngestError(PARSE_FAILED) from exc
-    step = authenticate or _default_authenticate
-    auth = step(config, raw, parsed, peer_ip=peer_ip if is_real_peer(peer_ip) else None,
-                mail_from=mail_from, helo=helo)
+    if isinstance(raw, SpoolFile):
+        assert new_file is not None and body_start is not None
+        source = raw
+        body = emailauth.SpooledBody(lambda: source.chunks(body_start), new_file)
+        auth = _default_authenticate(config, raw.read_at(0, body_start), parsed,
+                                     peer_ip=peer, mail_from=mail_from, helo=helo, body=body,
+                                     whole=lambda: b"".join(source.chunks()))
+    else:
+        step = authenticate or _default_authenticate
+        auth = step(config, raw, parsed, peer_ip=peer, mail_from=mail_from, helo=helo)
     return Analysis(raw=raw, parsed=parsed, auth=auth, peer_ip=peer_ip,
                     received_at=received_at, size_bytes=len(raw), mail_from=mail_from)
 

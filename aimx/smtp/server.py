@@ -17,9 +17,12 @@ protocol differs from the spec in ways that matter for a mail server:
   minimum rate, and one source address (an IPv6 /64) holds a bounded number
   of sessions, so slow clients cannot keep every slot.
 
-After the terminator the message is analysed once and delivered per
-recipient in worker threads; the reply goes out only when every file is
-durable (D1), and hooks fire after the reply, never delaying it.
+A message past 256 KiB goes to a root-only spool file as it arrives
+(``storage.spool``) and is analysed from there with bounded memory; past the
+size limit the rest is dropped unread. After the terminator the message is
+analysed once and delivered per recipient in worker threads; the reply goes out
+only when every file is durable (D1), and hooks fire after the reply, never
+delaying it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.mail import smtp
 
 from aimx.logs import kv, logger
+from aimx.storage.spool import Spool
 
 log = logger("aimx::smtp")
 
@@ -57,6 +61,8 @@ SESSION_DEADLINE_ENV = "AIMX_SMTP_SESSION_DEADLINE"
 # smtpd_min_data_rate default): any real sender is far faster, a trickle is cut early.
 MIN_DATA_RATE = 500.0  # bytes per second
 MIN_DATA_RATE_ENV = "AIMX_SMTP_MIN_DATA_RATE"
+# A message held in memory up to this size, beyond it in a spool file (see ``_Message``).
+SPOOL_THRESHOLD = 256 * 1024
 
 # Replies whose exact text operators grep for and clients branch on (spec 30 §1.3, D12-D14).
 R_OK = "250 2.0.0 OK"
@@ -216,20 +222,69 @@ def outcome_reply(stored: int, failed: int) -> str:
 
 @attrs.define
 class _Message:
-    """DATA being received: unstuffed lines plus what was wrong with them."""
+    """DATA being received: unstuffed lines plus what was wrong with them.
 
+    The first ``SPOOL_THRESHOLD`` bytes are kept in memory; a larger message moves
+    to a spool file as it arrives (written from the reactor: appending to the page
+    cache costs microseconds per block, far less than a thread hop would). Once the
+    message is refused (too big, bare LF, ...) nothing more is kept.
+    """
+
+    new_file: Any  # makes the spool file (``Spool.new_file``)
     chunks: list[bytes] = attrs.Factory(list)
+    spool: Any = None  # the ``SpoolFile`` once past the threshold
     size: int = 0  # unstuffed bytes kept (CRLF line ends included)
     wire_bytes: int = 0
     too_big: bool = False
     bare_lf: bool = False
     too_long: bool = False
+    spool_failed: bool = False
     # Whether the previous DATA line ended in CRLF: only CRLF "." CRLF ends a message,
     # so a "\n.\r\n" inside the body cannot smuggle a second transaction.
     after_crlf: bool = True
     slow: bool = False  # a block held a problem: the rest goes line by line
 
+    def keep(self, block: bytes) -> None:
+        """Add unstuffed bytes to the message."""
+        self.size += len(block)
+        if self.spool is None:
+            self.chunks.append(block)
+            if self.size <= SPOOL_THRESHOLD:
+                return
+            try:
+                self.spool = self.new_file()
+            except OSError as exc:
+                self._spool_lost(exc)
+                return
+            block = b"".join(self.chunks)
+            self.chunks.clear()
+        try:
+            self.spool.write(block)
+        except OSError as exc:
+            self._spool_lost(exc)
+
+    def _spool_lost(self, exc: OSError) -> None:
+        log.error("cannot spool a large message: %s", exc)
+        self.spool_failed = True
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop what was kept (the message is refused or abandoned)."""
+        self.chunks.clear()
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+    def take(self) -> Any:
+        """The whole message (bytes, or the spool file, now the caller's to close)."""
+        if self.spool is None:
+            return b"".join(self.chunks)
+        spool, self.spool = self.spool, None
+        return spool
+
     def rejection(self) -> str | None:
+        if self.spool_failed:
+            return R_ALL_FAILED
         if self.too_big:
             return R_TOO_BIG
         if self.bare_lf:
@@ -242,24 +297,38 @@ class _Message:
 # -- the protocol ---------------------------------------------------------------
 
 
-def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_from: str,
-                   helo: str | None, rcpts: list[str],
-                   pending: Any = None) -> tuple[Any, list[Any], list[tuple[str, str]]]:
+def ingest_message(config: Any, store: Any, raw: Any, *, peer_ip: str, mail_from: str,
+                   helo: str | None, rcpts: list[str], pending: Any = None,
+                   new_file: Any = None) -> tuple[Any, list[Any], list[tuple[str, str]]]:
     """Blocking: analyse ``raw`` once, then deliver it to each recipient in turn.
 
-    With ``pending`` (the daemon's hook journal: ``wanted`` says whether an
-    email has hooks to run, ``add`` records it), each such email is journalled
-    before the reply, so a crash cannot lose its wake-up. Returns (analysis or
-    None, stored results, (rcpt, reason) failures).
+    ``raw`` is the message's bytes, or the spool file holding it (closed here,
+    with every scratch file the analysis made; ``new_file`` makes those). With
+    ``pending`` (the daemon's hook journal: ``wanted`` says whether an email has
+    hooks to run, ``add`` records it), each such email is journalled before the
+    reply, so a crash cannot lose its wake-up. Returns (analysis or None, stored
+    results, (rcpt, reason) failures).
     """
     from aimx.smtp import ingest
 
+    try:
+        analysis = ingest.analyse(config, raw, peer_ip=peer_ip, mail_from=mail_from, helo=helo,
+                                  new_file=new_file)
+    except ingest.IngestError as exc:
+        return None, [], [(rcpt, str(exc)) for rcpt in rcpts]
+    finally:
+        if not isinstance(raw, bytes):
+            raw.close()
+    try:
+        return (analysis, *_deliver_each(ingest, config, store, analysis, rcpts, pending))
+    finally:
+        analysis.release()
+
+
+def _deliver_each(ingest: Any, config: Any, store: Any, analysis: Any, rcpts: list[str],
+                  pending: Any) -> tuple[list[Any], list[tuple[str, str]]]:
     stored: list[Any] = []
     failures: list[tuple[str, str]] = []
-    try:
-        analysis = ingest.analyse(config, raw, peer_ip=peer_ip, mail_from=mail_from, helo=helo)
-    except ingest.IngestError as exc:
-        return None, stored, [(rcpt, str(exc)) for rcpt in rcpts]
     for rcpt in rcpts:
         try:
             result = ingest.deliver(config, store, analysis, rcpt)
@@ -271,7 +340,7 @@ def ingest_message(config: Any, store: Any, raw: bytes, *, peer_ip: str, mail_fr
         except Exception as exc:  # an unexpected bug must not lose the session
             log.exception("delivery to %s crashed", kv(rcpt))
             failures.append((rcpt, f"internal error: {exc}"))
-    return analysis, stored, failures
+    return stored, failures
 
 
 def _journal_hooks(pending: Any, config: Any, result: Any) -> None:
@@ -343,10 +412,12 @@ class SmtpSession(smtp.ESMTP):
             self.factory.limits.session_deadline, self._deadline_reached)
 
     def _deadline_reached(self) -> None:
-        """The connection's overall time is up; a message being stored finishes first."""
+        """The connection's overall time is up; a message being stored finishes first,
+        and so does DATA, which has its own deadline from the minimum rate (a 25 MB
+        message at a legitimate pace must not be cut off; a trickle still is)."""
         if self._closed:
             return
-        if self._busy:
+        if self._in_data or self._busy:  # checked again each second until both are over
             self._deadline = self.factory.daemon.reactor.callLater(1, self._deadline_reached)
             return
         self._outcome = "timeout"
@@ -360,6 +431,8 @@ class SmtpSession(smtp.ESMTP):
                 pending.cancel()
         was_closed = self._closed
         self._closed = True
+        if self._message is not None:
+            self._message.discard()  # a spool file left by a client gone mid-DATA
         if self._counted:
             self._counted = False
             if not was_closed and self._outcome == "ok" and self._in_transaction():
@@ -456,7 +529,7 @@ class SmtpSession(smtp.ESMTP):
             if self._message is not None:
                 self._message.too_long = True
                 self._message.wire_bytes += len(self._unread)
-                self._message.chunks.clear()
+                self._message.discard()
             self._unread.clear()
             self._skipping = True
 
@@ -503,6 +576,8 @@ class SmtpSession(smtp.ESMTP):
         self._mail_from = None
         self._rcpts = []
         self._txn_config = None
+        if self._message is not None:
+            self._message.discard()
         self._message = None
 
     def do_EHLO(self, arg: str) -> None:  # noqa: N802
@@ -582,7 +657,7 @@ class SmtpSession(smtp.ESMTP):
             self.reply(R_NEED_RCPT)
             return
         self._in_data = True
-        self._message = _Message()
+        self._message = _Message(self.factory.spool.new_file)
         reactor = self.factory.daemon.reactor
         self._data_started = reactor.seconds()
         self._data_mark = self._received - len(self._unread)
@@ -592,9 +667,11 @@ class SmtpSession(smtp.ESMTP):
 
     def _data_deadline(self) -> float:
         """When DATA must be over: the idle timeout, plus one second for every
-        ``min_data_rate`` bytes received since the 354."""
+        ``min_data_rate`` bytes received since the 354, counting at most twice the
+        size limit (a message with every line dot-stuffed), so DATA, which the
+        session deadline waits for, cannot be stretched for ever."""
         limits = self.factory.limits
-        received = self._received - self._data_mark
+        received = min(self._received - self._data_mark, 2 * limits.max_message_bytes)
         return self._data_started + limits.idle_timeout + received / limits.min_data_rate
 
     def _check_data_rate(self) -> None:
@@ -656,6 +733,8 @@ class SmtpSession(smtp.ESMTP):
         per-line path, which stays the reference.
         """
         message = self._message
+        if message is not None and (message.too_big or message.spool_failed):
+            return self._discard_block(message)
         if message is None or message.slow or message.rejection() is not None:
             return False
         buffer = self._unread
@@ -678,8 +757,28 @@ class SmtpSession(smtp.ESMTP):
             message.slow = True
             return False
         message.wire_bytes += stop
-        message.chunks.append(block)
-        message.size += len(block)
+        message.keep(block)
+        del buffer[:stop]
+        return True
+
+    def _discard_block(self, message: _Message) -> bool:
+        """A message over the size limit: drop every buffered line before its end mark
+        unread (no reply can change any more; the per-line path ends the message)."""
+        buffer = self._unread
+        last = buffer.rfind(b"\n")
+        if last < 0:
+            return False
+        stop, position = last + 1, 0
+        while (mark := _END_OF_DATA.search(buffer, position, last + 1)) is not None:
+            start = mark.start()
+            if (start == 0 and message.after_crlf) or (start >= 2 and buffer[start - 2] == 13):
+                stop = start  # a real end mark: "." alone after a CRLF-ended line
+                break
+            position = start + 1
+        if stop == 0:
+            return False
+        message.after_crlf = stop >= 2 and buffer[stop - 2] == 13
+        message.wire_bytes += stop
         del buffer[:stop]
         return True
 
@@ -698,17 +797,15 @@ class SmtpSession(smtp.ESMTP):
         if len(content) > MAX_DATA_LINE:
             message.too_long = True
         if message.rejection() is not None:
-            message.chunks.clear()
+            message.discard()
             return
         if content.startswith(b".."):
             content = content[1:]
-        size = len(content) + 2
-        if message.size + size > self.factory.limits.max_message_bytes:
+        if message.size + len(content) + 2 > self.factory.limits.max_message_bytes:
             message.too_big = True
-            message.chunks.clear()
+            message.discard()
             return
-        message.chunks.append(content + b"\r\n")
-        message.size += size
+        message.keep(content + b"\r\n")
 
     def _end_of_data(self) -> None:
         message = self._message
@@ -719,6 +816,7 @@ class SmtpSession(smtp.ESMTP):
         self._data_check = None
         self._bytes += message.wire_bytes
         rejection = message.rejection()
+        raw = message.take() if rejection is None else b""
         mail_from, rcpts = self._mail_from or "", list(self._rcpts)
         self._reset_transaction()
         if rejection is not None:
@@ -728,7 +826,6 @@ class SmtpSession(smtp.ESMTP):
             self.reply(rejection)
             self._after_transaction()
             return
-        raw = b"".join(message.chunks)
         self._busy = True
         self.setTimeout(None)
         self.transport.pauseProducing()
@@ -769,18 +866,19 @@ class SmtpSession(smtp.ESMTP):
         reactor = self.factory.daemon.reactor
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
 
-    def _store(self, raw: bytes, mail_from: str, rcpts: list[str]) -> defer.Deferred[str]:
+    def _store(self, raw: Any, mail_from: str, rcpts: list[str]) -> defer.Deferred[str]:
         """Analyse once, deliver to each recipient in turn; fires with the reply text.
 
         The whole message is handled in one worker-thread job: one hop off the
         reactor and one back per message, whatever the number of recipients.
+        ``raw`` (bytes or a spool file) belongs to that job from here on.
         """
         daemon = self.factory.daemon
         config = daemon.config  # the live config: routing is re-checked now (D4)
         pending = daemon.hooks.pending if daemon.hooks is not None else None
         d = self._in_thread(ingest_message, config, daemon.store, raw, peer_ip=self.peer_ip,
                             mail_from=mail_from, helo=self._helo_name, rcpts=rcpts,
-                            pending=pending)
+                            pending=pending, new_file=self.factory.spool.new_file)
 
         def replied(outcome: tuple[Any, list[Any], list[tuple[str, str]]]) -> str:
             analysis, stored, failures = outcome
@@ -827,6 +925,7 @@ class SmtpFactory(protocol.ServerFactory):
             session_deadline=_seconds_from_env(SESSION_DEADLINE_ENV, SESSION_DEADLINE_SECS),
             min_data_rate=_positive_from_env(MIN_DATA_RATE_ENV, MIN_DATA_RATE),
         )
+        self.spool = Spool(daemon.store.data_dir)
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()  # open sessions per ``source_key``
         self.draining = False

@@ -156,9 +156,9 @@ def cleanup_temp_files(data_dir: str | os.PathLike[str]) -> int:
                 with safefs.closing_fd(child):
                     sweep(child, where, depth - 1)
 
-    # The data dir itself, mailbox dirs then bundle dirs, and hook bookkeeping
-    # (pending markers are written via a temp).
-    for relative, depth in ((".", 0), ("inbox", 2), ("sent", 2), (".aimx", 1)):
+    # The data dir itself, mailbox dirs then bundle dirs, hook bookkeeping (pending
+    # markers are written via a temp) and the spool of large messages.
+    for relative, depth in ((".", 0), ("inbox", 2), ("sent", 2), (".aimx", 1), (".spool", 0)):
         try:
             fd = safefs.open_trusted_dir(data / relative)
         except OSError:

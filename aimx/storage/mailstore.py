@@ -48,6 +48,7 @@ from aimx.storage.layout import (
 )
 from aimx.storage.locks import MailboxLocks
 from aimx.storage.readstate import rewrite_read_state
+from aimx.storage.spool import SpoolFile
 
 
 @attrs.frozen
@@ -265,7 +266,7 @@ class MailStore:
                                        ids, str(path))
                 else:
                     unique = unique_attachment_names(names, reserved=(f"{stem}.md",))
-                    files = [(name, bytes(a.data))
+                    files = [(name, a.data if isinstance(a.data, SpoolFile) else bytes(a.data))
                              for name, a in zip(unique, attachments, strict=True)]
                     record["attachments"] = [
                         {"filename": name, "content_type": _normalise_content_type(a.content_type),

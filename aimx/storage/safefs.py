@@ -171,9 +171,13 @@ def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
             prepare(fd)
         else:
             os.fchmod(fd, mode)  # umask-proof
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        copy_to = getattr(data, "copy_to", None)
+        if copy_to is not None:  # a spooled file (``spool.SpoolFile``): copied in the kernel
+            copy_to(fd)
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
         return os.fstat(fd)
     except BaseException:
