@@ -290,6 +290,7 @@ class Config:
     max_mailboxes_per_user: int = DEFAULT_MAX_MAILBOXES_PER_USER
     socket_max_connections: int = DEFAULT_SOCKET_MAX_CONNECTIONS
     socket_max_connections_per_user: int = DEFAULT_SOCKET_MAX_CONNECTIONS_PER_USER
+    smtp_workers: int = 0  # SMTP worker processes; 0 means one per CPU
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -388,12 +389,14 @@ _TOP_KEYS = (
     "domain", "data_dir", "dkim_selector", "trust", "trusted_senders", "mailboxes",
     "verify_host", "enable_ipv6", "signature", "upgrade", "dns_resolvers",
     "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
+    "smtp_workers",
 )
 # Integer limits and the smallest value each accepts.
 _LIMIT_KEYS = {
     "max_mailboxes_per_user": 0,
     "socket_max_connections": 1,
     "socket_max_connections_per_user": 1,
+    "smtp_workers": 0,
 }
 _MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall")
 _HOOK_KEYS = ("name", "event", "type", "cmd", "fire_on_untrusted", "timeout_secs")

@@ -9,6 +9,7 @@ feet. Swaps happen on the reactor thread only: a swap is one assignment.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class Daemon:
         self.tls_enabled = False
         self.draining = False
         self.in_flight: set[defer.Deferred[Any]] = set()
+        # Told of every installed snapshot (the SMTP workers re-read the config then).
+        self.config_listeners: list[Callable[[Any], None]] = []
 
     # -- config snapshots --------------------------------------------------
 
@@ -67,6 +70,11 @@ class Daemon:
                         kv(current.data_dir), kv(new.data_dir))
             new = new.with_data_dir(current.data_dir)
         self.config = new
+        for listener in list(self.config_listeners):
+            try:
+                listener(new)
+            except Exception:
+                log.exception("config listener failed")
 
     def load_config_blocking(self) -> Any:
         """Load and validate the config file again, honouring the data-dir override."""
