@@ -34,6 +34,10 @@ from aimx.logs import kv, logger, setup_logging
 
 log = logger("aimx::smtp")
 
+# Test seam: the report of a stored email waits this many seconds (to kill a worker
+# between a 250 and its report).
+REPORT_DELAY_ENV = "AIMX_TEST_WORKER_REPORT_DELAY"
+
 
 class WorkerOptions(usage.Options):
     optParameters = [
@@ -71,6 +75,14 @@ class WorkerDaemon(Daemon):
                 self.track(self._report(result))
 
     def _report(self, result: Any) -> defer.Deferred[Any]:
+        delay = float(os.environ.get(REPORT_DELAY_ENV) or 0)
+        if delay > 0:
+            from twisted.internet import task
+
+            return task.deferLater(self.reactor, delay, self._send_report, result)
+        return self._send_report(result)
+
+    def _send_report(self, result: Any) -> defer.Deferred[Any]:
         control = self.control
         if control is None:
             log.warning("daemon unreachable: hooks of %s wait for the journal replay",
@@ -130,7 +142,9 @@ class WorkerSide(amp.AMP):
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
         super().connectionLost(reason)
         self.worker.daemon.control = None
-        self.worker.shut_down("the daemon went away")
+        # Without the daemon nobody fires hooks or restarts anything: stop now (421 to
+        # open sessions) rather than keep serving; a new daemon may already be starting.
+        self.worker.shut_down("the daemon went away", grace=0.0)
 
 
 class SmtpWorker:
