@@ -345,12 +345,13 @@ class AimxService(service.Service):
         log.info("aimx daemon stopped")
 
 
-def build_smtp_factory(daemon: Any, tls_context: Any) -> Any:
+def build_smtp_factory(daemon: Any, tls_context: Any, admission: Any = None) -> Any:
     """The factory of inbound SMTP sessions: the one the daemon listens with in
-    single-process mode and each SMTP worker adopts the shared socket with."""
+    single-process mode and each SMTP worker adopts the shared socket with
+    (``admission``: the workers' session limits counted over all of them)."""
     from aimx.smtp.server import SmtpFactory
 
-    return SmtpFactory(daemon, tls_context=tls_context)
+    return SmtpFactory(daemon, tls_context=tls_context, admission=admission)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -16,6 +16,7 @@ budget, then exits 0.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -29,7 +30,14 @@ from twisted.python import usage
 
 from aimx import paths
 from aimx.daemon.state import Daemon
-from aimx.daemon.workerproto import Drain, MessageStored, ReloadConfig, encode_fields
+from aimx.daemon.workerproto import (
+    AdmitSession,
+    Drain,
+    MessageStored,
+    ReloadConfig,
+    SessionEnded,
+    encode_fields,
+)
 from aimx.logs import kv, logger, setup_logging
 
 log = logger("aimx::smtp")
@@ -62,6 +70,36 @@ class JournalOnly:
     (``pending``); firing them is the daemon's job."""
 
     pending: Any
+
+
+class DaemonAdmission:
+    """Session admission counted by the daemon over all workers (``SmtpFactory.admission``).
+
+    Without a daemon to ask (it went away; the worker is stopping) the
+    worker's own limits alone apply.
+    """
+
+    def __init__(self, daemon: WorkerDaemon) -> None:
+        self.daemon = daemon
+        self._ids: dict[Any, int] = {}
+        self._next = itertools.count(1)
+
+    def admit(self, session: Any) -> defer.Deferred[str | None]:
+        from aimx.smtp.server import source_key
+
+        control = self.daemon.control
+        if control is None:
+            return defer.succeed(None)
+        session_id = self._ids[session] = next(self._next)
+        d = control.callRemote(AdmitSession, session=session_id,
+                               source=source_key(session.peer_ip))
+        return d.addCallbacks(lambda answer: answer["refusal"] or None, lambda failure: None)
+
+    def release(self, session: Any) -> None:
+        session_id = self._ids.pop(session, None)
+        control = self.daemon.control
+        if session_id is not None and control is not None:
+            control.callRemote(SessionEnded, session=session_id)
 
 
 class WorkerDaemon(Daemon):
@@ -229,7 +267,7 @@ def run(argv: list[str]) -> int:
     daemon.tls_enabled = tls_context is not None
     daemon.hooks = JournalOnly(PendingHooks(hook_state_dir(config.data_dir),
                                             origin=str(os.getpid())))
-    factory = build_smtp_factory(daemon, tls_context)
+    factory = build_smtp_factory(daemon, tls_context, admission=DaemonAdmission(daemon))
     worker = SmtpWorker(reactor, daemon, factory)
 
     control_factory = protocol.Factory.forProtocol(lambda: WorkerSide(worker))

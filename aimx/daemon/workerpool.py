@@ -20,12 +20,20 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from twisted.internet import defer, error, protocol, threads
 from twisted.protocols import amp
 
-from aimx.daemon.workerproto import Drain, MessageStored, ReloadConfig, stored_result
+from aimx.daemon.workerproto import (
+    AdmitSession,
+    Drain,
+    MessageStored,
+    ReloadConfig,
+    SessionEnded,
+    stored_result,
+)
 from aimx.logs import kv, logger
 
 log = logger("aimx::serve")
@@ -44,6 +52,41 @@ EXIT_GRACE_SECS = 5.0
 def restart_delay(quick_deaths: int) -> float:
     """Seconds before a restart, after ``quick_deaths`` deaths in a row soon after start."""
     return min(MAX_BACKOFF_SECS, FIRST_BACKOFF_SECS * 2 ** max(0, quick_deaths - 1))
+
+
+class SessionLedger:
+    """The open SMTP sessions of all workers, against the limits one process would apply."""
+
+    def __init__(self) -> None:
+        from aimx.smtp.server import Limits
+
+        self.limits = Limits()
+        self.per_source: Counter[str] = Counter()
+        self._open: dict[int, dict[int, str]] = {}  # worker slot → session id → source
+
+    def admit(self, slot: int, session: int, source: str) -> str:
+        from aimx.smtp.server import R_TOO_MANY_CONNECTIONS, R_TOO_MANY_FROM_ADDRESS
+
+        if sum(len(open_) for open_ in self._open.values()) >= self.limits.max_sessions:
+            return R_TOO_MANY_CONNECTIONS
+        if self.per_source[source] >= self.limits.max_per_ip:
+            return R_TOO_MANY_FROM_ADDRESS
+        self._open.setdefault(slot, {})[session] = source
+        self.per_source[source] += 1
+        return ""
+
+    def end(self, slot: int, session: int) -> None:
+        source = self._open.get(slot, {}).pop(session, None)
+        if source is not None:
+            self.per_source[source] -= 1
+            if self.per_source[source] <= 0:
+                del self.per_source[source]
+
+    def forget_worker(self, slot: int) -> None:
+        """A worker's connection to the daemon is gone, and with it all its sessions."""
+        for session in list(self._open.get(slot, {})):
+            self.end(slot, session)
+        self._open.pop(slot, None)
 
 
 class _DaemonSide(amp.AMP):
@@ -77,6 +120,15 @@ class _DaemonSide(amp.AMP):
             return {}
 
         return d.addCallbacks(fire, unreadable)
+
+    @AdmitSession.responder
+    def admit_session(self, session: int, source: str) -> dict[str, str]:
+        return {"refusal": self.pool.sessions.admit(self.slot, session, source)}
+
+    @SessionEnded.responder
+    def session_ended(self, session: int) -> dict[str, Any]:
+        self.pool.sessions.end(self.slot, session)
+        return {}
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         super().connectionMade()
@@ -121,6 +173,7 @@ class SmtpWorkerPool:
         self.listening = listening
         self.worker_args = worker_args
         self.stopping = False
+        self.sessions = SessionLedger()
         self._processes: dict[int, _WorkerProcess] = {}
         self._controls: dict[int, _DaemonSide] = {}
         self._quick_deaths: dict[int, int] = {}
@@ -194,6 +247,7 @@ class SmtpWorkerPool:
     def control_lost(self, slot: int, control: _DaemonSide) -> None:
         if self._controls.get(slot) is control:
             del self._controls[slot]
+        self.sessions.forget_worker(slot)
 
     def control_made(self, slot: int, control: _DaemonSide) -> None:
         self._controls[slot] = control

@@ -34,6 +34,25 @@ class MessageStored(amp.Command):
     response: list[tuple[bytes, amp.Argument]] = []
 
 
+class AdmitSession(amp.Command):
+    """Worker → daemon: may this new connection (its ``source`` key) be served?
+
+    The session limits (D12: 100 in all, 20 per source) hold over all workers,
+    so the daemon counts. ``refusal`` is the 421 reply, or "" to admit.
+    ``session`` is the worker's id for it, named again in ``SessionEnded``.
+    """
+
+    arguments = [(b"session", amp.Integer()), (b"source", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode())]
+
+
+class SessionEnded(amp.Command):
+    """Worker → daemon: an admitted session is over (unknown ids are ignored)."""
+
+    arguments = [(b"session", amp.Integer())]
+    requiresAnswer = False
+
+
 class ReloadConfig(amp.Command):
     """Daemon → worker: read ``config.toml`` again (the daemon has just installed it)."""
 
