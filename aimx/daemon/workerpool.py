@@ -96,6 +96,7 @@ class _DaemonSide(amp.AMP):
         super().__init__()
         self.pool = pool
         self.slot = slot
+        self.lost: defer.Deferred[None] = defer.Deferred()  # every report read by then
 
     @MessageStored.responder
     def message_stored(self, mailbox: str, email_id: str, path: str,
@@ -137,6 +138,7 @@ class _DaemonSide(amp.AMP):
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
         super().connectionLost(reason)
         self.pool.control_lost(self.slot, self)
+        self.lost.callback(None)
 
 
 class _ControlFactory(protocol.Factory):
@@ -232,9 +234,13 @@ class SmtpWorkerPool:
         quick = time.monotonic() - process.started < HEALTHY_SECS
         log.warning("SMTP worker %d pid=%d died (%s)", slot, process.pid, how)
         if self.daemon.hooks is not None:
-            # Emails it acknowledged but never reported still get their hooks.
-            self.daemon.track(self.daemon.hooks.replay_pending(self.daemon.config,
-                                                               origin=str(process.pid)))
+            # Emails it acknowledged but never reported still get their hooks: once
+            # every report it did send has been read (its end of the pair is closed).
+            control = self._controls.get(slot)
+            reports_read = control.lost if control is not None else defer.succeed(None)
+            hooks, origin = self.daemon.hooks, str(process.pid)
+            self.daemon.track(reports_read.addCallback(
+                lambda _: hooks.replay_pending(self.daemon.config, origin=origin)))
         self._schedule_restart(slot, quick=quick)
 
     def _schedule_restart(self, slot: int, *, quick: bool) -> None:
