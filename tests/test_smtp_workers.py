@@ -107,18 +107,21 @@ def wires_on_every_worker(daemon: RunningDaemon, tries: int = 60) -> dict[int, S
     """One open, greeted connection per worker; the extra connections are closed."""
     pids = set(worker_pids(daemon))
     found: dict[int, SmtpWire] = {}
-    for _ in range(tries):
-        wire = SmtpWire(daemon.smtp_port)
+    spare: list[SmtpWire] = []
+    for n in range(tries):
+        # Spare connections stay open until the end (an idle worker that just accepted
+        # tends to win the next accept too), each from its own loopback address so the
+        # per-source session limit (20, over all workers) never refuses one.
+        wire = SmtpWire(daemon.smtp_port, source=f"127.0.1.{n + 1}")
         pid = serving_worker(daemon, wire)
         if wire.banner.startswith("220") and pid is not None and pid not in found:
             found[pid] = wire
         else:
-            # Closed at once: all these connections come from one address, and the
-            # per-source session limit (20, over all workers) counts the open ones.
-            wire.close()
-            time.sleep(0.02)
+            spare.append(wire)
         if set(found) == pids:
             break
+    for wire in spare:
+        wire.close()
     assert set(found) == pids, f"connections reached {sorted(found)} of {sorted(pids)}"
     return found
 
