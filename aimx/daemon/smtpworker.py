@@ -36,6 +36,7 @@ from aimx.daemon.workerproto import (
     MessageStored,
     ReloadConfig,
     SessionEnded,
+    SetAccepting,
     encode_fields,
 )
 from aimx.logs import kv, logger, setup_logging
@@ -81,6 +82,7 @@ class DaemonAdmission:
 
     def __init__(self, daemon: WorkerDaemon) -> None:
         self.daemon = daemon
+        self.port: Any = None  # the listening port, while serving
         self._ids: dict[Any, int] = {}
         self._next = itertools.count(1)
 
@@ -90,10 +92,36 @@ class DaemonAdmission:
         control = self.daemon.control
         if control is None:
             return defer.succeed(None)
+        # Leave the next connection to a less busy worker until the daemon says otherwise,
+        # and take one connection per wake-up: a burst queued before any worker woke
+        # would otherwise all go to the first one awake.
+        self.set_accepting(False)
+        self.daemon.reactor.callLater(0, self._one_accept_per_wakeup)
         session_id = self._ids[session] = next(self._next)
         d = control.callRemote(AdmitSession, session=session_id,
                                source=source_key(session.peer_ip))
-        return d.addCallbacks(lambda answer: answer["refusal"] or None, lambda failure: None)
+
+        def answered(answer: dict[str, Any]) -> str | None:
+            self.set_accepting(answer["accepting"])
+            return answer["refusal"] or None
+
+        def failed(failure: Any) -> None:
+            self.set_accepting(True)
+            return None
+
+        return d.addCallbacks(answered, failed)
+
+    def _one_accept_per_wakeup(self) -> None:
+        if self.port is not None:
+            self.port.numberAccepts = 1
+
+    def set_accepting(self, accepting: bool) -> None:
+        if self.port is None:
+            return
+        if accepting or self.daemon.control is None:
+            self.port.startReading()
+        else:
+            self.port.stopReading()
 
     def release(self, session: Any) -> None:
         session_id = self._ids.pop(session, None)
@@ -168,6 +196,11 @@ class WorkerSide(amp.AMP):
         super().connectionMade()
         self.worker.daemon.control = self
 
+    @SetAccepting.responder
+    def set_accepting(self, accepting: bool) -> dict[str, Any]:
+        self.worker.factory.admission.set_accepting(accepting)
+        return {}
+
     @ReloadConfig.responder
     def reload_config(self) -> defer.Deferred[dict[str, bool]]:
         return self.worker.daemon.reload_file().addCallback(lambda ok: {"installed": ok})
@@ -180,6 +213,7 @@ class WorkerSide(amp.AMP):
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
         super().connectionLost(reason)
         self.worker.daemon.control = None
+        self.worker.factory.admission.set_accepting(True)
         # Without the daemon nobody fires hooks or restarts anything: stop now (421 to
         # open sessions) rather than keep serving; a new daemon may already be starting.
         self.worker.shut_down("the daemon went away", grace=0.0)
@@ -208,6 +242,7 @@ class SmtpWorker:
         from aimx.daemon.service import drain_smtp
 
         self.daemon.draining = True
+        self.factory.admission.port = None
         if self.port is not None:
             port, self.port = self.port, None
             await defer.maybeDeferred(port.stopListening)
@@ -276,6 +311,8 @@ def run(argv: list[str]) -> int:
     os.close(options["control-fd"])
     worker.port = reactor.adoptStreamPort(options["listen-fd"], options["listen-family"],
                                           factory)
+    factory.admission.port = worker.port
+    worker.port.numberAccepts = 1
     os.close(options["listen-fd"])
     # After the reactor's own handlers, which it installs as it starts running.
     reactor.callWhenRunning(worker.install_signal_handlers)

@@ -32,6 +32,7 @@ from aimx.daemon.workerproto import (
     MessageStored,
     ReloadConfig,
     SessionEnded,
+    SetAccepting,
     stored_result,
 )
 from aimx.logs import kv, logger
@@ -88,6 +89,9 @@ class SessionLedger:
             self.end(slot, session)
         self._open.pop(slot, None)
 
+    def open_sessions(self, slot: int) -> int:
+        return len(self._open.get(slot, {}))
+
 
 class _DaemonSide(amp.AMP):
     """The daemon's end of one worker's control connection."""
@@ -123,12 +127,14 @@ class _DaemonSide(amp.AMP):
         return d.addCallbacks(fire, unreadable)
 
     @AdmitSession.responder
-    def admit_session(self, session: int, source: str) -> dict[str, str]:
-        return {"refusal": self.pool.sessions.admit(self.slot, session, source)}
+    def admit_session(self, session: int, source: str) -> dict[str, Any]:
+        refusal = self.pool.sessions.admit(self.slot, session, source)
+        return {"refusal": refusal, "accepting": self.pool.rebalance(answering=self.slot)}
 
     @SessionEnded.responder
     def session_ended(self, session: int) -> dict[str, Any]:
         self.pool.sessions.end(self.slot, session)
+        self.pool.rebalance()
         return {}
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
@@ -176,6 +182,7 @@ class SmtpWorkerPool:
         self.worker_args = worker_args
         self.stopping = False
         self.sessions = SessionLedger()
+        self._accepting: dict[int, bool] = {}  # what each worker was last told
         self._processes: dict[int, _WorkerProcess] = {}
         self._controls: dict[int, _DaemonSide] = {}
         self._quick_deaths: dict[int, int] = {}
@@ -254,9 +261,29 @@ class SmtpWorkerPool:
         if self._controls.get(slot) is control:
             del self._controls[slot]
         self.sessions.forget_worker(slot)
+        self._accepting.pop(slot, None)
+        self.rebalance()
 
     def control_made(self, slot: int, control: _DaemonSide) -> None:
         self._controls[slot] = control
+        self._accepting[slot] = True  # a new worker accepts from the start
+        self.rebalance()
+
+    def rebalance(self, answering: int | None = None) -> bool:
+        """Let only the workers with the fewest open sessions accept; tell those whose
+        state changed. Returns the state of ``answering`` (told in the reply instead,
+        because it paused itself when it accepted)."""
+        counts = {slot: self.sessions.open_sessions(slot) for slot in self._controls}
+        fewest = min(counts.values(), default=0)
+        answer = False
+        for slot, control in self._controls.items():
+            accepting = counts[slot] <= fewest
+            if slot == answering:
+                answer = accepting
+            elif self._accepting.get(slot) != accepting:
+                control.callRemote(SetAccepting, accepting=accepting)
+            self._accepting[slot] = accepting
+        return answer
 
     # -- config ----------------------------------------------------------------
 

@@ -43,13 +43,26 @@ class AdmitSession(amp.Command):
     """
 
     arguments = [(b"session", amp.Integer()), (b"source", amp.Unicode())]
-    response = [(b"refusal", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode()), (b"accepting", amp.Boolean())]
 
 
 class SessionEnded(amp.Command):
     """Worker → daemon: an admitted session is over (unknown ids are ignored)."""
 
     arguments = [(b"session", amp.Integer())]
+    requiresAnswer = False
+
+
+class SetAccepting(amp.Command):
+    """Daemon → worker: accept new connections, or leave them to less busy workers.
+
+    All workers wait on one listening socket and the kernel tends to wake the
+    same one first, so the daemon balances: only the workers with the fewest
+    open sessions accept. A worker pauses itself after each accept until told
+    (in the ``AdmitSession`` answer or here).
+    """
+
+    arguments = [(b"accepting", amp.Boolean())]
     requiresAnswer = False
 
 
