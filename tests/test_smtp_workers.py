@@ -436,3 +436,14 @@ def test_config_accepts_smtp_workers_and_refuses_negative(tmp_path) -> None:
     assert parse_config_text(base + "smtp_workers = 3\n", tmp_path / "c.toml").smtp_workers == 3
     with pytest.raises(ConfigError, match="smtp_workers"):
         parse_config_text(base + "smtp_workers = -1\n", tmp_path / "c.toml")
+
+
+def test_setup_recognises_the_workers_as_aimx_on_the_port(test_users, dns) -> None:
+    """``ss`` names every process holding the listening socket, workers included:
+    ``aimx setup`` and ``doctor`` must see them as aimx, not as a foreign program."""
+    from aimx.ops.initsystem import System
+
+    with RunningDaemon(config_for(test_users, dns)) as daemon:
+        wait_serving(daemon)
+        holder = System(smtp_host="127.0.0.1", smtp_port=daemon.smtp_port).port_holder()
+        assert holder is not None and holder.is_aimx, holder
