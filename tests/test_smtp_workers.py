@@ -323,8 +323,7 @@ def test_kill_9_of_a_worker_loses_nothing_acknowledged(test_users, dns, hook_out
         assert "acked-before-kill@example.org" in on_disk
         assert "after-restart@example.org" in on_disk
         assert "cut-mid-data@example.org" not in on_disk
-        assert temp_leftovers(daemon.data_dir / "inbox") == []
-        assert len(on_disk) == len(set(on_disk))
+        assert len(on_disk) == len(set(on_disk))  # every visible file parsed, each once
         # The acknowledged message's report died with the worker: the journal replay
         # fires its hook, once.
         assert wait_for(lambda: "acked-before-kill@example.org" in fired_ids(record), 30), \
@@ -339,6 +338,11 @@ def test_kill_9_of_a_worker_loses_nothing_acknowledged(test_users, dns, hook_out
         pending = hook_state_dir(daemon.data_dir) / "hooks-pending"
         assert wait_for(lambda: not [p for p in pending.iterdir()
                                      if not p.name.startswith(".")], 20)
+        # A kill under load may cut a write short: its hidden temp file is swept at the
+        # next start (not while other workers may be writing theirs).
+        daemon.restart()
+        assert temp_leftovers(daemon.data_dir / "inbox") == []
+        assert sorted(message_ids_on_disk(daemon.data_dir)) == sorted(on_disk)
 
 
 def test_reload_reaches_every_worker_and_a_broken_config_changes_nothing(test_users,
