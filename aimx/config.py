@@ -316,6 +316,7 @@ class Config:
     smtp_trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     hook_rate_limit: int = DEFAULT_HOOK_RATE_LIMIT
     hook_rate_window_secs: int = DEFAULT_HOOK_RATE_WINDOW_SECS
+    smtp_workers: int = 0  # SMTP worker processes; 0 means one per CPU
     warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def mailbox(self, name: str) -> Mailbox | None:
@@ -427,6 +428,7 @@ _TOP_KEYS = (
     "max_mailboxes_per_user", "socket_max_connections", "socket_max_connections_per_user",
     "smtp_proxy_protocol", "smtp_trusted_proxies",
     "hook_rate_limit", "hook_rate_window_secs",
+    "smtp_workers",
 )
 # Integer limits and the smallest value each accepts.
 _HOOK_RATE_KEYS = {
@@ -438,6 +440,7 @@ _LIMIT_KEYS = {
     "socket_max_connections": 1,
     "socket_max_connections_per_user": 1,
     **_HOOK_RATE_KEYS,
+    "smtp_workers": 0,
 }
 _MAILBOX_KEYS = ("address", "owner", "hooks", "trust", "trusted_senders", "allow_root_catchall",
                  *_HOOK_RATE_KEYS)

@@ -64,14 +64,19 @@ class AimxTarget:
     name = "aimx"
     host = "127.0.0.1"
 
-    def __init__(self, dns_address: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dns_address: str, env: dict[str, str] | None = None,
+                 smtp_workers: int | None = None) -> None:
         self.dns_address = dns_address
         self.env = env or {}
+        self.smtp_workers = smtp_workers  # None: the config default (one per CPU)
         self.daemon: RunningDaemon | None = None
         self.port = 0
 
     def start(self) -> None:
-        self.daemon = RunningDaemon(aimx_config(self.dns_address), env=self.env)
+        config = aimx_config(self.dns_address)
+        if self.smtp_workers is not None:
+            config["smtp_workers"] = self.smtp_workers
+        self.daemon = RunningDaemon(config, env=self.env)
         self.port = self.daemon.smtp_port
 
     @property
@@ -90,12 +95,28 @@ class AimxTarget:
         return Path(files[0].path) if files else None
 
     def pids(self) -> list[int]:
-        return [self.daemon.pid] if self.daemon and self.daemon.running() else []
+        """The daemon and its SMTP worker processes (the daemon's direct children)."""
+        if not self.daemon or not self.daemon.running():
+            return []
+        return [self.daemon.pid, *_children(self.daemon.pid)]
 
     def stop(self) -> None:
         if self.daemon is not None:
             self.daemon.close()
             self.daemon = None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 class BaselineTarget:

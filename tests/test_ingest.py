@@ -227,6 +227,10 @@ def test_duplicate_older_than_a_day_is_stored_again(instance: Instance) -> None:
     path = instance.box() / f"{email_id}.md"
     five_days = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=5)).isoformat()
     path.write_text(path.read_text().replace(fm["received_at"], five_days))
+    # Every record of the store ages: the file and the Message-ID marker beside the lock.
+    markers = list((instance.data / ".locks" / "alice.ids").iterdir())
+    assert len(markers) == 1
+    markers[0].write_text(five_days)
     assert instance.ingest("alice@test.com", raw).returncode == 0
     assert len(list_email_ids(instance.box())) == 2
 

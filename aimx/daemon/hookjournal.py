@@ -94,10 +94,15 @@ class PendingHooks:
     (fired or skipped). Markers still present at start-up are emails a crash
     stored but never woke anyone for, and the daemon fires them then. The
     fired-once log keeps that replay from firing anything twice. Blocking.
+
+    ``origin`` tags the markers this journal writes (an SMTP worker uses its
+    pid), so that when one worker dies the daemon replays that worker's
+    emails alone, not those other workers are still about to acknowledge.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, origin: str = "") -> None:
         self.dir = Path(state_dir) / "hooks-pending"
+        self.origin = origin
 
     def _marker(self, path: str) -> Path:
         return self.dir / hashlib.sha256(path.encode()).hexdigest()
@@ -113,15 +118,18 @@ class PendingHooks:
 
     def add(self, mailbox: str, path: str) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(self._marker(path), json.dumps({"mailbox": mailbox, "path": path}).encode(),
-                     0o600)
+        record = {"mailbox": mailbox, "path": path}
+        if self.origin:
+            record["origin"] = self.origin
+        write_atomic(self._marker(path), json.dumps(record).encode(), 0o600)
 
     def remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._marker(path))
 
-    def entries(self) -> list[tuple[str, str]]:
-        """(mailbox, path) of every pending email; unreadable markers are dropped."""
+    def entries(self, origin: str | None = None) -> list[tuple[str, str]]:
+        """(mailbox, path) of every pending email, or of those ``origin`` journalled;
+        unreadable markers are dropped."""
         found = []
         try:
             names = sorted(os.listdir(self.dir))
@@ -133,6 +141,8 @@ class PendingHooks:
             marker = self.dir / name
             try:
                 data = json.loads(marker.read_text())
+                if origin is not None and data.get("origin", "") != origin:
+                    continue
                 found.append((str(data["mailbox"]), str(data["path"])))
             except (OSError, ValueError, KeyError, TypeError):
                 with contextlib.suppress(OSError):

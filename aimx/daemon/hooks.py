@@ -508,6 +508,7 @@ class HookRunner:
         #: Pids of the hook processes alive now, so SEND can tell mail sent from a hook.
         self.running_pids: set[int] = set()
         self._cap = FiringCap()
+        self._removals: set[defer.Deferred[Any]] = set()  # pending markers being removed
 
     # -- public API ---------------------------------------------------------
 
@@ -524,30 +525,24 @@ class HookRunner:
             log.exception(f"on_receive hooks for mailbox={mailbox_name} failed to start")
             return defer.succeed([])
 
-    def replay_pending(self, config: Any) -> defer.Deferred[int]:
-        """Fire the hooks of emails a crash stored but never fired; fires with their count."""
+    def replay_pending(self, config: Any, origin: str | None = None) -> defer.Deferred[int]:
+        """Fire the hooks of emails a crash stored but never fired; fires with their count.
+
+        ``origin`` limits the replay to the emails one (dead) SMTP worker journalled.
+        It waits for the marker removals of hooks already started, so an email
+        whose hooks fired from a report is never replayed as well.
+        """
 
         def load() -> list[Any]:
             from aimx.mail import frontmatter
-            from aimx.smtp.ingest import IngestResult
-            from aimx.storage.emailfiles import open_stored_email, read_stored_email
 
             results = []
-            for mailbox, path in self.pending.entries():
+            for mailbox, path in self.pending.entries(origin):
                 try:
-                    fd = open_stored_email(path, "inbox", mailbox)
-                    try:
-                        data = read_stored_email(fd)
-                    finally:
-                        os.close(fd)
-                    fields, _body = frontmatter.read_email(data)
+                    results.append(read_stored_result(mailbox, path))
                 except (OSError, frontmatter.FrontmatterError) as exc:
                     log.warning(f"pending hooks for {path} dropped: {exc}")
                     self.pending.remove(path)
-                    continue
-                results.append(IngestResult(status="stored", mailbox=mailbox,
-                                            email_id=Path(path).stem, path=Path(path),
-                                            fields=fields))
             return results
 
         def fire(results: list[Any]) -> int:
@@ -557,7 +552,8 @@ class HookRunner:
                 self.fire_on_receive(config, result.mailbox, result)
             return len(results)
 
-        d = self._in_thread(load)
+        settled = defer.DeferredList(list(self._removals), consumeErrors=True)
+        d = settled.addCallback(lambda _: self._in_thread(load))
         d.addCallback(fire)
         d.addErrback(lambda f: (log.error(f"hook replay failed: {f.getTraceback()}"), 0)[1])
         return d
@@ -631,9 +627,11 @@ class HookRunner:
         ]
         if filepath:
             # Decided from here on: a crash replay must not fire this email again.
-            self._in_thread(self.pending.remove, filepath).addErrback(
-                lambda f: log.warning(f"hook pending marker for {filepath}: "
-                                      f"{f.getErrorMessage()}"))
+            removal = self._in_thread(self.pending.remove, filepath)
+            self._removals.add(removal)
+            removal.addErrback(lambda f: log.warning(f"hook pending marker for {filepath}: "
+                                                     f"{f.getErrorMessage()}"))
+            removal.addBoth(lambda _: self._removals.discard(removal))
         limit, window = config.hook_rate(mailbox)
         sender = sender_address(str(fields.get("from") or ""))
 
@@ -808,6 +806,25 @@ class HookRunner:
 
         d.addBoth(untrack)
         return d
+
+
+def read_stored_result(mailbox: str, path: str) -> Any:
+    """An inbound email read back from its file, as the result hooks fire with (blocking).
+
+    Raises ``OSError`` or ``FrontmatterError`` when it cannot be read.
+    """
+    from aimx.mail import frontmatter
+    from aimx.smtp.ingest import IngestResult
+    from aimx.storage.emailfiles import open_stored_email, read_stored_email
+
+    fd = open_stored_email(path, "inbox", mailbox)
+    try:
+        data = read_stored_email(fd)
+    finally:
+        os.close(fd)
+    fields, _body = frontmatter.read_email(data)
+    return IngestResult(status="stored", mailbox=mailbox, email_id=Path(path).stem,
+                        path=Path(path), fields=fields)
 
 
 def run_on_receive_blocking(config: Any, mailbox_name: str, result: Any, *,

@@ -177,20 +177,28 @@ class AimxService(service.Service):
     name = "aimx"
 
     def __init__(self, reactor: Any, daemon: Any, *, bind: str, tls_context: Any,
-                 tls_cert: str | None) -> None:
+                 tls_cert: str | None, smtp_workers: int = 1,
+                 worker_args: tuple[str, ...] = ()) -> None:
         from aimx.smtp.proxyproto import smtp_listener_factory
-        from aimx.smtp.server import SmtpFactory
 
         self.reactor = reactor
         self.daemon = daemon
         self.bind = bind
         self.tls_cert = tls_cert
-        self.smtp_factory = SmtpFactory(daemon, tls_context=tls_context)
+        self.smtp_workers = smtp_workers
+        self.worker_args = worker_args
+        # In-process SMTP only with one worker; otherwise the workers build their own.
+        self.smtp_factory = (build_smtp_factory(daemon, tls_context) if smtp_workers == 1
+                             else None)
         # What the port listens with: the sessions, behind the PROXY-protocol check.
-        self.smtp_listener = smtp_listener_factory(self.smtp_factory)
+        self.smtp_listener = (smtp_listener_factory(self.smtp_factory)
+                              if self.smtp_factory is not None else None)
+        self.tls_enabled = tls_context is not None
         self.socket_path = paths.socket_path()
         self.pid_path = paths.pid_path()
         self._smtp_port: Any = None
+        self._smtp_socket: socket.socket | None = None  # bound for the workers, never read
+        self.workers: Any = None
         self._unix_port: Any = None
         self._stopping: defer.Deferred[None] | None = None
 
@@ -221,12 +229,20 @@ class AimxService(service.Service):
         except OSError as exc:
             log.warning("cannot write %s: %s", data_dir / README_NAME, exc)
         host, port = parse_bind(self.bind)
-        try:
-            self._smtp_port = self.reactor.listenTCP(port, self.smtp_listener, backlog=128,
-                                                     interface=host)
-        except error.CannotListenError as exc:
-            reason = exc.socketError.strerror if hasattr(exc.socketError, "strerror") else exc
-            raise StartupError(f"cannot bind SMTP listener {self.bind}: {reason}") from exc
+        if self.smtp_factory is None:
+            try:
+                self._smtp_socket = listening_socket(host, port)
+            except OSError as exc:
+                raise StartupError(f"cannot bind SMTP listener {self.bind}: "
+                                   f"{exc.strerror or exc}") from exc
+        else:
+            try:
+                self._smtp_port = self.reactor.listenTCP(port, self.smtp_listener, backlog=128,
+                                                         interface=host)
+            except error.CannotListenError as exc:
+                reason = (exc.socketError.strerror if hasattr(exc.socketError, "strerror")
+                          else exc)
+                raise StartupError(f"cannot bind SMTP listener {self.bind}: {reason}") from exc
         if not is_wildcard(host):
             self.daemon.bind_address = host  # outbound mail leaves from this address (D25)
         try:
@@ -242,6 +258,9 @@ class AimxService(service.Service):
             if port is not None:
                 port.stopListening()
         self._smtp_port = self._unix_port = None
+        if self._smtp_socket is not None:
+            self._smtp_socket.close()
+            self._smtp_socket = None
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
@@ -253,15 +272,31 @@ class AimxService(service.Service):
         # After the reactor's own handlers, which it installs as it starts running.
         self.reactor.callWhenRunning(self._install_signal_handlers)
         self.reactor.callWhenRunning(release_startup_memory)
+        self.reactor.callWhenRunning(self._start_inbound)
+        config = self.daemon.config
+        log.info("aimx daemon started pid=%d domain=%s smtp=%s tls=%s socket=%s data_dir=%s "
+                 "smtp_workers=%d", os.getpid(), kv(config.domain), kv(self.bind),
+                 "enabled" if self.tls_enabled else "disabled",
+                 kv(str(self.socket_path)), kv(str(config.data_dir)), self.smtp_workers)
+
+    def _start_inbound(self) -> None:
+        """Replay the hooks a crash left pending, then (in worker mode) start the workers.
+
+        The workers start only once the replay has read the journal, so it can
+        never pick up the marker of an email a live worker is about to acknowledge.
+        """
+        replayed: defer.Deferred[Any] = defer.succeed(0)
         if self.daemon.hooks is not None:
             # Emails a crash stored before their hooks were claimed get them now.
-            self.reactor.callWhenRunning(lambda: self.daemon.track(
-                self.daemon.hooks.replay_pending(self.daemon.config)))
-        config = self.daemon.config
-        log.info("aimx daemon started pid=%d domain=%s smtp=%s tls=%s socket=%s data_dir=%s",
-                 os.getpid(), kv(config.domain), kv(self.bind),
-                 "enabled" if self.smtp_factory.tls_context is not None else "disabled",
-                 kv(str(self.socket_path)), kv(str(config.data_dir)))
+            replayed = self.daemon.track(self.daemon.hooks.replay_pending(self.daemon.config))
+        if self._smtp_socket is None:
+            return
+        from aimx.daemon.workerpool import SmtpWorkerPool
+
+        self.workers = SmtpWorkerPool(self.reactor, self.daemon, count=self.smtp_workers,
+                                      listening=self._smtp_socket,
+                                      worker_args=self.worker_args)
+        replayed.addBoth(lambda _: None if self.daemon.draining else self.workers.start())
 
     def _install_signal_handlers(self) -> None:
         # Our own SIGTERM/SIGINT: the reactor's would re-raise the signal at exit,
@@ -293,24 +328,17 @@ class AimxService(service.Service):
         ports = [p for p in (self._smtp_port, self._unix_port) if p is not None]
         self._smtp_port = self._unix_port = None
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
-        self.smtp_factory.begin_drain()
         grace = drain_seconds()
-        deadline = time.monotonic() + grace
-        while (self.smtp_factory.sessions or not self.daemon.idle()) \
-                and time.monotonic() < deadline:
-            await task.deferLater(self.reactor, 0.1, lambda: None)
-        if self.smtp_factory.sessions or not self.daemon.idle():
-            log.warning("drain: %d SMTP sessions and %d socket requests still open after "
-                        "%.0fs; closing them", len(self.smtp_factory.sessions),
-                        len(self.daemon.in_flight), grace)
-            self.smtp_factory.close_all()
-            # Give the 421s a moment to reach the wire before the reactor stops.
-            closed = self.smtp_factory.wait_idle()
-            closed.addTimeout(2, self.reactor)
-            try:
-                await closed
-            except defer.TimeoutError:
-                pass
+        if self.smtp_factory is not None:
+            await drain_smtp(self.reactor, self.smtp_factory, self.daemon, grace)
+        else:
+            workers_done = (self.workers.stop(grace) if self.workers is not None
+                            else defer.succeed(None))
+            if self._smtp_socket is not None:
+                self._smtp_socket.close()  # the workers hold their own copies until drained
+                self._smtp_socket = None
+            await wait_until_idle(self.reactor, self.daemon, grace)
+            await workers_done
         for path in (self.socket_path, self.pid_path):
             try:
                 path.unlink()
@@ -320,6 +348,76 @@ class AimxService(service.Service):
                 if exc.errno != errno.ENOENT:
                     log.warning("cannot remove %s: %s", path, exc.strerror)
         log.info("aimx daemon stopped")
+
+
+def build_smtp_factory(daemon: Any, tls_context: Any, admission: Any = None) -> Any:
+    """The factory of inbound SMTP sessions: the one the daemon listens with in
+    single-process mode and each SMTP worker adopts the shared socket with
+    (``admission``: the workers' session limits counted over all of them)."""
+    from aimx.smtp.server import SmtpFactory
+
+    return SmtpFactory(daemon, tls_context=tls_context, admission=admission)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The SMTP listening socket, bound and listening, for the workers to share.
+
+    The daemon never accepts on it; it passes it to each worker process.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def wait_until_idle(reactor: Any, daemon: Any, grace: float,
+                          factory: Any = None) -> bool:
+    """Wait up to ``grace`` seconds for the open sessions (of ``factory``) and the
+    daemon's work in flight to finish; returns whether they did."""
+    deadline = time.monotonic() + grace
+
+    def busy() -> bool:
+        return bool(factory is not None and factory.sessions) or not daemon.idle()
+
+    while busy() and time.monotonic() < deadline:
+        await task.deferLater(reactor, 0.1, lambda: None)
+    return not busy()
+
+
+async def drain_smtp(reactor: Any, factory: Any, daemon: Any, grace: float) -> None:
+    """The SMTP part of a drain (D15), once the listener is closed: idle sessions get
+    421 now, busy ones after their transaction; whatever is left after ``grace``
+    seconds is closed with 421."""
+    factory.begin_drain()
+    if await wait_until_idle(reactor, daemon, grace, factory):
+        return
+    log.warning("drain: %d SMTP sessions and %d requests still open after %.0fs; "
+                "closing them", len(factory.sessions), len(daemon.in_flight), grace)
+    factory.close_all()
+    # Give the 421s a moment to reach the wire before the reactor stops.
+    closed = factory.wait_idle()
+    closed.addTimeout(2, reactor)
+    try:
+        await closed
+    except defer.TimeoutError:
+        pass
+
+
+def smtp_worker_count(config: Any) -> int:
+    """``smtp_workers`` as a number of processes: 0 means one per CPU we may run on."""
+    if config.smtp_workers:
+        return int(config.smtp_workers)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def release_startup_memory() -> None:
@@ -382,8 +480,15 @@ def build(options: Options) -> AimxService:
                     dkim_key_pem=dkim_key, mail_drop=mail_drop)
     daemon.tls_enabled = tls_context is not None
     daemon.hooks = HookRunner(reactor, state_dir=hook_state_dir(config.data_dir))
+    worker_args: list[str] = ["--config-dir", str(paths.config_dir())]
+    if override is not None:
+        worker_args += ["--data-dir", str(override)]
+    if tls_context is not None:
+        worker_args += ["--tls-cert", cert, "--tls-key", key]
     return AimxService(reactor, daemon, bind=options["bind"], tls_context=tls_context,
-                       tls_cert=cert if tls_context is not None else None)
+                       tls_cert=cert if tls_context is not None else None,
+                       smtp_workers=smtp_worker_count(config),
+                       worker_args=tuple(worker_args))
 
 
 def makeService(options: Options) -> AimxService:  # noqa: N802 (twistd's name)

@@ -9,6 +9,7 @@ feet. Swaps happen on the reactor thread only: a swap is one assignment.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ class Daemon:
         self.send_keys = SendKeyStore(hook_state_dir(config.data_dir))
         self.sends_in_flight: dict[tuple[int, str], Any] = {}
         self.watch = WatchHub()  # socket connections that sent WATCH
+        # Told of every installed snapshot (the SMTP workers re-read the config then).
+        self.config_listeners: list[Callable[[Any], None]] = []
 
     # -- config snapshots --------------------------------------------------
 
@@ -78,6 +81,11 @@ class Daemon:
             new = new.with_data_dir(current.data_dir)
         self.config = new
         self.watch.config_swapped(current, new)
+        for listener in list(self.config_listeners):
+            try:
+                listener(new)
+            except Exception:
+                log.exception("config listener failed")
 
     def load_config_blocking(self) -> Any:
         """Load and validate the config file again, honouring the data-dir override."""

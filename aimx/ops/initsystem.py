@@ -190,7 +190,9 @@ def _holder_is_aimx(name: str, pid: int | None) -> bool:
     args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
     if any(Path(a).name == "aimx" for a in args[:3]):
         return True
-    return "aimx.cli.main" in args or ("aimx" in args and any("twistd" in a for a in args))
+    # The daemon's SMTP workers hold the port-25 socket too (``-m aimx.daemon.smtpworker``).
+    return ("aimx.cli.main" in args or "aimx.daemon.smtpworker" in args
+            or ("aimx" in args and any("twistd" in a for a in args)))
 
 
 _SS_USER = re.compile(r'users:\(\("([^"]*)",pid=(\d+)')

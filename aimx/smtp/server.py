@@ -398,13 +398,36 @@ class SmtpSession(smtp.ESMTP):
             return
         refusal = self.factory.admit(self)
         if refusal is not None:
-            reason = ("too-many-from-address" if refusal == R_TOO_MANY_FROM_ADDRESS
-                      else "too-many-connections")
-            log.warning("connection refused peer=%s reason=%s", kv(self.peer_ip), reason)
-            self._send(refusal)
-            self._close("refused")
+            self._refuse(refusal)
             return
         self._counted = True
+        if self.factory.admission is not None:
+            # Several processes serve this port: the session counts only once the
+            # daemon, which sees them all, has admitted it too. Input waits meanwhile.
+            self.transport.pauseProducing()
+            self.factory.admission.admit(self).addCallback(self._admitted)
+            return
+        self._send_banner()
+
+    def _admitted(self, refusal: str | None) -> None:
+        if self._closed:
+            return  # the client left while we asked; connectionLost released it
+        if refusal is not None:
+            self._counted = False
+            self.factory.release(self)
+            self._refuse(refusal)
+            return
+        self.transport.resumeProducing()
+        self._send_banner()
+
+    def _refuse(self, refusal: str) -> None:
+        reason = ("too-many-from-address" if refusal == R_TOO_MANY_FROM_ADDRESS
+                  else "too-many-connections")
+        log.warning("connection refused peer=%s reason=%s", kv(self.peer_ip), reason)
+        self._send(refusal)
+        self._close("refused")
+
+    def _send_banner(self) -> None:
         self.canStartTLS = (self.ctx is not None and ITLSTransport.providedBy(self.transport))
         self._send(f"220 {self.factory.daemon.config.domain} ESMTP aimx")
         self.setTimeout(self.timeout)
@@ -917,9 +940,12 @@ class SmtpFactory(protocol.ServerFactory):
     """Builds sessions and enforces the connection limits (100 total, 20 per source)."""
 
     def __init__(self, daemon: Any, *, tls_context: Any = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, admission: Any = None) -> None:
         self.daemon = daemon
         self.tls_context = tls_context
+        # With several SMTP processes, what counts sessions over all of them (``admit``
+        # fires with a refusal reply or None, ``release`` forgets); None: this process alone.
+        self.admission = admission
         self.limits = limits or Limits(
             idle_timeout=idle_timeout_from_env(),
             session_deadline=_seconds_from_env(SESSION_DEADLINE_ENV, SESSION_DEADLINE_SECS),
@@ -947,6 +973,8 @@ class SmtpFactory(protocol.ServerFactory):
 
     def release(self, session: SmtpSession) -> None:
         if session in self.sessions:
+            if self.admission is not None:
+                self.admission.release(session)
             self.sessions.discard(session)
             source = source_key(session.peer_ip)
             self.per_ip[source] -= 1

@@ -1,16 +1,28 @@
 """Message-ID dedup: a message delivered twice to one mailbox within 24 h is stored once.
 
-The Message-IDs of each mailbox are kept in memory and rebuilt from the files'
-frontmatter the first time a mailbox is written after start-up.
+Two parts. ``DedupIndex`` keeps each process's view in memory, rebuilt from the
+files' frontmatter the first time a mailbox is written after start-up.
+``MessageIdClaims`` is the part every writing process shares (the daemon's SMTP
+workers, ``aimx ingest``): one small marker file per (mailbox, Message-ID) under
+``<data>/.locks/<mailbox>.ids/``. Holding an ``flock`` on the marker is the
+claim "this Message-ID is being stored"; its content, written once the email is
+durable, is the time it was stored. The kernel drops the lock of a process
+that dies, so a crash never leaves a Message-ID claimed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import hashlib
+import os
+import time
 from pathlib import Path
 
 from aimx.logs import kv, logger
 from aimx.storage.emailfiles import email_entries_at, mailbox_or_none, read_entry_fields
+from aimx.storage.layout import ensure_data_dir, make_dir
 
 log = logger("aimx::storage")
 
@@ -104,3 +116,99 @@ class DedupIndex:
                 continue
             index.record(message_id, received, now)
         return index
+
+
+PRUNE_EVERY_SECS = 3600.0
+
+
+class MessageIdClaims:
+    """Markers of the Message-IDs stored (or being stored) in each mailbox, across processes.
+
+    Blocking. Open and claim a marker under the mailbox lock (``prune`` runs
+    under it too, so it never unlinks a marker between its open and its
+    claim); everything else may happen outside it.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self._last_prune: dict[str, float] = {}
+
+    def _dir(self, mailbox: str) -> Path:
+        return self.data_dir / ".locks" / f"{mailbox}.ids"
+
+    def open(self, mailbox: str, message_id: str) -> int:
+        """The marker's descriptor, creating it (and its directory) when missing."""
+        directory = self._dir(mailbox)
+        name = hashlib.sha256(message_id.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(directory / name, flags, 0o600)
+        except FileNotFoundError:
+            ensure_data_dir(self.data_dir)
+            make_dir(directory.parent, 0o700)
+            make_dir(directory, 0o700)
+            return os.open(directory / name, flags, 0o600)
+
+    @staticmethod
+    def try_claim(fd: int) -> bool:
+        """Take the claim; False when another delivery (any process, any thread) holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    @staticmethod
+    def wait_for_holder(fd: int) -> None:
+        """Block until whoever holds the claim lets go (stored, failed or died)."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def stored_at(fd: int) -> datetime.datetime | None:
+        """When the Message-ID was stored, as the marker says; None if it never was."""
+        return _parse_instant(os.pread(fd, 64, 0).decode("ascii", "replace").strip())
+
+    @staticmethod
+    def mark_stored(fd: int, received_at: datetime.datetime) -> None:
+        """Record a durable store (no fsync: after a crash the start-up scan of the files
+        rebuilds what matters, and a lost marker can only cause a second copy)."""
+        data = received_at.astimezone(datetime.UTC).isoformat().encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    @staticmethod
+    def release(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def prune(self, mailbox: str, now: float | None = None) -> int:
+        """Drop unclaimed markers older than the window, at most hourly per mailbox
+        (call under the mailbox lock); returns how many went."""
+        now = time.time() if now is None else now
+        if now - self._last_prune.get(mailbox, 0.0) < PRUNE_EVERY_SECS:
+            return 0
+        self._last_prune[mailbox] = now
+        cutoff = now - DEDUP_WINDOW.total_seconds()
+        removed = 0
+        try:
+            entries = list(os.scandir(self._dir(mailbox)))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if self.try_claim(fd):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+            finally:
+                self.release(fd)
+        return removed

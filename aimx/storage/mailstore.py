@@ -36,7 +36,7 @@ from aimx.storage.atomic import (
     temp_name,
     write_file,
 )
-from aimx.storage.dedup import DedupIndex
+from aimx.storage.dedup import DEDUP_WINDOW, DedupIndex, MessageIdClaims
 from aimx.storage.emailfiles import list_email_ids
 from aimx.storage.index import IndexedEmail, MailboxIndex, count_emails, list_page
 from aimx.storage.layout import (
@@ -108,11 +108,11 @@ class MailStore:
         self.data_dir = Path(data_dir)
         self._mailbox_locks = MailboxLocks(self.data_dir)
         self._dedup: dict[str, DedupIndex] = {}
-        # Writes in flight (guarded by the mailbox's thread lock): stems chosen but not
-        # yet renamed into place, and Message-IDs being stored (a second delivery of the
-        # same id waits for the first, then counts as its duplicate).
+        self._claims = MessageIdClaims(self.data_dir)
+        # Stems chosen by this process's writes in flight, not yet renamed into place
+        # (guarded by the mailbox's thread lock). Only a hint that spares a collision:
+        # the rename under the mailbox flock is what keeps processes apart.
         self._reserved: dict[tuple[str, str], set[str]] = {}
-        self._in_flight: dict[tuple[str, str], threading.Event] = {}
         self._stem_hints: dict[tuple[str, str], tuple[str, int]] = {}
 
     # -- locking ----------------------------------------------------------
@@ -170,7 +170,7 @@ class MailStore:
         """
         ids = mailbox_owner_ids(owner)
         warn_unknown_owner(owner, ids)
-        return self._publish_inbound(mailbox, ids, fields, body, attachments, when, None)
+        return self._publish_inbound(mailbox, ids, fields, body, attachments, when)
 
     def deliver_inbound(
         self,
@@ -183,37 +183,52 @@ class MailStore:
     ) -> StoredEmail | None:
         """Store one inbound email unless its ``message_id`` was stored here within 24 h.
 
-        Returns ``None`` for such a duplicate. The mailbox lock is held only for
-        the decisions (dedup check and name reservation; then the last name
-        check, the rename and the dedup record), never across the writes and
-        fsyncs, so deliveries to one mailbox overlap their disk waits and the
-        kernel commits their directory fsyncs together. A delivery of a
-        Message-ID that is still being stored waits for that one, then counts as
-        its duplicate (or stores, if the first failed). The dedup record is
-        withdrawn if the final directory fsync fails, so a retry is not lost.
+        Returns ``None`` for such a duplicate. The decision holds across threads
+        and processes (the SMTP workers, ``aimx ingest``): under the mailbox lock
+        the delivery claims the Message-ID's marker (``MessageIdClaims``) and
+        reads whether it was stored; a delivery of a Message-ID that another one
+        is still storing waits for it, then counts as its duplicate (or stores,
+        if the first failed or its process died). The lock itself is held only
+        for these decisions and the final rename, never across the writes and
+        fsyncs, so deliveries to one mailbox overlap their disk waits. The
+        Message-ID is recorded only once file and directory are durable, so a
+        failed store is never mistaken for one that happened.
         """
         ids = mailbox_owner_ids(owner)
         warn_unknown_owner(owner, ids)
         message_id = str(fields.get("message_id") or "")
         if not message_id:
-            return self._publish_inbound(mailbox, ids, fields, body, attachments, when, None)
-        key = (mailbox, message_id)
+            return self._publish_inbound(mailbox, ids, fields, body, attachments, when)
         lock = self._thread_lock(mailbox)
         while True:
-            with lock:
+            with self.mailbox_lock(mailbox):
                 if self._index(mailbox, None).is_duplicate(message_id):
                     return None
-                waiter = self._in_flight.get(key)
-                if waiter is None:
-                    self._in_flight[key] = threading.Event()
-                    break
-            waiter.wait()
+                self._claims.prune(mailbox)
+                claim = self._claims.open(mailbox, message_id)
+                if self._claims.try_claim(claim):
+                    stored_at = self._claims.stored_at(claim)
+                    if stored_at is None or not self._recent(stored_at):
+                        break
+                    self._index(mailbox, None).record(message_id, stored_at)
+                    self._claims.release(claim)
+                    return None
+            try:
+                self._claims.wait_for_holder(claim)
+            finally:
+                os.close(claim)
         try:
-            return self._publish_inbound(mailbox, ids, fields, body, attachments, when,
-                                         (message_id, when))
-        finally:
+            stored = self._publish_inbound(mailbox, ids, fields, body, attachments, when)
+            self._claims.mark_stored(claim, when)
             with lock:
-                self._in_flight.pop(key).set()
+                self._index(mailbox, None).record(message_id, when)
+            return stored
+        finally:
+            self._claims.release(claim)
+
+    @staticmethod
+    def _recent(stored_at: datetime.datetime) -> bool:
+        return datetime.datetime.now(datetime.UTC) - stored_at < DEDUP_WINDOW
 
     def _publish_inbound(
         self,
@@ -223,12 +238,11 @@ class MailStore:
         body: str,
         attachments: Sequence[Any],
         when: datetime.datetime,
-        dedup: tuple[str, datetime.datetime] | None,
     ) -> StoredEmail:
         directory = mailbox_dir(self.data_dir, "inbox", mailbox)
         with safefs.closing_fd(mailbox_dir_fd(self.data_dir, "inbox", mailbox, ids)) as dir_fd:
             return self._publish_inbound_at(dir_fd, directory, mailbox, ids, fields, body,
-                                            attachments, when, dedup)
+                                            attachments, when)
 
     def _publish_inbound_at(
         self,
@@ -240,7 +254,6 @@ class MailStore:
         body: str,
         attachments: Sequence[Any],
         when: datetime.datetime,
-        dedup: tuple[str, datetime.datetime] | None,
     ) -> StoredEmail:
         base = f"{stem_prefix(when)}-{slugify(fields.get('subject'))}"
         lock = self._thread_lock(mailbox)
@@ -288,8 +301,6 @@ class MailStore:
                                 errno.EPERM, f"{label}: the staged email was replaced")
                         os.rename(source, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                         source = None
-                        if dedup is not None:
-                            self._index(mailbox, None).record(dedup[0], dedup[1])
             except BaseException:
                 if source is not None:
                     remove_quietly(dir_fd, source, label)
@@ -300,13 +311,7 @@ class MailStore:
             if taken:
                 remove_quietly(dir_fd, source, label)
                 continue
-            try:
-                safefs.fsync_fd(dir_fd)
-            except BaseException:
-                if dedup is not None:
-                    with lock:
-                        self._index(mailbox, None).forget(dedup[0])
-                raise
+            safefs.fsync_fd(dir_fd)
             return StoredEmail(stem, path, record)
 
     def publish_sent(
