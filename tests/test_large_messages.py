@@ -18,6 +18,7 @@ from aimx.storage.spool import SPOOL_DIR
 from tests.support.daemon import RunningDaemon, SmtpWire, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
+from tests.support.procs import child_pids
 from tests.test_smtpserver import _owner_names
 
 DOMAIN = "test.local"
@@ -51,16 +52,21 @@ def daemon(owners: tuple[str, str], sender_key):
 
 
 def spool_fds(daemon: RunningDaemon) -> list[str]:
-    """The daemon's open descriptors on spool files (each holds disk space)."""
-    fd_dir = Path(f"/proc/{daemon.pid}/fd")
+    """Open descriptors on spool files (each holds disk space) in the daemon and its
+    SMTP workers."""
     found = []
-    for entry in fd_dir.iterdir():
+    for pid in (daemon.pid, *child_pids(daemon.pid)):
         try:
-            target = os.readlink(entry)
+            entries = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
-            continue
-        if f"/{SPOOL_DIR}/" in target:
-            found.append(target)
+            continue  # a worker that just exited
+        for entry in entries:
+            try:
+                target = os.readlink(entry)
+            except OSError:
+                continue
+            if f"/{SPOOL_DIR}/" in target:
+                found.append(target)
     return found
 
 

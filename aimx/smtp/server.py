@@ -365,6 +365,7 @@ class SmtpSession(smtp.ESMTP):
         self._skipping = False  # inside an over-long line, dropping bytes up to its LF
         self._in_data = False
         self._busy = False  # a finished message is being stored; input waits
+        self._admitting = False  # the daemon has yet to admit the session; input waits
         self._looping = False
         self._closed = False
         self._counted = False
@@ -404,12 +405,15 @@ class SmtpSession(smtp.ESMTP):
         if self.factory.admission is not None:
             # Several processes serve this port: the session counts only once the
             # daemon, which sees them all, has admitted it too. Input waits meanwhile.
+            # Bytes that arrive anyway (pipelined behind a PROXY header) wait in the buffer.
+            self._admitting = True
             self.transport.pauseProducing()
             self.factory.admission.admit(self).addCallback(self._admitted)
             return
         self._send_banner()
 
     def _admitted(self, refusal: str | None) -> None:
+        self._admitting = False
         if self._closed:
             return  # the client left while we asked; connectionLost released it
         if refusal is not None:
@@ -419,6 +423,7 @@ class SmtpSession(smtp.ESMTP):
             return
         self.transport.resumeProducing()
         self._send_banner()
+        self._drain_buffer()
 
     def _refuse(self, refusal: str) -> None:
         reason = ("too-many-from-address" if refusal == R_TOO_MANY_FROM_ADDRESS
@@ -518,7 +523,7 @@ class SmtpSession(smtp.ESMTP):
         self._looping = True
         progressed = False
         try:
-            while self._unread and not self._busy and not self._closed:
+            while self._unread and not (self._busy or self._admitting or self._closed):
                 if self._in_data and not self._skipping and self._data_block():
                     progressed = True
                     continue

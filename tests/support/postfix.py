@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tests.support.ports import ReservedPort
+from tests.support.procs import child_pids
 
 POSTFIX = "/usr/sbin/postfix"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -303,7 +304,7 @@ class Postfix:
             except (OSError, ValueError, IndexError):
                 continue
             if master:
-                return [master, *_children(master)]
+                return [master, *child_pids(master)]
         return []
 
     def __enter__(self) -> Postfix:
@@ -351,20 +352,6 @@ class SmtpSinkProgram:
             terminate(self.proc)
             self.proc = None
         self._port.close()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 class DnsRelay:
