@@ -1,9 +1,9 @@
-"""The inbound targets the benchmark starts on loopback: aimx, the aiosmtpd baseline,
-and (in ``tests.support.postfix``) Postfix→Maildir and smtp-sink.
+"""The inbound targets the benchmark starts on loopback: aimx, the bare Twisted and
+aiosmtpd baselines, and (in ``tests.support.postfix``) Postfix→Maildir and smtp-sink.
 
 Every target has the same small surface: ``start()``, ``stop()``, ``host``/``port``,
-``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (for CPU
-accounting), so the runner treats them alike.
+``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (the processes
+whose trees are charged for CPU), so the runner treats them alike.
 """
 
 from __future__ import annotations
@@ -39,15 +39,37 @@ class Target(Protocol):
     def pids(self) -> list[int]: ...
 
 
-def aimx_config(dns_address: str) -> dict[str, Any]:
-    """DKIM, SPF and DMARC all checked against the bench DNS server; trust on."""
-    return {
+def aimx_config(dns_address: str, workers: int | None = None) -> dict[str, Any]:
+    """DKIM, SPF and DMARC all checked against the bench DNS server; trust on.
+
+    ``workers`` becomes ``smtp_workers`` when this aimx has that setting (an aimx
+    without it refuses unknown keys, so it is left out there).
+    """
+    config: dict[str, Any] = {
         "domain": DOMAIN,
         "trust": "verified",
         "trusted_senders": ["*@sender.bench"],
         "dns_resolvers": [dns_address],
         "mailboxes": {MAILBOX: {"address": RCPT, "owner": OWNER}},
     }
+    if workers is not None and config_accepts("smtp_workers", workers):
+        config["smtp_workers"] = workers
+    return config
+
+
+def config_accepts(key: str, value: object) -> bool:
+    """Whether this aimx's config parser takes ``key = value`` at the top level."""
+    import tomlkit
+
+    from aimx.config import ConfigError, parse_config_text
+
+    text = tomlkit.dumps({key: value, "domain": DOMAIN,
+                          "mailboxes": {MAILBOX: {"address": RCPT, "owner": OWNER}}})
+    try:
+        parse_config_text(text, Path("config.toml"))
+    except ConfigError as err:
+        return key not in str(err)
+    return True
 
 
 def _md_files(directory: Path) -> list[os.DirEntry[str]]:
@@ -64,14 +86,20 @@ class AimxTarget:
     name = "aimx"
     host = "127.0.0.1"
 
-    def __init__(self, dns_address: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dns_address: str, env: dict[str, str] | None = None,
+                 workers: int | None = None) -> None:
         self.dns_address = dns_address
         self.env = env or {}
+        self.workers = workers
         self.daemon: RunningDaemon | None = None
         self.port = 0
 
+    @property
+    def config(self) -> dict[str, Any]:
+        return aimx_config(self.dns_address, self.workers)
+
     def start(self) -> None:
-        self.daemon = RunningDaemon(aimx_config(self.dns_address), env=self.env)
+        self.daemon = RunningDaemon(self.config, env=self.env)
         self.port = self.daemon.smtp_port
 
     @property
@@ -99,12 +127,14 @@ class AimxTarget:
 
 
 class BaselineTarget:
-    """``bench.baseline_aiosmtpd`` in a subprocess."""
+    """A baseline server module (``bench.baseline_twisted``, ``bench.baseline_aiosmtpd``)
+    in a subprocess."""
 
-    name = "aiosmtpd"
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, module: str) -> None:
+        self.name = name
+        self.module = module
         self._port = ReservedPort()  # held until stop(); the baseline binds it by number
         self.port = self._port.port
         self.dir = Path(tempfile.mkdtemp(prefix="aimx-bench-baseline-"))
@@ -112,7 +142,7 @@ class BaselineTarget:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.baseline_aiosmtpd", "--port", str(self.port),
+            [sys.executable, "-m", self.module, "--port", str(self.port),
              "--dir", str(self.dir / "store"), "--domain", DOMAIN],
             cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -146,17 +176,51 @@ class BaselineTarget:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """user+system CPU of ``pids`` (children that were waited for included)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # utime, stime, cutime, cstime are fields 14-17 of stat(5); here shifted by 2.
-        total += sum(int(value) for value in fields[11:15]) / _TICK
-    return total
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (after the command name), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and every live descendant of them (from the parent ids in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    pending = list(roots)
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.append(pid)
+            pending.extend(children.get(pid, ()))
+    return found
+
+
+def cpu_by_process(roots: list[int]) -> dict[int, float]:
+    """user+system CPU seconds of each process in the trees of ``roots``.
+
+    Each figure includes the children that process has waited for (cutime,
+    cstime), so a worker that exited and was reaped stays counted in its parent,
+    and summing the tree counts everything it ran exactly once.
+    """
+    out: dict[int, float] = {}
+    for pid in process_tree(roots):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            # utime, stime, cutime, cstime are fields 14-17 of stat(5); here shifted by 2.
+            out[pid] = sum(int(value) for value in fields[11:15]) / _TICK
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """user+system CPU of the whole process trees of ``roots``."""
+    return sum(cpu_by_process(roots).values())
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
