@@ -54,25 +54,41 @@ class SigningError(Exception):
 
 # --------------------------------------------------------------------------- helpers
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+def _blank_line(data: bytes) -> tuple[int, int] | None:
+    """(start, end) of the first ``\\n\\r?\\n`` in ``data``, as ``re.search`` would find it.
+
+    Two ``bytes.find`` calls: the regex engine tries every position of a
+    header block one by one, which cost a visible share of each message.
+    """
+    lf = data.find(b"\n\n")
+    crlf = data.find(b"\n\r\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, crlf + 3
+    return (lf, lf + 2) if lf >= 0 else None
 
 
 def _head(raw: bytes) -> bytes:
-    """The header block: everything before the first blank line (no copy of the body)."""
-    end = _HEADER_END.search(raw)
-    return raw[:end.start()] if end is not None else raw
+    """The header block: everything before the first blank line (no copy of the body),
+    i.e. up to the first ``\\r?\\n\\r?\\n``."""
+    blank = _blank_line(raw)
+    if blank is None:
+        return raw
+    start = blank[0]
+    return raw[:start - 1] if start and raw[start - 1] == 0x0D else raw[:start]
+
+
+_LINE_END = re.compile(r"\r?\n")
 
 
 def _header_fields(raw: bytes) -> list[tuple[str, str]]:
     """(name, unfolded value) for each header field of ``raw``, top down.
 
     Tolerant by design: it only has to find a few fields for authentication,
-    so lines that are not fields are skipped rather than refused.
+    so lines that are not fields are skipped rather than refused. The block is
+    decoded once (line ends are ASCII, so this equals decoding line by line).
     """
-    head = _head(raw)
     fields: list[list[str]] = []
-    for line in re.split(rb"\r?\n", head):
-        text = line.decode("utf-8", "replace")
+    for text in _LINE_END.split(_head(raw).decode("utf-8", "replace")):
         if text[:1] in (" ", "\t"):
             if fields:
                 fields[-1][1] += " " + text.strip()
@@ -181,7 +197,6 @@ def _strip_trailing_whitespace(content: bytes) -> bytes:
 
 
 _dkimpy_rfc822_parse = dkim.rfc822_parse
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 _LEADING_BLANK_LINE = re.compile(rb"\r?\n")
 
 
@@ -199,10 +214,10 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     if leading is not None:
         head, body = b"", message[leading.end():]
     else:
-        blank = _BLANK_LINE.search(message)
+        blank = _blank_line(message)
         if blank is None:
             return _dkimpy_rfc822_parse(message)
-        head, body = message[:blank.start() + 1], message[blank.end():]
+        head, body = message[:blank[0] + 1], message[blank[1]:]
     headers, _ = _dkimpy_rfc822_parse(head)
     if body.count(b"\n") != body.count(b"\r\n"):
         body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
