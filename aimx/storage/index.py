@@ -527,7 +527,11 @@ class MailboxIndex:
             if due:
                 self._flush_due = now + _FLUSH_SECS
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
+                log.warning("mailbox index rows not written path=%s error=%s",
+                            kv(self.index_path), kv(exc))
 
     def flush(self) -> None:
         """Write the rows ``note_stored`` kept (writer); dropped if the index is busy."""
@@ -547,8 +551,8 @@ class MailboxIndex:
             rows, self._pending = self._pending, []
         if not rows:
             return
-        conn.execute(f"PRAGMA busy_timeout = {_FLUSH_BUSY_MS}")  # never hold up a delivery
         try:
+            conn.execute(f"PRAGMA busy_timeout = {_FLUSH_BUSY_MS}")  # never hold up a delivery
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for email_id, path, facts, read_line, summary in rows:
