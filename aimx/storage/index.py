@@ -367,10 +367,9 @@ class MailboxIndex:
         conn.execute("BEGIN IMMEDIATE")  # the rows compared are the rows replaced
         try:
             rows = dict(conn.execute("SELECT id, path FROM emails"))
-            gone = [(email_id,) for email_id, path in rows.items()
-                    if disk.get(email_id) != path]
-            added = [(email_id, path) for email_id, path in disk.items()
-                     if rows.get(email_id) != path]
+            # (id, path) pairs on one side only, as set operations on the dict views.
+            gone = [(email_id,) for email_id, _ in rows.items() - disk.items()]
+            added = list(disk.items() - rows.items())
             conn.executemany("DELETE FROM emails WHERE id = ?", gone)
             for email_id, path in added:
                 self._put(conn, email_id, path, *_read_entry(mailbox_fd, entries[email_id]))
