@@ -5,7 +5,7 @@ memory,mcp] [--targets aimx,postfix,...] [--workers N] [--mailbox-size N] [--jso
 Needs root for Postfix (installed with apt when missing) and for the mailbox
 owner's files; without root the Postfix rows are skipped with a note. Prints
 absolute numbers and the ratios the targets are stated in; the whole run takes
-about a quarter of an hour on a 2-core machine, ``--quick`` about four minutes.
+about a quarter of an hour on a 2-core machine, ``--quick`` five to eight minutes.
 """
 
 from __future__ import annotations
