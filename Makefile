@@ -76,7 +76,7 @@ lint: install
 	$(BIN)/lint-imports
 
 bench: install
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV)-latest $(VENV)-lowest .dev .pytest_cache

@@ -10,14 +10,32 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import sys
 from typing import TextIO
 
+# A value kv() writes bare: letters and digits (str.isalnum; \w adds only "_", which is
+# allowed anyway) and a few punctuation marks.
+_BARE_VALUE = re.compile(r"[\w@.\-:/+<>]+")
+
 
 class _Rfc3339Formatter(logging.Formatter):
+    """``<RFC 3339 UTC time, ms> <LEVEL> <target>: <message>``.
+
+    The seconds part of the time is formatted once per second and reused: a busy
+    daemon logs several lines per message and strftime was a visible share of each.
+    """
+
+    _second: datetime.datetime | None = None
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        when = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+        second = stamp.replace(microsecond=0)
+        if second != self._second:
+            self._second_text = second.strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = second
+        when = f"{self._second_text}{stamp.microsecond // 1000:03d}Z"
         level = "WARN" if record.levelno == logging.WARNING else record.levelname
         line = f"{when} {level} {record.name}: {record.getMessage()}"
         if record.exc_info:
@@ -43,9 +61,9 @@ def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> No
 
 def kv(value: object) -> str:
     """Render a log field value: bare when simple, JSON-quoted otherwise."""
-    import json
-
     text = str(value)
-    if text and all(c.isalnum() or c in "@._-:/+<>" for c in text):
+    if _BARE_VALUE.fullmatch(text):
         return text
+    import json  # here: the CLI imports this module and rarely needs json
+
     return json.dumps(text, ensure_ascii=False)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import os
 import pwd
+import re
+import smtplib
 import statistics
 import time
 from collections.abc import Callable
@@ -39,13 +41,13 @@ _SENDERS = ("Ann Example <ann@example.com>", "Billing <billing@vendor.example>",
             "Newsletter <news@list.example>")
 
 
-def populate(inbox: Path, count: int) -> None:
+def populate(inbox: Path, count: int, first: int = 0) -> None:
     """``count`` aimx emails, one every 37 s from 2025-01-01; 70% of them read."""
     inbox.mkdir(parents=True, exist_ok=True)
     entry = pwd.getpwnam(OWNER)
     os.chown(inbox, entry.pw_uid, entry.pw_gid)
     inbox.chmod(0o700)
-    for i in range(count):
+    for i in range(first, first + count):
         when = _START + datetime.timedelta(seconds=37 * i)
         subject = f"Invoice {i} for project {i % 97}"
         stem = f"{stem_prefix(when)}-{slugify(subject)}"
@@ -93,6 +95,15 @@ class ListingResult:
     mailbox_list_ms: float
     mailbox_list_scan_ms: float  # what counting by opening every file costs (before the index)
     cases: list[ListingCase]
+    restart_mailbox_list_ms: float  # first MAILBOX-LIST after a daemon restart, dir unchanged
+    restart_page_ms: float  # then the first page through a freshly opened index
+    restart_stored_ms: float  # ... after the daemon stored CHANGED_WHILE_DOWN emails
+    restart_stored_read: int  # ... files that re-scan had to read (-1: no re-scan logged)
+    restart_changed_ms: float  # ... with CHANGED_WHILE_DOWN files written behind its back
+
+
+#: Emails the daemon stores, then emails written behind its back, for the restart figures.
+CHANGED_WHILE_DOWN = 1000
 
 
 def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict[str, Any]]:
@@ -120,6 +131,24 @@ def _index_rows(inbox: Path, limit: int, offset: int, filters: Any) -> list[dict
         if len(rows) >= limit:
             break
     return rows
+
+
+def _after_restart(daemon: RunningDaemon, inbox: Path) -> tuple[float, float]:
+    """The first MAILBOX-LIST after a restart (the index file kept, the dir unchanged),
+    then the first page through an index connection opened afresh."""
+    from aimx.daemon import protocol
+    from aimx.daemon.client import Client
+    from aimx.mcp import server as mcpserver
+    from aimx.storage.index import MailboxIndex
+
+    daemon.stop()
+    daemon.start()
+    list_ms, _ = _timed(lambda: Client(daemon.socket_path).call(protocol.MailboxList), 1)
+    index = MailboxIndex.for_mailbox_dir(inbox)
+    if index is not None:
+        index.close()
+    page_ms, _ = _timed(lambda: _index_rows(inbox, 50, 0, mcpserver.ListFilters()), 1)
+    return list_ms, page_ms
 
 
 def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
@@ -162,6 +191,33 @@ def measure(count: int = 100_000, runs: int = 15) -> ListingResult:
             index_ms, got = _timed(lambda f=flt: _index_rows(inbox, 50, 0, f), runs)
             cases.append(ListingCase(name, cold_ms, warm_ms, index_ms, len(got),
                                      got == expected))
-        return ListingResult(count, populate_s, build_ms, list_ms, scan_ms, cases)
+        restart_list_ms, restart_page_ms = _after_restart(daemon, inbox)
+        # Mail the daemon stored, then a restart: the index has its rows, so the first
+        # listing re-scans the names and reads no file.
+        _send(daemon.smtp_port, CHANGED_WHILE_DOWN)
+        daemon.stop()
+        daemon.start()
+        stored_ms, _ = _timed(lambda: Client(daemon.socket_path).call(protocol.MailboxList), 1)
+        scans = re.findall(r"mailbox index re-scanned dir=\S*/inbox/\S+ emails=\d+ read=(\d+)",
+                           daemon.log_text())
+        stored_read = int(scans[-1]) if scans else -1
+        # Files written behind the daemon's back while it was down: those are read.
+        daemon.stop()
+        populate(inbox, CHANGED_WHILE_DOWN, first=count)
+        daemon.start()
+        changed_ms, _ = _timed(lambda: Client(daemon.socket_path).call(protocol.MailboxList), 1)
+        return ListingResult(count, populate_s, build_ms, list_ms, scan_ms, cases,
+                             restart_list_ms, restart_page_ms, stored_ms, stored_read,
+                             changed_ms)
     finally:
         daemon.close()
+
+
+def _send(port: int, count: int) -> None:
+    """``count`` small messages to the bench mailbox through the daemon's SMTP."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        for i in range(count):
+            client.sendmail("ann@example.com", [f"{MAILBOX}@{DOMAIN}"],
+                            f"From: ann@example.com\r\nTo: {MAILBOX}@{DOMAIN}\r\n"
+                            f"Subject: delivered {i}\r\nMessage-ID: <d{i}.{time.time_ns()}"
+                            "@example.com>\r\n\r\nhello\r\n")

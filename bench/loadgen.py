@@ -55,15 +55,15 @@ def _body(size: int, seed: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-def build_message(index: int, tag: str, size: int, rcpt: str) -> bytes:
+def build_message(index: int, tag: str, size: int, rcpt: str, message_id: bool = True) -> bytes:
     """An unsigned plain-text message whose signed form is about ``size`` bytes."""
     headers = (
         f"From: Bench Sender <{MAIL_FROM}>\r\n"
         f"To: <{rcpt}>\r\n"
         f"Subject: Report {index} for run {tag}: weekly status\r\n"
         f"Date: {email.utils.formatdate(localtime=False)}\r\n"
-        f"Message-ID: <{tag}.{index}@{SENDER_DOMAIN}>\r\n"
-        "MIME-Version: 1.0\r\n"
+        + (f"Message-ID: <{tag}.{index}@{SENDER_DOMAIN}>\r\n" if message_id else "")
+        + "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         "Content-Transfer-Encoding: 7bit\r\n\r\n"
     ).encode()
@@ -105,17 +105,21 @@ def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
     return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
 
 
+def signed_message(key_pem: bytes, index: int, tag: str, size: int, rcpt: str,
+                   message_id: bool = True) -> bytes:
+    """One DKIM-signed message (rsa-sha256, relaxed/relaxed), CRLF lines, not stuffed."""
+    message = build_message(index, tag, size, rcpt, message_id)
+    headers = [b"from", b"to", b"subject", b"date"] + ([b"message-id"] if message_id else [])
+    field = dkim.sign(message, SELECTOR.encode(), SENDER_DOMAIN.encode(), key_pem,
+                      canonicalize=(b"relaxed", b"relaxed"), include_headers=headers)
+    return field + message
+
+
 def _sign_range(args: tuple[bytes, str, int, int, int, str]) -> list[bytes]:
     key_pem, tag, size, start, stop, rcpt = args
     dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign  # this worker process only
-    out = []
-    for index in range(start, stop):
-        message = build_message(index, tag, size, rcpt)
-        field = dkim.sign(message, SELECTOR.encode(), SENDER_DOMAIN.encode(), key_pem,
-                          canonicalize=(b"relaxed", b"relaxed"),
-                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
-        out.append(wire_payload(field + message))
-    return out
+    return [wire_payload(signed_message(key_pem, index, tag, size, rcpt))
+            for index in range(start, stop)]
 
 
 def signed_pool(key_pem: bytes, *, tag: str, size: int, count: int, rcpt: str,

@@ -1,9 +1,9 @@
-"""The inbound targets the benchmark starts on loopback: aimx, the aiosmtpd baseline,
-and (in ``tests.support.postfix``) Postfix→Maildir and smtp-sink.
+"""The inbound targets the benchmark starts on loopback: aimx, the bare Twisted and
+aiosmtpd baselines, and (in ``tests.support.postfix``) Postfix→Maildir and smtp-sink.
 
 Every target has the same small surface: ``start()``, ``stop()``, ``host``/``port``,
-``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (for CPU
-accounting), so the runner treats them alike.
+``stored()`` (messages on disk), ``last_store_time()`` and ``pids()`` (the processes
+whose trees are charged for CPU), so the runner treats them alike.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.ports import ReservedPort
 from tests.support.postfix import terminate, wait_for_banner
+from tests.support.procs import process_tree, stat_fields
 
 DOMAIN = "aimx.bench"
 MAILBOX = "agent"
@@ -39,15 +40,21 @@ class Target(Protocol):
     def pids(self) -> list[int]: ...
 
 
-def aimx_config(dns_address: str) -> dict[str, Any]:
-    """DKIM, SPF and DMARC all checked against the bench DNS server; trust on."""
-    return {
+def aimx_config(dns_address: str, workers: int | None = None) -> dict[str, Any]:
+    """DKIM, SPF and DMARC all checked against the bench DNS server; trust on.
+
+    ``workers`` becomes ``smtp_workers`` (None: the config default, one per CPU).
+    """
+    config: dict[str, Any] = {
         "domain": DOMAIN,
         "trust": "verified",
         "trusted_senders": ["*@sender.bench"],
         "dns_resolvers": [dns_address],
         "mailboxes": {MAILBOX: {"address": RCPT, "owner": OWNER}},
     }
+    if workers is not None:
+        config["smtp_workers"] = workers
+    return config
 
 
 def _md_files(directory: Path) -> list[os.DirEntry[str]]:
@@ -65,18 +72,19 @@ class AimxTarget:
     host = "127.0.0.1"
 
     def __init__(self, dns_address: str, env: dict[str, str] | None = None,
-                 smtp_workers: int | None = None) -> None:
+                 workers: int | None = None) -> None:
         self.dns_address = dns_address
         self.env = env or {}
-        self.smtp_workers = smtp_workers  # None: the config default (one per CPU)
+        self.workers = workers
         self.daemon: RunningDaemon | None = None
         self.port = 0
 
+    @property
+    def config(self) -> dict[str, Any]:
+        return aimx_config(self.dns_address, self.workers)
+
     def start(self) -> None:
-        config = aimx_config(self.dns_address)
-        if self.smtp_workers is not None:
-            config["smtp_workers"] = self.smtp_workers
-        self.daemon = RunningDaemon(config, env=self.env)
+        self.daemon = RunningDaemon(self.config, env=self.env)
         self.port = self.daemon.smtp_port
 
     @property
@@ -95,10 +103,10 @@ class AimxTarget:
         return Path(files[0].path) if files else None
 
     def pids(self) -> list[int]:
-        """The daemon and its SMTP worker processes (the daemon's direct children)."""
+        """The daemon and every process under it (its SMTP workers, running hooks)."""
         if not self.daemon or not self.daemon.running():
             return []
-        return [self.daemon.pid, *_children(self.daemon.pid)]
+        return process_tree([self.daemon.pid])
 
     def stop(self) -> None:
         if self.daemon is not None:
@@ -106,26 +114,15 @@ class AimxTarget:
             self.daemon = None
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 class BaselineTarget:
-    """``bench.baseline_aiosmtpd`` in a subprocess."""
+    """A baseline server module (``bench.baseline_twisted``, ``bench.baseline_aiosmtpd``)
+    in a subprocess."""
 
-    name = "aiosmtpd"
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, module: str) -> None:
+        self.name = name
+        self.module = module
         self._port = ReservedPort()  # held until stop(); the baseline binds it by number
         self.port = self._port.port
         self.dir = Path(tempfile.mkdtemp(prefix="aimx-bench-baseline-"))
@@ -133,7 +130,7 @@ class BaselineTarget:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.baseline_aiosmtpd", "--port", str(self.port),
+            [sys.executable, "-m", self.module, "--port", str(self.port),
              "--dir", str(self.dir / "store"), "--domain", DOMAIN],
             cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -167,17 +164,25 @@ class BaselineTarget:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """user+system CPU of ``pids`` (children that were waited for included)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # utime, stime, cutime, cstime are fields 14-17 of stat(5); here shifted by 2.
-        total += sum(int(value) for value in fields[11:15]) / _TICK
-    return total
+def cpu_by_process(roots: list[int]) -> dict[int, float]:
+    """user+system CPU seconds of each process in the trees of ``roots``.
+
+    Each figure includes the children that process has waited for (cutime,
+    cstime), so a worker that exited and was reaped stays counted in its parent,
+    and summing the tree counts everything it ran exactly once.
+    """
+    out: dict[int, float] = {}
+    for pid in process_tree(roots):
+        fields = stat_fields(pid)
+        if fields is not None:
+            # utime, stime, cutime, cstime are fields 14-17 of stat(5); here shifted by 2.
+            out[pid] = sum(int(value) for value in fields[11:15]) / _TICK
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """user+system CPU of the whole process trees of ``roots``."""
+    return sum(cpu_by_process(roots).values())
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:

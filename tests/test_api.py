@@ -635,3 +635,34 @@ def test_deferred_client_maps_answers_and_errors_like_the_blocking_one(daemon):
         "version": call(daemon, protocol.Version)["tag"],
         "error": ["ENOENT", "mailbox 'nope' does not exist"],
         "down": f"{daemon.socket_path}.missing"}
+
+
+def test_mailbox_index_is_reused_after_a_restart(daemon):
+    """A restarted daemon answers MAILBOX-LIST from the index it kept on disk: no re-scan
+    of the mailbox (its log says when it re-scans), the same counts; a dir changed while
+    it was down is re-scanned and only the new email is read."""
+    deliver(daemon, "alice@test.local", 3)
+    inbox = daemon.data_dir / "inbox" / "alice"
+    rescans = r"mailbox index re-scanned dir=\S*/inbox/alice "
+
+    def alice_counts() -> tuple[int, int]:
+        row = next(r for r in call(daemon, protocol.MailboxList)["rows"] if r["name"] == "alice")
+        return row["total"], row["unread"]
+
+    then = time.time_ns() - 10_000_000_000  # as if the mail had sat a while (past "racy")
+    os.utime(inbox, ns=(then, then))
+    assert alice_counts() == (3, 3)
+    assert len(re.findall(rescans, daemon.log_text())) == 1
+
+    daemon.restart()
+    assert alice_counts() == (3, 3)
+    assert alice_counts() == (3, 3)
+    assert len(re.findall(rescans, daemon.log_text())) == 1  # the kept index was used
+
+    daemon.stop()
+    newest = max(inbox.glob("*.md"))
+    (inbox / f"{newest.stem}-copy.md").write_bytes(newest.read_bytes())  # behind its back
+    daemon.start()
+    assert alice_counts() == (4, 4)
+    found = re.findall(rescans + r"emails=(\d+) read=(\d+) dropped=(\d+)", daemon.log_text())
+    assert found[1:] == [("4", "1", "0")]

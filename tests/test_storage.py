@@ -31,7 +31,7 @@ from aimx.mail.naming import (
 from aimx.storage.atomic import cleanup_temp_files
 from aimx.storage.dedup import DEDUP_CAP, DedupIndex
 from aimx.storage.emailfiles import list_email_ids, resolve_email_path
-from aimx.storage.index import IndexedEmail, count_emails, iter_listing, list_page
+from aimx.storage.index import IndexedEmail, count_emails, iter_listing, list_page, summarize
 from aimx.storage.layout import README_MARKER, StorageError, readme_text, write_readme
 from aimx.storage.mailstore import MailStore
 from tests.support.users import ensure_user, needs_root, python_as_command, run_program_as
@@ -737,6 +737,34 @@ def test_index_listing_follows_adds_deletes_and_marks(store: MailStore, data: Pa
     store.set_read("alice", OWNER, ids[1], False)
     assert_listing_matches_files(box)
     assert count_emails(box) == (5, 4)
+
+
+@needs_root
+def test_index_has_the_rows_of_mail_it_stored(store: MailStore, data: Path, caplog) -> None:
+    """Mail stored here is in the index without a file read (a later listing re-scans the
+    names only), and those rows list exactly what reading the files gives."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aimx::storage")
+    box = data / "inbox" / "alice"
+    publish(store, 0)
+    age(box)
+    assert_listing_matches_files(box)  # builds the index
+    odd = {"subject": "tab\tquote\" back\\slash \x7f\u2028 \U0001f600", "to": "",
+           "from": "", "received_at": "", "cc": "x@example.com"}
+    for n, extra in enumerate(({}, odd, {"subject": "lone \udc80 surrogate"}), start=1):
+        store.publish_inbound("alice", OWNER, {**fields(message_id=str(n)), **extra}, "body\n",
+                              [], WHEN + datetime.timedelta(minutes=n))
+    publish(store, 9, attachment=True)  # a bundle: left to the re-scan
+    age(box)
+    caplog.clear()
+    assert_listing_matches_files(box)
+    scans = [r.getMessage() for r in caplog.records if "index re-scanned" in r.getMessage()]
+    # Read again: the surrogate one (the file holds U+FFFD) and the bundle, nothing else.
+    assert scans and scans[0].endswith("emails=5 read=2 dropped=0")
+    listed = {e.id: e.summary for e in list_page(box, 0, 100)}
+    assert listed == {email_id: summarize(frontmatter_of(resolve_email_path(box, email_id)))
+                      for email_id in list_email_ids(box)}
 
 
 @needs_root

@@ -15,11 +15,14 @@ SLUG_MAX_CHARS = 20
 ATTACHMENT_NAME_MAX_BYTES = 200
 
 
+# A run of characters that are not str.isalnum() (\W, and "_" which \w adds).
+_NOT_ALNUM_RUN = re.compile(r"[\W_]+")
+
+
 def slugify(subject: str | None) -> str:
     """The filename slug of a subject: lower-case, alphanumerics and single dashes, 20 chars."""
     text = unicodedata.normalize("NFC", subject or "").lower()
-    text = "".join(ch if ch.isalnum() else "-" for ch in text)
-    text = re.sub(r"-{2,}", "-", text).strip("-")
+    text = _NOT_ALNUM_RUN.sub("-", text).strip("-")
     text = text[:SLUG_MAX_CHARS].rstrip("-")
     return text or "no-subject"
 

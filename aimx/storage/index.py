@@ -14,7 +14,8 @@ It can never disagree with the files, because nothing is taken on trust:
   recorded so soon after the mtime that a change within the same timestamp
   tick could hide behind it ("racy", as git calls it), the names are
   re-scanned (one directory listing, no file reads) and the difference
-  applied: new emails are read, vanished ones dropped;
+  applied: new emails are read, vanished ones dropped (each re-scan logs one
+  ``mailbox index re-scanned`` line saying what it read);
 - what an email says: every row handed out is checked against a fresh
   ``stat`` of its file (inode, mtime, size); a row that no longer matches is
   read again. aimx rewrites files only by rename (new inode) and updates the
@@ -33,6 +34,7 @@ one else's. A corrupt or foreign file is rebuilt; it is only ever a cache.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -89,6 +91,10 @@ INDEX_DIR = ".index"
 INDEX_VERSION = 1
 #: The frontmatter keys a listing row or a listing filter needs.
 SUMMARY_KEYS = ("from", "to", "subject", "date", "received_at", "read", "delivery_status")
+_FLUSH_SECS = 2.0  # how long a stored email's row may wait to be written
+_PENDING_MAX = 1000  # ... and how many may wait
+_BUSY_MS = 5000  # how long a writer waits for another (sqlite3's default)
+_FLUSH_BUSY_MS = 100  # ... but a delivery's flush gives up quickly instead
 _RACY_NS = 1_000_000_000  # a dir state checked within 1 s of its mtime is re-verified
 _RACY_COARSE_NS = 2_000_000_000  # file systems with whole-second timestamps
 
@@ -120,6 +126,36 @@ def _json_hook(obj: dict[str, Any]) -> object:
 def summarize(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The listing fields of a frontmatter (absent keys as None)."""
     return {key: fields.get(key) for key in SUMMARY_KEYS}
+
+
+def stored_summary(fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The summary a read of the file ``render_email(fields, ...)`` wrote would give, or
+    None when it might differ (then the file is read instead).
+
+    ``render_email`` leaves out None, and empty values of keys it does not require;
+    strings come back as written, except a lone surrogate (written as U+FFFD). Only
+    strings, booleans and None are vouched for.
+    """
+    summary: dict[str, Any] = {}
+    for key in SUMMARY_KEYS:
+        value = fields.get(key)
+        if isinstance(value, str):
+            if not value and key not in frontmatter.REQUIRED_KEYS:
+                value = None
+            elif any("\ud800" <= char <= "\udfff" for char in value):
+                return None
+        elif value is not None and not isinstance(value, bool):
+            return None
+        summary[key] = value
+    return summary
+
+
+def note_stored(directory: str | os.PathLike[str], mailbox_fd: int, email_id: str,
+                relative: str, fields: Mapping[str, Any]) -> None:
+    """Tell the index of mailbox dir ``directory`` about an email just stored there."""
+    index = MailboxIndex.for_mailbox_dir(directory)
+    if index is not None:
+        index.note_stored(email_id, relative, mailbox_fd, fields)
 
 
 @attrs.frozen
@@ -192,6 +228,10 @@ class MailboxIndex:
         self._conn: sqlite3.Connection | None = None
         self._opened_ino: int | None = None
         self._writable = os.geteuid() == 0
+        # Rows of emails this process stored, not yet written (see ``note_stored``).
+        self._pending: list[tuple[str, str, tuple[int, int, int], bool, dict[str, Any]]] = []
+        self._pending_lock = threading.Lock()
+        self._flush_due = 0.0
 
     @classmethod
     def for_mailbox_dir(cls, directory: str | os.PathLike[str]) -> MailboxIndex | None:
@@ -319,14 +359,17 @@ class MailboxIndex:
             return False  # (a dir that exists but could not be opened is not empty)
         checked_ns = time.time_ns()
         entries = dict(email_entries_at(mailbox_fd))
-        disk = {email_id: str(Path(self.directory) / relative)
-                for email_id, relative in entries.items()}
-        rows = dict(conn.execute("SELECT id, path FROM emails"))
-        gone = [(email_id,) for email_id, path in rows.items() if disk.get(email_id) != path]
-        added = [(email_id, path) for email_id, path in disk.items()
-                 if rows.get(email_id) != path]
-        conn.execute("BEGIN IMMEDIATE")
+        # str(Path(directory) / relative) for each entry, without a Path per entry (most of
+        # a re-scan's time at 100,000 emails): entry names hold no "/", ".", "..".
+        base = str(Path(self.directory))
+        prefix = base if base.endswith("/") else base + "/"
+        disk = {email_id: prefix + relative for email_id, relative in entries.items()}
+        conn.execute("BEGIN IMMEDIATE")  # the rows compared are the rows replaced
         try:
+            rows = dict(conn.execute("SELECT id, path FROM emails"))
+            # (id, path) pairs on one side only, as set operations on the dict views.
+            gone = [(email_id,) for email_id, _ in rows.items() - disk.items()]
+            added = list(disk.items() - rows.items())
             conn.executemany("DELETE FROM emails WHERE id = ?", gone)
             for email_id, path in added:
                 self._put(conn, email_id, path, *_read_entry(mailbox_fd, entries[email_id]))
@@ -344,6 +387,9 @@ class MailboxIndex:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        # What a listing cost beyond the index: one line per re-scan, none when trusted.
+        log.info("mailbox index re-scanned dir=%s emails=%d read=%d dropped=%d",
+                 kv(self.directory), len(disk), len(added), len(gone))
         return True
 
     @staticmethod
@@ -365,6 +411,7 @@ class MailboxIndex:
                 conn = self._open()
                 if conn is not None:
                     try:
+                        self._write_pending(conn)
                         if self._synced(conn, mailbox_fd):
                             return work(conn, mailbox_fd)
                     except sqlite3.Error as exc:
@@ -451,6 +498,83 @@ class MailboxIndex:
             self._put(conn, email_id, path, facts, read_line, summary)
         return IndexedEmail(email_id, path, summary if facts is not None else None)
 
+    def note_stored(self, email_id: str, relative: str, mailbox_fd: int,
+                    fields: Mapping[str, Any]) -> None:
+        """Remember the row of a flat email this process just stored (writer; best effort).
+
+        The rows are written together, at most every ``_FLUSH_SECS`` and before
+        this process next answers from the index, so mail stored by the daemon
+        is in the index when a listing (or a restart) comes and only the dir's
+        names are re-scanned, no file read. The row is made from ``fields`` as
+        ``frontmatter.render_email`` wrote them; anything a file read could see
+        differently (a lone surrogate, which the file holds as U+FFFD) is left to
+        the re-scan, as are bundles and rows that cannot be written now.
+        """
+        if not self._writable or "/" in relative:
+            return
+        summary = stored_summary(fields)
+        if summary is None:
+            return
+        try:
+            st = os.stat(relative, dir_fd=mailbox_fd, follow_symlinks=False)
+        except OSError:
+            return
+        row = (email_id, str(Path(self.directory) / relative),
+               (st.st_ino, st.st_mtime_ns, st.st_size), fields.get("read") is True, summary)
+        now = time.monotonic()
+        _flush_at_exit()
+        with self._pending_lock:
+            self._pending.append(row)
+            due = now >= self._flush_due or len(self._pending) >= _PENDING_MAX
+            if due:
+                self._flush_due = now + _FLUSH_SECS
+        if due:
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
+                log.warning("mailbox index rows not written path=%s error=%s",
+                            kv(self.index_path), kv(exc))
+
+    def flush(self) -> None:
+        """Write the rows ``note_stored`` kept (writer); dropped if the index is busy."""
+        if not self._pending:
+            return
+        with self._lock:
+            conn = self._open()
+            if conn is not None:
+                self._write_pending(conn)
+
+    def _write_pending(self, conn: sqlite3.Connection) -> None:
+        """Pending rows in one transaction, each only if its file is still the one stored
+        (checked inside the transaction, so a re-scan cannot interleave)."""
+        import sqlite3
+
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_FLUSH_BUSY_MS}")  # never hold up a delivery
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for email_id, path, facts, read_line, summary in rows:
+                    try:
+                        st = os.stat(path, follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if (st.st_ino, st.st_mtime_ns, st.st_size) == facts:
+                        self._put(conn, email_id, path, facts, read_line, summary)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # busy or broken: the next re-scan reads these files
+            log.info("mailbox index rows not written path=%s rows=%d error=%s",
+                     kv(self.index_path), len(rows), kv(exc))
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+
     def note_rewritten(self, email_id: str, path: str | os.PathLike[str]) -> None:
         """Refresh one row after aimx rewrote the file (mark read/unread); writer only."""
         if not self._writable:
@@ -469,6 +593,7 @@ class MailboxIndex:
                 self._discard()
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -477,6 +602,22 @@ class MailboxIndex:
 
 _indexes: dict[str, MailboxIndex] = {}
 _indexes_lock = threading.Lock()
+_exit_hook: list[bool] = []
+
+
+def flush_all() -> None:
+    """Write every index's pending rows (at exit: a stopped daemon leaves none behind)."""
+    with _indexes_lock:
+        indexes = list(_indexes.values())
+    for index in indexes:
+        index.flush()
+
+
+def _flush_at_exit() -> None:
+    with _indexes_lock:
+        if not _exit_hook:
+            atexit.register(flush_all)
+            _exit_hook.append(True)
 
 
 def list_page(directory: str | os.PathLike[str], offset: int, limit: int) -> list[IndexedEmail]:

@@ -38,7 +38,7 @@ from aimx.storage.atomic import (
 )
 from aimx.storage.dedup import DEDUP_WINDOW, DedupIndex, MessageIdClaims
 from aimx.storage.emailfiles import list_email_ids
-from aimx.storage.index import IndexedEmail, MailboxIndex, count_emails, list_page
+from aimx.storage.index import IndexedEmail, MailboxIndex, count_emails, list_page, note_stored
 from aimx.storage.layout import (
     StorageError,
     mailbox_dir,
@@ -241,8 +241,10 @@ class MailStore:
     ) -> StoredEmail:
         directory = mailbox_dir(self.data_dir, "inbox", mailbox)
         with safefs.closing_fd(mailbox_dir_fd(self.data_dir, "inbox", mailbox, ids)) as dir_fd:
-            return self._publish_inbound_at(dir_fd, directory, mailbox, ids, fields, body,
-                                            attachments, when)
+            stored = self._publish_inbound_at(dir_fd, directory, mailbox, ids, fields, body,
+                                              attachments, when)
+            note_stored(directory, dir_fd, stored.id, f"{stored.id}.md", stored.fields)
+            return stored
 
     def _publish_inbound_at(
         self,
