@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import os
 import re
 import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,10 +34,10 @@ from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
+from tests.support.opendkim import opendkim_verdict
 from tests.support.smtpsink import LoopbackHosts
 from tests.support.users import call_api_as, ensure_user, run_aimx_as
 
-REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "aimx.test"
 KEY = shared_key("send-e2e")
 CLIENT_TIMEOUT_SECS = 2
@@ -206,26 +204,9 @@ def published_txt(dns_server: DnsServer):
 
 
 def opendkim_verifies(tool: str, message: bytes, work: Path) -> subprocess.CompletedProcess:
-    """OpenDKIM's verdict on ``message``, with the key served by a DNS server on port 53
-    inside a private network and mount namespace (so resolv.conf can point at it)."""
-    work.mkdir(exist_ok=True)
-    (work / "zone.json").write_text(json.dumps(
-        {f"aimx._domainkey.{DOMAIN}": [["TXT", KEY.txt_record]]}))
-    (work / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-    (work / "message.eml").write_bytes(message)
-    script = f"""
-ip link set lo up || exit 90
-mount --bind {work}/resolv.conf /etc/resolv.conf || exit 91
-{sys.executable} -m tests.support.dnsserver {work}/zone.json 53 > {work}/port &
-dns=$!
-for i in $(seq 1 200); do [ -s {work}/port ] && break; sleep 0.05; done
-{tool} < {work}/message.eml
-rc=$?
-kill $dns
-exit $rc
-"""
-    return subprocess.run(["unshare", "--mount", "--net", "sh", "-c", script], cwd=str(REPO),
-                          capture_output=True, text=True, timeout=60)
+    """OpenDKIM's verdict on ``message`` against the published test key."""
+    return opendkim_verdict(tool, message, {f"aimx._domainkey.{DOMAIN}": [["TXT", KEY.txt_record]]},
+                            work)
 
 
 # -- delivery through the daemon -----------------------------------------------------------

@@ -22,7 +22,7 @@ import dkim
 import pytest
 
 from aimx.mail import frontmatter
-from tests.support.daemon import RunningDaemon, stored_emails
+from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
 from tests.support.users import call_api_as, ensure_user, run_aimx_as
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: binds port 25 and runs as test users")
 
 CLIENT_TIMEOUT_SECS = 2
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def shim() -> Path:
 
     path = Path(tempfile.mkdtemp(prefix="aimx-shim-"))
     path.chmod(0o755)
-    (path / "aimx").symlink_to(REPO / "aimx")
+    (path / "aimx").symlink_to(REPO_ROOT / "aimx")
     (path / "idna").symlink_to(Path(idna.__file__).parent)
     return path
 
