@@ -529,11 +529,19 @@ class MailboxIndex:
             if due:
                 self._flush_due = now + _FLUSH_SECS
         if due:
-            try:
-                self.flush()
-            except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
-                log.warning("mailbox index rows not written path=%s error=%s",
-                            kv(self.index_path), kv(exc))
+            runner = _flush_runner
+            if runner is None:
+                self.flush_logged()
+            else:
+                runner(self.flush_logged)
+
+    def flush_logged(self) -> None:
+        """``flush``, logging instead of raising (the emails are stored; the rows are a cache)."""
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
+            log.warning("mailbox index rows not written path=%s error=%s",
+                        kv(self.index_path), kv(exc))
 
     def flush(self) -> None:
         """Write the rows ``note_stored`` kept (writer); dropped if the index is busy."""
@@ -603,6 +611,19 @@ class MailboxIndex:
 _indexes: dict[str, MailboxIndex] = {}
 _indexes_lock = threading.Lock()
 _exit_hook: list[bool] = []
+_flush_runner: Callable[[Callable[[], None]], None] | None = None
+
+
+def run_flushes_with(runner: Callable[[Callable[[], None]], None] | None) -> None:
+    """Have a due write of stored emails' rows done by ``runner(flush)`` instead of by
+    the storing thread (None: by the storing thread, before ``deliver_inbound`` returns).
+
+    A server passes a runner that calls ``flush`` in another thread after the reply,
+    so no SMTP reply waits for SQLite's commit. The rules above still hold: a listing
+    writes pending rows first, and so does exit.
+    """
+    global _flush_runner
+    _flush_runner = runner
 
 
 def flush_all() -> None:
