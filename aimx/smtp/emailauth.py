@@ -246,8 +246,17 @@ def _correct_empty_body(content: bytes) -> bytes:
     return _dkimpy_correct_empty_body(content)
 
 
+# dkimpy blanks the b= value of the signature field with a pattern whose folding
+# whitespace (``(?:(?:\s*\r?\n)?\s+)?``, which matches exactly what ``\s*`` does)
+# sits inside a repetition over every base64 character: ≈80 µs per signature.
+# This pattern picks the same match: the b= tag, then the longest run of
+# whitespace and base64 characters that ends in a base64 character, then an
+# optional final line break; only its group 1 is kept, the same as dkimpy's.
+_SIGNATURE_B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
 dkim.parse_public_key = _parse_public_key
 dkim.rfc822_parse = _rfc822_parse
+dkim.RE_BTAG = _SIGNATURE_B_TAG
 dkim.canonicalization.compress_whitespace = _compress_whitespace
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.strip_trailing_lines = _strip_trailing_lines
