@@ -177,6 +177,17 @@ def _parse_public_key(data: bytes) -> dict[str, Any]:
     return _dkimpy_parse_public_key(data)
 
 
+# The whole key record is evaluated (tag list parsed, key decoded, sizes and flags
+# derived) from the record's name and text alone, so a steady sender's record is
+# evaluated once; a record that is refused raises each time, as before.
+_dkimpy_evaluate_pk = dkim.evaluate_pk
+
+
+@functools.lru_cache(maxsize=256)
+def _evaluate_pk(name: bytes | str, record: bytes | str) -> tuple[Any, Any, Any, bool]:
+    return _dkimpy_evaluate_pk(name, record)
+
+
 _WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 
@@ -255,6 +266,7 @@ def _correct_empty_body(content: bytes) -> bytes:
 _SIGNATURE_B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 dkim.parse_public_key = _parse_public_key
+dkim.evaluate_pk = _evaluate_pk
 dkim.rfc822_parse = _rfc822_parse
 dkim.RE_BTAG = _SIGNATURE_B_TAG
 dkim.canonicalization.compress_whitespace = _compress_whitespace
