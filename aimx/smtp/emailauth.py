@@ -241,6 +241,33 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, body
 
 
+def _unfold_header_value(content: bytes) -> bytes:
+    """dkimpy's header unfolding (``re.sub(b"\\r?\\n", b"", content)``) without the
+    regex: every CRLF pair goes, then every lone LF; a lone CR stays, as there."""
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
+
+
+_TAG_NAME_START = re.compile(rb"[a-zA-Z]")
+
+
+def _parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
+    """dkimpy's ``parse_tag_value`` with one compiled check of a tag name's first
+    character (its ``^[a-zA-Z](\\w)*`` only ever tests that) and no list per tag."""
+    tags: dict[bytes, bytes] = {}
+    tag_specs = tag_list.strip().split(b";")
+    if not tag_specs[-1]:  # trailing semicolons are valid
+        tag_specs.pop()
+    for tag_spec in tag_specs:
+        key, equals, value = tag_spec.partition(b"=")
+        key = key.strip()
+        if not equals or _TAG_NAME_START.match(key) is None:
+            raise dkim.util.InvalidTagSpec(tag_spec)
+        if key in tags:
+            raise dkim.util.DuplicateTag(key)
+        tags[key] = value.strip()
+    return tags
+
+
 _dkimpy_strip_trailing_lines = dkim.canonicalization.strip_trailing_lines
 _dkimpy_correct_empty_body = dkim.canonicalization.correct_empty_body
 
@@ -267,9 +294,11 @@ _SIGNATURE_B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])
 
 dkim.parse_public_key = _parse_public_key
 dkim.evaluate_pk = _evaluate_pk
+dkim.parse_tag_value = _parse_tag_value
 dkim.rfc822_parse = _rfc822_parse
 dkim.RE_BTAG = _SIGNATURE_B_TAG
 dkim.canonicalization.compress_whitespace = _compress_whitespace
+dkim.canonicalization.unfold_header_value = _unfold_header_value
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.strip_trailing_lines = _strip_trailing_lines
 dkim.canonicalization.correct_empty_body = _correct_empty_body
