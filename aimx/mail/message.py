@@ -331,10 +331,26 @@ def _last_headers(msg: Message) -> dict[str, str]:
     return headers
 
 
+_ADDRESS_CACHE_MAX_LEN = 1000  # longer header values are parsed each time, never kept
+
+
 def _addresses(value: str | None) -> list[tuple[str, str]]:
     """(display name, address) pairs with an address, display names decoded."""
     if not value:
         return []
+    if len(value) <= _ADDRESS_CACHE_MAX_LEN:
+        return list(_address_pairs(value))
+    return list(_parse_addresses(value))
+
+
+@functools.lru_cache(maxsize=512)
+def _address_pairs(value: str) -> tuple[tuple[str, str], ...]:
+    """``_parse_addresses``, kept per header value: a steady sender's From and To
+    repeat, and the parse (``getaddresses``, RFC 2047) depends on the text alone."""
+    return _parse_addresses(value)
+
+
+def _parse_addresses(value: str) -> tuple[tuple[str, str], ...]:
     try:
         pairs = email.utils.getaddresses([value])
     except Exception:
@@ -350,7 +366,7 @@ def _addresses(value: str | None) -> list[tuple[str, str]]:
         fallback = _single_line(fallback).strip()
         if fallback:
             found.append(("", fallback))
-    return found
+    return tuple(found)
 
 
 def _render_address(name: str, address: str) -> str:
