@@ -407,16 +407,16 @@ def _strip_brackets(value: str) -> str:
 
 def compute_thread_id(
     in_reply_to_raw: str | None, references_raw: str | None, message_id_raw: str | None,
-    *, lone_root: str = "",
+    *, lone_root: str | Callable[[], str] = "",
 ) -> str:
     """Spec 20 §8 / D3: sha256 of the first id of In-Reply-To, else of References, else the
     message's own id (one pair of brackets stripped); the first 16 hex digits.
 
     ``lone_root`` stands in when the message names no id at all, so such messages
-    do not all share the thread of the empty string.
+    do not all share the thread of the empty string; a callable is only called then.
     """
     root = _first_id(in_reply_to_raw) or _first_id(references_raw) or _first_id(message_id_raw)
-    root = _strip_brackets(root) or lone_root
+    root = _strip_brackets(root) or (lone_root() if callable(lone_root) else lone_root)
     try:
         data = root.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -801,7 +801,7 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         body, attachments = _body_and_attachments(msg, linesep)
     except Exception as exc:  # RecursionError on absurd nesting, parser bugs
         msg, body, attachments = _unstructured(raw, exc)
-    return _parsed_message(msg, body, attachments, now, _lone_root(raw, now), len(raw))
+    return _parsed_message(msg, body, attachments, now, lambda: _lone_root(raw, now), len(raw))
 
 
 def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attachment]]:
@@ -811,7 +811,8 @@ def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attach
 
 
 def _parsed_message(msg: Message, body: str, attachments: list[Attachment],
-                    now: datetime.datetime, lone_root: str, size: int) -> ParsedMessage:
+                    now: datetime.datetime, lone_root: str | Callable[[], str],
+                    size: int) -> ParsedMessage:
     headers = _last_headers(msg)
     from_pairs = _addresses(headers.get("from"))
     to_pairs = _addresses(headers.get("to"))
