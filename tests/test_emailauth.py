@@ -465,3 +465,16 @@ def _signature_tags(field: str) -> dict[str, str]:
         if key.strip():
             tags[key.strip()] = val.strip()
     return tags
+
+
+def test_signature_with_b_value_folded_anyhow_still_verifies(resolver):
+    """Whitespace and line folds inside b= are not part of what was signed."""
+    raw = EXAMPLE.sign(message(), domain="example.com")
+    field, rest = raw.split(b"\r\nFrom:", 1)
+    head, b_value = field.rsplit(b"b=", 1)
+    compact = b"".join(b_value.split())
+    refolded = b"\r\n\t ".join(compact[i:i + 17] for i in range(0, len(compact), 17))
+    for value in (compact, refolded, b" \t" + refolded):
+        assert auth(head + b"b=" + value + b"\r\nFrom:" + rest, resolver).dkim == "pass"
+    flipped = compact[:40] + (b"A" if compact[40:41] != b"A" else b"B") + compact[41:]
+    assert auth(head + b"b=" + flipped + b"\r\nFrom:" + rest, resolver).dkim == "fail"

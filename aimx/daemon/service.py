@@ -355,7 +355,12 @@ def build_smtp_factory(daemon: Any, tls_context: Any, admission: Any = None) -> 
     single-process mode and each SMTP worker adopts the shared socket with
     (``admission``: the workers' session limits counted over all of them)."""
     from aimx.smtp.server import SmtpFactory
+    from aimx.storage import index
 
+    reactor = daemon.reactor
+    # Index rows are written by another pool thread, started through the reactor,
+    # not by the storing job: no 250 waits for SQLite's commit.
+    index.run_flushes_with(lambda flush: reactor.callFromThread(reactor.callInThread, flush))
     return SmtpFactory(daemon, tls_context=tls_context, admission=admission)
 
 

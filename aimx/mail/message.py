@@ -331,10 +331,26 @@ def _last_headers(msg: Message) -> dict[str, str]:
     return headers
 
 
+_ADDRESS_CACHE_MAX_LEN = 1000  # longer header values are parsed each time, never kept
+
+
 def _addresses(value: str | None) -> list[tuple[str, str]]:
     """(display name, address) pairs with an address, display names decoded."""
     if not value:
         return []
+    if len(value) <= _ADDRESS_CACHE_MAX_LEN:
+        return list(_address_pairs(value))
+    return list(_parse_addresses(value))
+
+
+@functools.lru_cache(maxsize=512)
+def _address_pairs(value: str) -> tuple[tuple[str, str], ...]:
+    """``_parse_addresses``, kept per header value: a steady sender's From and To
+    repeat, and the parse (``getaddresses``, RFC 2047) depends on the text alone."""
+    return _parse_addresses(value)
+
+
+def _parse_addresses(value: str) -> tuple[tuple[str, str], ...]:
     try:
         pairs = email.utils.getaddresses([value])
     except Exception:
@@ -350,7 +366,7 @@ def _addresses(value: str | None) -> list[tuple[str, str]]:
         fallback = _single_line(fallback).strip()
         if fallback:
             found.append(("", fallback))
-    return found
+    return tuple(found)
 
 
 def _render_address(name: str, address: str) -> str:
@@ -391,16 +407,16 @@ def _strip_brackets(value: str) -> str:
 
 def compute_thread_id(
     in_reply_to_raw: str | None, references_raw: str | None, message_id_raw: str | None,
-    *, lone_root: str = "",
+    *, lone_root: str | Callable[[], str] = "",
 ) -> str:
     """Spec 20 §8 / D3: sha256 of the first id of In-Reply-To, else of References, else the
     message's own id (one pair of brackets stripped); the first 16 hex digits.
 
     ``lone_root`` stands in when the message names no id at all, so such messages
-    do not all share the thread of the empty string.
+    do not all share the thread of the empty string; a callable is only called then.
     """
     root = _first_id(in_reply_to_raw) or _first_id(references_raw) or _first_id(message_id_raw)
-    root = _strip_brackets(root) or lone_root
+    root = _strip_brackets(root) or (lone_root() if callable(lone_root) else lone_root)
     try:
         data = root.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -785,7 +801,7 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         body, attachments = _body_and_attachments(msg, linesep)
     except Exception as exc:  # RecursionError on absurd nesting, parser bugs
         msg, body, attachments = _unstructured(raw, exc)
-    return _parsed_message(msg, body, attachments, now, _lone_root(raw, now), len(raw))
+    return _parsed_message(msg, body, attachments, now, lambda: _lone_root(raw, now), len(raw))
 
 
 def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attachment]]:
@@ -795,7 +811,8 @@ def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attach
 
 
 def _parsed_message(msg: Message, body: str, attachments: list[Attachment],
-                    now: datetime.datetime, lone_root: str, size: int) -> ParsedMessage:
+                    now: datetime.datetime, lone_root: str | Callable[[], str],
+                    size: int) -> ParsedMessage:
     headers = _last_headers(msg)
     from_pairs = _addresses(headers.get("from"))
     to_pairs = _addresses(headers.get("to"))

@@ -132,9 +132,13 @@ class MessageIdClaims:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir)
         self._last_prune: dict[str, float] = {}
+        self._dirs: dict[str, Path] = {}
 
     def _dir(self, mailbox: str) -> Path:
-        return self.data_dir / ".locks" / f"{mailbox}.ids"
+        directory = self._dirs.get(mailbox)
+        if directory is None:
+            directory = self._dirs[mailbox] = self.data_dir / ".locks" / f"{mailbox}.ids"
+        return directory
 
     def open(self, mailbox: str, message_id: str) -> int:
         """The marker's descriptor, creating it (and its directory) when missing."""
@@ -142,7 +146,7 @@ class MessageIdClaims:
         name = hashlib.sha256(message_id.encode("utf-8", "surrogateescape")).hexdigest()[:40]
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return os.open(directory / name, flags, 0o600)
+            return os.open(os.path.join(directory, name), flags, 0o600)
         except FileNotFoundError:
             ensure_data_dir(self.data_dir)
             make_dir(directory.parent, 0o700)

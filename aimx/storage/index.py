@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -123,6 +124,9 @@ def _json_hook(obj: dict[str, Any]) -> object:
     return obj
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def summarize(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The listing fields of a frontmatter (absent keys as None)."""
     return {key: fields.get(key) for key in SUMMARY_KEYS}
@@ -142,7 +146,7 @@ def stored_summary(fields: Mapping[str, Any]) -> dict[str, Any] | None:
         if isinstance(value, str):
             if not value and key not in frontmatter.REQUIRED_KEYS:
                 value = None
-            elif any("\ud800" <= char <= "\udfff" for char in value):
+            elif _SURROGATE.search(value) is not None:
                 return None
         elif value is not None and not isinstance(value, bool):
             return None
@@ -236,6 +240,10 @@ class MailboxIndex:
     @classmethod
     def for_mailbox_dir(cls, directory: str | os.PathLike[str]) -> MailboxIndex | None:
         """The index of ``<data>/<inbox|sent>/<name>``, or None for any other path."""
+        if isinstance(directory, str | Path):  # the same text always names the same index
+            known = _index_of_dir.get(str(directory))
+            if known is not None and _indexes.get(known.index_path) is known:
+                return known
         path = Path(directory)
         if path.parent.name not in FOLDERS or not path.name or path.name.startswith("."):
             return None
@@ -245,6 +253,8 @@ class MailboxIndex:
             index = _indexes.get(key)
             if index is None or index.directory != str(path):
                 index = _indexes[key] = cls(path, index_path)
+            if isinstance(directory, str | Path):
+                _index_of_dir[str(directory)] = index
             return index
 
     # -- the SQLite file ---------------------------------------------------------
@@ -529,11 +539,19 @@ class MailboxIndex:
             if due:
                 self._flush_due = now + _FLUSH_SECS
         if due:
-            try:
-                self.flush()
-            except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
-                log.warning("mailbox index rows not written path=%s error=%s",
-                            kv(self.index_path), kv(exc))
+            runner = _flush_runner
+            if runner is None:
+                self.flush_logged()
+            else:
+                runner(self.flush_logged)
+
+    def flush_logged(self) -> None:
+        """``flush``, logging instead of raising (the emails are stored; the rows are a cache)."""
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the email is stored; the row is a cache
+            log.warning("mailbox index rows not written path=%s error=%s",
+                        kv(self.index_path), kv(exc))
 
     def flush(self) -> None:
         """Write the rows ``note_stored`` kept (writer); dropped if the index is busy."""
@@ -601,8 +619,23 @@ class MailboxIndex:
 
 
 _indexes: dict[str, MailboxIndex] = {}
+#: The index ``for_mailbox_dir`` gave for a dir's text, so a repeat skips the path work.
+_index_of_dir: dict[str, MailboxIndex] = {}
 _indexes_lock = threading.Lock()
 _exit_hook: list[bool] = []
+_flush_runner: Callable[[Callable[[], None]], None] | None = None
+
+
+def run_flushes_with(runner: Callable[[Callable[[], None]], None] | None) -> None:
+    """Have a due write of stored emails' rows done by ``runner(flush)`` instead of by
+    the storing thread (None: by the storing thread, before ``deliver_inbound`` returns).
+
+    A server passes a runner that calls ``flush`` in another thread after the reply,
+    so no SMTP reply waits for SQLite's commit. The rules above still hold: a listing
+    writes pending rows first, and so does exit.
+    """
+    global _flush_runner
+    _flush_runner = runner
 
 
 def flush_all() -> None:

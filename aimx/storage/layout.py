@@ -8,6 +8,7 @@ change. Blocking.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import time
@@ -41,6 +42,15 @@ def mailbox_dir(data_dir: str | os.PathLike[str], folder: str, mailbox: str) -> 
     """``<data>/<folder>/<mailbox>``; ``folder`` is ``inbox`` or ``sent``."""
     if folder not in FOLDERS:
         raise ValueError(f"unknown folder {folder!r}")
+    if isinstance(data_dir, str | Path):
+        return _mailbox_dir(data_dir, folder, mailbox)
+    return Path(data_dir) / folder / mailbox
+
+
+@functools.lru_cache(maxsize=1024)
+def _mailbox_dir(data_dir: str | Path, folder: str, mailbox: str) -> Path:
+    """The path of a mailbox dir, built once per (data dir, folder, mailbox): every
+    delivery asks for it several times, and a ``Path`` never changes."""
     return Path(data_dir) / folder / mailbox
 
 

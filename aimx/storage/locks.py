@@ -21,6 +21,7 @@ class MailboxLocks:
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir)
+        self._lock_dir = self.data_dir / ".locks"
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._depth: dict[str, int] = {}
@@ -35,7 +36,7 @@ class MailboxLocks:
             return lock
 
     def _open_lock_file(self, mailbox: str) -> int:
-        lock_dir = self.data_dir / ".locks"
+        lock_dir = self._lock_dir
         path = os.path.join(lock_dir, f"{mailbox}.lock")
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
