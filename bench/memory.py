@@ -11,7 +11,6 @@ import base64
 import email.utils
 import os
 import time
-from pathlib import Path
 
 import attrs
 import dkim
@@ -35,6 +34,7 @@ class MemoryResult:
     concurrent_stored: int  # ... and how many were stored
     concurrent_idle_kib: int  # the fresh service before them
     concurrent_peak_kib: int  # summed VmHWM after them
+    processes: int  # the service's processes at idle (the daemon and its SMTP workers)
 
     @property
     def peak_ratio(self) -> float:
@@ -46,33 +46,14 @@ class MemoryResult:
         return (self.peak_kib - self.before_big_kib) * 1024 / self.message_bytes
 
 
-def service_pids(root: int) -> list[int]:
-    """``root`` and every process descended from it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def total_kib(target: AimxTarget, key: str = "VmRSS") -> int:
+    """``key`` summed over the service's processes (the daemon and its SMTP workers)."""
+    total = 0
+    for pid in target.pids():
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += rss_kib(pid, key)
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, queue = [], [root]
-    while queue:
-        pid = queue.pop()
-        found.append(pid)
-        queue.extend(children.get(pid, []))
-    return found
-
-
-def total_kib(target: AimxTarget, key: str = "VmRSS") -> int:
-    total = 0
-    for root in target.pids():
-        for pid in service_pids(root):
-            try:
-                total += rss_kib(pid, key)
-            except OSError:
-                continue
     return total
 
 
@@ -103,6 +84,7 @@ def _one(dns_address: str, payload: bytes, small: bytes) -> tuple[int, ...]:
     try:
         time.sleep(2.0)
         idle = total_kib(target)
+        processes = len(target.pids())
         loadgen.run_load(target.host, target.port, [small], sessions=1, seconds=10, rcpt=RCPT,
                          size=len(small))
         time.sleep(1.0)
@@ -115,7 +97,7 @@ def _one(dns_address: str, payload: bytes, small: bytes) -> tuple[int, ...]:
         peak = total_kib(target, "VmHWM")
         time.sleep(1.0)
         after = total_kib(target)
-        return idle, warm, max(before, warm), peak, after
+        return idle, warm, max(before, warm), peak, after, processes
     finally:
         target.stop()
 
@@ -150,7 +132,7 @@ def measure(dns_address: str, key_pem: bytes, small: bytes) -> MemoryResult:
     size = len(big_message(key_pem, payload=content))
     payloads = [loadgen.wire_payload(big_message(key_pem, payload=content, tag=f".{n}"))
                 for n in range(CONCURRENT)]
-    idle, warm, before, peak, after = _one(dns_address, payloads[0], small)
+    idle, warm, before, peak, after, processes = _one(dns_address, payloads[0], small)
     many_idle, many_peak, stored = _many(dns_address, payloads)
     return MemoryResult(idle, warm, before, peak, after, size, CONCURRENT, stored,
-                        many_idle, many_peak)
+                        many_idle, many_peak, processes)

