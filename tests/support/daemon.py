@@ -281,10 +281,20 @@ class RunningDaemon:
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL, as a crash: the socket and pid files stay behind."""
+        """SIGKILL to the whole service, as a crash (or an init system killing what is
+        left of it): the daemon and its SMTP workers die together, the socket and pid
+        files stay behind. Returns once none of them is running."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            group = os.getpgid(self.proc.pid)  # its own session: the daemon's pid
+            os.killpg(group, signal.SIGKILL)
             self.proc.wait(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
 
     def restart(self) -> RunningDaemon:
         if self.running():
