@@ -134,9 +134,10 @@ def test_users() -> dict[str, LinuxUser]:
             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def users(test_users) -> dict[str, LinuxUser]:
-    """The test users as they are now (re-created if something removed them meanwhile)."""
+    """The test users as each module finds them (re-created if something removed them
+    meanwhile); module-scoped so a module's long-lived daemon can depend on it."""
     return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 
