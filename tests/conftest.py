@@ -134,10 +134,9 @@ def test_users() -> dict[str, LinuxUser]:
             zip(("alice", "bob"), TEST_USER_NAMES, strict=True)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def users(test_users) -> dict[str, LinuxUser]:
-    """The test users as each module finds them (re-created if something removed them
-    meanwhile); module-scoped so a module's long-lived daemon can depend on it."""
+    """The test users as they are now (re-created if something removed them meanwhile)."""
     return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 

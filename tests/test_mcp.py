@@ -39,7 +39,7 @@ from aimx.mcp.server import DAEMON_DOWN
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import SmtpSink
-from tests.support.users import LinuxUser, aimx_as_command
+from tests.support.users import LinuxUser, aimx_as_command, ensure_user
 
 DOMAIN = "test.local"
 
@@ -82,6 +82,11 @@ TOOL_NAMES = {
 def dns() -> Iterator[DnsServer]:
     with DnsServer({}) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def users(test_users) -> dict[str, LinuxUser]:
+    return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 
 @pytest.fixture(scope="module")

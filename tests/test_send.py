@@ -36,7 +36,7 @@ from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
 from tests.support.opendkim import opendkim_verdict
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import call_api_as, run_aimx_as
+from tests.support.users import call_api_as, ensure_user, run_aimx_as
 
 DOMAIN = "aimx.test"
 KEY = shared_key("send-e2e")
@@ -54,6 +54,11 @@ MESSAGE_ID = re.compile(r"<[^<>@\s]+@aimx\.test>")
 
 
 # -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def users(test_users) -> dict[str, Any]:
+    return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 
 @pytest.fixture(scope="module")

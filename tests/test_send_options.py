@@ -25,7 +25,7 @@ from aimx.mail import frontmatter
 from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import call_api_as, run_aimx_as
+from tests.support.users import call_api_as, ensure_user, run_aimx_as
 from tests.test_mcp import fails, ok, with_mcp
 from tests.test_send import (
     DOMAIN,
@@ -43,6 +43,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: binds port 25 and runs as test users")
 
 CLIENT_TIMEOUT_SECS = 2
+
+
+@pytest.fixture(scope="module")
+def users(test_users) -> dict[str, Any]:
+    return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 
 @pytest.fixture(scope="module")

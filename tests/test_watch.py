@@ -27,7 +27,7 @@ from aimx.daemon import protocol
 from aimx.daemon.client import Client, WatchEnded, read_box
 from aimx.daemon.watch import MAX_UNANSWERED
 from tests.support.daemon import RunningDaemon
-from tests.support.users import LinuxUser, call_api_as, run_aimx_as
+from tests.support.users import LinuxUser, call_api_as, ensure_user, run_aimx_as
 from tests.test_mcp import CONFIG, clear, deliver, mailbox_dir, server_params
 
 WAIT = 60  # seconds: a bound against hangs, never a measured expectation
@@ -36,6 +36,11 @@ WAIT = 60  # seconds: a bound against hangs, never a measured expectation
 # because the 2026-07-28 version replaced it with `subscriptions/listen` (tested too).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:resources/subscribe is removed as of 2026-07-28")
+
+
+@pytest.fixture(scope="module")
+def users(test_users) -> dict[str, LinuxUser]:
+    return {short: ensure_user(user.name) for short, user in test_users.items()}
 
 
 @pytest.fixture(scope="module")
