@@ -329,6 +329,69 @@ def test_budget_cache_answers_each_name_once(dns_server, resolver):
     assert auth(raw, resolver, parsed=parsed).dkim == "fail"  # a new message asks again
 
 
+# ------------------------------------------------------------------ caches shared by messages
+
+@attrs.define
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shared_resolver(dns_server, clock: Clock) -> dnsresolve.SharedResolver:
+    """A resolver like ``dnsresolve.shared_resolver``'s, on a clock the test moves."""
+    resolver = dnsresolve.make_resolver([dns_server.address],
+                                        factory=dnsresolve.SharedResolver)
+    resolver.answers = dnsresolve.AnswerCache(clock=clock)
+    resolver.verdicts = dnsresolve.AnswerCache(clock=clock)
+    return resolver
+
+
+def test_answers_serve_later_messages_until_their_ttl(dns_server):
+    clock = Clock()
+    resolver = shared_resolver(dns_server, clock)
+    dns_server.set("sel._domainkey.ttl.com", [["TXT", EXAMPLE.txt_record]])
+    raw = EXAMPLE.sign(message("a@ttl.com"), domain="ttl.com")
+    parsed = parsed_from("a@ttl.com")
+    assert auth(raw, resolver, parsed=parsed).dkim == "pass"
+    dns_server.set("sel._domainkey.ttl.com", [])  # key withdrawn
+    clock.now += 59  # the test server's TTL is 60 s
+    assert auth(raw, resolver, parsed=parsed).dkim == "pass"
+    clock.now += 2
+    assert auth(raw, resolver, parsed=parsed).dkim == "fail"
+
+
+def spf_of(resolver, mail_from: str, peer_ip: str = ALLOWED_IP) -> str:
+    raw = message()
+    return auth(raw, resolver, parsed=parsed_from("boss@example.com"), peer_ip=peer_ip,
+                mail_from=mail_from).spf
+
+
+def test_spf_verdict_lasts_as_long_as_the_answers_it_read(dns_server):
+    clock = Clock()
+    resolver = shared_resolver(dns_server, clock)
+    dns_server.set("spfttl.com", [["TXT", "v=spf1 a:out.spfttl.com -all"]])
+    dns_server.set("out.spfttl.com", [["A", ALLOWED_IP]])
+    assert spf_of(resolver, "bounce@spfttl.com") == "pass"
+    assert spf_of(resolver, "bounce@spfttl.com", STRANGER_IP) == "fail"  # its own verdict
+    dns_server.set("out.spfttl.com", [["A", HELO_IP]])  # the sending host moved
+    clock.now += 59
+    assert spf_of(resolver, "bounce@spfttl.com") == "pass"  # answers (and verdict) still valid
+    clock.now += 2
+    assert spf_of(resolver, "bounce@spfttl.com") == "fail"
+
+
+def test_spf_verdict_that_read_an_uncached_answer_is_not_kept(dns_server):
+    clock = Clock()
+    resolver = shared_resolver(dns_server, clock)
+    dns_server.set("spfmiss.com", [["TXT", "v=spf1 a:late.spfmiss.com -all"]])
+    # No such name, and no SOA to give the negative answer a TTL: nothing is cached.
+    assert spf_of(resolver, "bounce@spfmiss.com") == "fail"
+    dns_server.set("late.spfmiss.com", [["A", ALLOWED_IP]])
+    assert spf_of(resolver, "bounce@spfmiss.com") == "pass"  # same instant, asked again
+
+
 def test_no_resolver_gives_all_none():
     raw = EXAMPLE.sign(message(), domain="example.com")
     assert auth(raw, None) == authresults.NONE == AuthResults("none", "none", "none", ())

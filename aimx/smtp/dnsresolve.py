@@ -117,13 +117,13 @@ class AnswerCache:
         self.max_entries = max_entries
         self.clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple | DnsError]] = \
+        self._entries: OrderedDict[tuple[str, ...], tuple[float, tuple | DnsError]] = \
             OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, str]) -> tuple | DnsError | None:
+    def get(self, key: tuple[str, ...]) -> tuple | DnsError | None:
         with self._lock:
             found = self._entries.get(key)
             if found is None:
@@ -135,7 +135,15 @@ class AnswerCache:
             self._entries.move_to_end(key)
             return result
 
-    def put(self, key: tuple[str, str], result: tuple | DnsError, ttl: float) -> None:
+    def expires_at(self, key: tuple[str, ...]) -> float | None:
+        """When the entry for ``key`` runs out (on ``clock``), or None if there is none."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] <= self.clock():
+                return None
+            return found[0]
+
+    def put(self, key: tuple[str, ...], result: tuple | DnsError, ttl: float) -> None:
         if ttl <= 0:
             return
         with self._lock:
@@ -150,9 +158,12 @@ class AnswerCache:
 
 
 class SharedResolver(dns.resolver.Resolver):
-    """A resolver that carries an ``AnswerCache`` (see ``shared_resolver``)."""
+    """A resolver that carries an ``AnswerCache`` (see ``shared_resolver``), and a cache of
+    verdicts computed from those answers alone, each kept no longer than the answers
+    it was computed from (``emailauth.check_spf`` fills it)."""
 
     answers: AnswerCache
+    verdicts: AnswerCache
 
 
 _shared: dict[tuple[str, ...], SharedResolver] = {}
@@ -172,6 +183,7 @@ def shared_resolver(resolvers: Sequence[str]) -> SharedResolver:
         if resolver is None:
             resolver = make_resolver(key, factory=SharedResolver)
             resolver.answers = AnswerCache()
+            resolver.verdicts = AnswerCache(clock=resolver.answers.clock)
             _shared[key] = resolver
         return resolver
 

@@ -532,10 +532,16 @@ def _routed_spf_lookup(name: str, qtype: str, strict: object = True,
 spf.DNSLookup = _routed_spf_lookup
 
 
-def _pyspf_answers(resolver: Any, budget: Budget) -> Callable[[str, str], list]:
-    """Answers in the shape pyspf's lookup functions return: ((name, type), value)."""
+def _pyspf_answers(resolver: Any, budget: Budget,
+                   consulted: list[tuple[str, str]]) -> Callable[[str, str], list]:
+    """Answers in the shape pyspf's lookup functions return: ((name, type), value).
+
+    Each (name, type) asked is appended to ``consulted``, in the answer cache's key form.
+    """
 
     def lookup(name: str, qtype: str) -> list:
+        if qtype in ("A", "AAAA", "MX", "PTR", "TXT"):
+            consulted.append((name.lower().rstrip("."), qtype))
         try:
             if qtype in ("A", "AAAA"):
                 fetch = dnsresolve.a if qtype == "A" else dnsresolve.aaaa
@@ -607,7 +613,13 @@ def check_spf(raw: bytes, parsed: _ParsedFrom, *, peer_ip: str | None,
         sender, domain = first, _domain_of(first)
     if not ip or not domain:
         return "none", domain
-    token = _spf_lookup.set(_pyspf_answers(resolver, budget))
+    verdict_key = ("spf", ip, sender, helo or domain)
+    verdicts = getattr(resolver, "verdicts", None)
+    known = verdicts.get(verdict_key) if verdicts is not None else None
+    if isinstance(known, tuple):
+        return known
+    consulted: list[tuple[str, str]] = []
+    token = _spf_lookup.set(_pyspf_answers(resolver, budget, consulted))
     try:
         query = spf.query(i=ip, s=sender, h=helo or domain, timeout=budget.per_query)
         result, _code, reason = query.check()
@@ -625,7 +637,27 @@ def check_spf(raw: bytes, parsed: _ParsedFrom, *, peer_ip: str | None,
         log.info("spf=%s identity=%s ip=%s reason=unexpected-result", kv(result),
                  kv(identity), ip)
         return "none", domain
+    _remember_spf(resolver, verdict_key, (result, domain), consulted)
     return result, domain
+
+
+def _remember_spf(resolver: Any, key: tuple[str, ...], verdict: tuple[str, str],
+                  consulted: list[tuple[str, str]]) -> None:
+    """Keep an SPF verdict for as long as every DNS answer it was computed from is cached.
+
+    The evaluation depends only on the IP, the sender, the HELO name and those
+    answers, so until the first of them expires, evaluating again could only
+    repeat it. A verdict that read anything the cache does not hold (no TTL, a
+    failure) is not kept.
+    """
+    verdicts = getattr(resolver, "verdicts", None)
+    answers = getattr(resolver, "answers", None)
+    if verdicts is None or answers is None or not consulted:
+        return
+    expiries = [answers.expires_at(name) for name in set(consulted)]
+    if any(expiry is None for expiry in expiries):
+        return
+    verdicts.put(key, verdict, min(expiries) - answers.clock())
 
 
 # --------------------------------------------------------------------------- DMARC
