@@ -1,6 +1,7 @@
 """``aimx ingest <rcpt>`` (hidden): store a raw message from stdin as if SMTP delivered it.
 
-Used by tests and by operators piping mail in from elsewhere. There is no
+Used by tests and by operators piping mail in from elsewhere. A message past
+256 KiB is read into a root-only spool file, as SMTP does. There is no
 SMTP peer and no envelope sender, routing uses the local part only (no
 domain check), and ``on_receive`` hooks run before the command returns.
 It takes the same per-mailbox locks as the daemon, so both can run at once.
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from aimx import config as aimx_config
     from aimx.smtp import ingest
     from aimx.storage.mailstore import MailStore
+    from aimx.storage.spool import Spool, read_message
 
     # Warnings (e.g. an owner that does not resolve) go to stderr; stdout stays clean.
     setup_logging(sys.stderr, level=logging.WARNING)
@@ -43,13 +45,19 @@ def run(args: argparse.Namespace) -> int:
         )
     except aimx_config.ConfigError as exc:
         raise CommandError(str(exc)) from exc
-    raw = sys.stdin.buffer.read()
     store = MailStore(config.data_dir)
+    spool = Spool(config.data_dir)
     try:
-        analysis = ingest.analyse(config, raw)
-        result = ingest.deliver(config, store, analysis, args.rcpt)
-    except ingest.IngestError as exc:
-        raise CommandError(str(exc)) from exc
+        # A large message streams to a root-only spool file and is analysed from there.
+        raw = read_message(sys.stdin.buffer, spool.new_file)
+        _, stored, failures = ingest.ingest_message(
+            config, store, raw, peer_ip=None, mail_from=None, helo=None, rcpts=[args.rcpt],
+            new_file=spool.new_file)
+    finally:
+        spool.close()
+    if failures:
+        raise CommandError(failures[0][1])
+    result = stored[0]
     if result.status == "stored":
         # CLI ingest waits for its on_receive hooks (spec 20 §4.1); a hook's
         # failure is logged and never changes the exit status.

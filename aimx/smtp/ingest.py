@@ -2,9 +2,9 @@
 
 ``analyse`` does the per-message work (parse, DKIM/SPF/DMARC) once, however
 many recipients the message has; ``deliver`` does the per-recipient work
-(route, trust, dedup, durable write). The daemon runs both in threads;
-``aimx ingest`` calls them directly. Hooks are the caller's business, after
-``deliver`` returns.
+(route, trust, dedup, durable write). ``ingest_message`` runs both for one
+message and all its recipients: the daemon in a worker thread, ``aimx ingest``
+directly. Hooks are the caller's business, after it returns.
 """
 
 from __future__ import annotations
@@ -249,3 +249,58 @@ def deliver(
              analysis.size_bytes, fields["dkim"], fields["spf"], fields["dmarc"],
              verdict.trusted, verdict.reason, fields.get("automatic") or "-")
     return IngestResult("stored", mailbox.name, stored.id, stored.path, fields)
+
+
+def ingest_message(config: Config, store: MailStore, raw: bytes | SpoolFile, *,
+                   peer_ip: str | None, mail_from: str | None, helo: str | None,
+                   rcpts: list[str], pending: Any = None,
+                   new_file: Callable[[], SpoolFile] | None = None,
+                   ) -> tuple[Analysis | None, list[IngestResult], list[tuple[str, str]]]:
+    """Blocking: analyse ``raw`` once, then deliver it to each recipient in turn.
+
+    ``raw`` is the message's bytes, or the spool file holding it (closed here,
+    with every scratch file the analysis made; ``new_file`` makes those). With
+    ``pending`` (the daemon's hook journal: ``wanted`` says whether an email has
+    hooks to run, ``add`` records it), each such email is journalled before the
+    reply, so a crash cannot lose its wake-up. Returns (analysis or None, stored
+    results, (rcpt, reason) failures).
+    """
+    try:
+        analysis = analyse(config, raw, peer_ip=peer_ip, mail_from=mail_from, helo=helo,
+                           new_file=new_file)
+    except IngestError as exc:
+        return None, [], [(rcpt, str(exc)) for rcpt in rcpts]
+    finally:
+        if not isinstance(raw, bytes):
+            raw.close()
+    try:
+        return (analysis, *_deliver_each(config, store, analysis, rcpts, pending))
+    finally:
+        analysis.release()
+
+
+def _deliver_each(config: Config, store: MailStore, analysis: Analysis, rcpts: list[str],
+                  pending: Any) -> tuple[list[IngestResult], list[tuple[str, str]]]:
+    stored: list[IngestResult] = []
+    failures: list[tuple[str, str]] = []
+    for rcpt in rcpts:
+        try:
+            result = deliver(config, store, analysis, rcpt)
+            stored.append(result)
+            if pending is not None and result.status == "stored":
+                _journal_hooks(pending, config, result)
+        except IngestError as exc:
+            failures.append((rcpt, str(exc)))
+        except Exception as exc:  # an unexpected bug must not lose the other recipients
+            log.exception("delivery to %s crashed", kv(rcpt))
+            failures.append((rcpt, f"internal error: {exc}"))
+    return stored, failures
+
+
+def _journal_hooks(pending: Any, config: Config, result: IngestResult) -> None:
+    if not pending.wanted(config, result.mailbox, result.fields):
+        return
+    try:
+        pending.add(result.mailbox, str(result.path))
+    except OSError as exc:  # the mail is stored; only a crash replay would miss it
+        log.warning("could not journal hooks for %s: %s", kv(str(result.path)), exc)

@@ -40,7 +40,8 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.mail import smtp
 
 from aimx.logs import kv, logger
-from aimx.storage.spool import Spool
+from aimx.smtp.ingest import ingest_message
+from aimx.storage.spool import SPOOL_THRESHOLD, Spool
 
 log = logger("aimx::smtp")
 
@@ -61,8 +62,6 @@ SESSION_DEADLINE_ENV = "AIMX_SMTP_SESSION_DEADLINE"
 # smtpd_min_data_rate default): any real sender is far faster, a trickle is cut early.
 MIN_DATA_RATE = 500.0  # bytes per second
 MIN_DATA_RATE_ENV = "AIMX_SMTP_MIN_DATA_RATE"
-# A message held in memory up to this size, beyond it in a spool file (see ``_Message``).
-SPOOL_THRESHOLD = 256 * 1024
 
 # Replies whose exact text operators grep for and clients branch on (spec 30 §1.3, D12-D14).
 R_OK = "250 2.0.0 OK"
@@ -295,61 +294,6 @@ class _Message:
 
 
 # -- the protocol ---------------------------------------------------------------
-
-
-def ingest_message(config: Any, store: Any, raw: Any, *, peer_ip: str, mail_from: str,
-                   helo: str | None, rcpts: list[str], pending: Any = None,
-                   new_file: Any = None) -> tuple[Any, list[Any], list[tuple[str, str]]]:
-    """Blocking: analyse ``raw`` once, then deliver it to each recipient in turn.
-
-    ``raw`` is the message's bytes, or the spool file holding it (closed here,
-    with every scratch file the analysis made; ``new_file`` makes those). With
-    ``pending`` (the daemon's hook journal: ``wanted`` says whether an email has
-    hooks to run, ``add`` records it), each such email is journalled before the
-    reply, so a crash cannot lose its wake-up. Returns (analysis or None, stored
-    results, (rcpt, reason) failures).
-    """
-    from aimx.smtp import ingest
-
-    try:
-        analysis = ingest.analyse(config, raw, peer_ip=peer_ip, mail_from=mail_from, helo=helo,
-                                  new_file=new_file)
-    except ingest.IngestError as exc:
-        return None, [], [(rcpt, str(exc)) for rcpt in rcpts]
-    finally:
-        if not isinstance(raw, bytes):
-            raw.close()
-    try:
-        return (analysis, *_deliver_each(ingest, config, store, analysis, rcpts, pending))
-    finally:
-        analysis.release()
-
-
-def _deliver_each(ingest: Any, config: Any, store: Any, analysis: Any, rcpts: list[str],
-                  pending: Any) -> tuple[list[Any], list[tuple[str, str]]]:
-    stored: list[Any] = []
-    failures: list[tuple[str, str]] = []
-    for rcpt in rcpts:
-        try:
-            result = ingest.deliver(config, store, analysis, rcpt)
-            stored.append(result)
-            if pending is not None and result.status == "stored":
-                _journal_hooks(pending, config, result)
-        except ingest.IngestError as exc:
-            failures.append((rcpt, str(exc)))
-        except Exception as exc:  # an unexpected bug must not lose the session
-            log.exception("delivery to %s crashed", kv(rcpt))
-            failures.append((rcpt, f"internal error: {exc}"))
-    return stored, failures
-
-
-def _journal_hooks(pending: Any, config: Any, result: Any) -> None:
-    if not pending.wanted(config, result.mailbox, result.fields):
-        return
-    try:
-        pending.add(result.mailbox, str(result.path))
-    except OSError as exc:  # the mail is stored; only a crash replay would miss it
-        log.warning("could not journal hooks for %s: %s", kv(str(result.path)), exc)
 
 
 class SmtpSession(smtp.ESMTP):

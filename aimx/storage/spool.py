@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from aimx.storage import safefs
 
 SPOOL_DIR = ".spool"
 READ_CHUNK = 1 << 20
+#: A message is held in memory up to this size, beyond it in a spool file.
+SPOOL_THRESHOLD = 256 * 1024
 
 
 def open_spool_dir(data_dir: str | os.PathLike[str]) -> int:
@@ -141,3 +145,36 @@ class Spool:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def read_message(stream: BinaryIO, new_file: Callable[[], SpoolFile]) -> bytes | SpoolFile:
+    """All of ``stream``: as bytes up to ``SPOOL_THRESHOLD``, beyond it in a spool file
+    from ``new_file`` (the caller's to close), so a large message never sits in memory.
+
+    Spooling only saves memory: when no spool file can be made or written (the
+    data dir is not this process's, the disk is full, a file size limit), the
+    message is read into memory as a whole, as it would be without a spool.
+    """
+    kept: list[bytes] = []
+    size = 0
+    while piece := stream.read(READ_CHUNK):
+        kept.append(piece)
+        size += len(piece)
+        if size > SPOOL_THRESHOLD:
+            break
+    else:
+        return b"".join(kept)
+    pieces = itertools.chain(kept, iter(lambda: stream.read(READ_CHUNK), b""))
+    try:
+        spool = new_file()
+    except OSError:
+        return b"".join(pieces)
+    for piece in pieces:
+        written = spool.size
+        try:
+            spool.write(piece)
+        except OSError:
+            earlier = b"".join(spool.chunks(0, written))
+            spool.close()
+            return b"".join([earlier, piece, *pieces])
+    return spool
