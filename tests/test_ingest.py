@@ -227,10 +227,12 @@ def test_duplicate_older_than_a_day_is_stored_again(instance: Instance) -> None:
     path = instance.box() / f"{email_id}.md"
     five_days = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=5)).isoformat()
     path.write_text(path.read_text().replace(fm["received_at"], five_days))
-    # Every record of the store ages: the file and the Message-ID marker beside the lock.
-    markers = list((instance.data / ".locks" / "alice.ids").iterdir())
-    assert len(markers) == 1
-    markers[0].write_text(five_days)
+    # Every record of the store ages: the file and its line in the stored log beside the lock.
+    stored_log = instance.data / ".locks" / "alice.stored"
+    (entry,) = stored_log.read_text().splitlines()
+    key, _ = entry.split()
+    five_days_secs = int(datetime.datetime.fromisoformat(five_days).timestamp())
+    stored_log.write_text(f"{key} {five_days_secs}\n")
     assert instance.ingest("alice@test.com", raw).returncode == 0
     assert len(list_email_ids(instance.box())) == 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -28,8 +30,17 @@ from aimx.mail.naming import (
     stem_prefix,
     unique_attachment_names,
 )
-from aimx.storage.atomic import cleanup_temp_files
-from aimx.storage.dedup import DEDUP_CAP, DedupIndex
+from aimx.storage.atomic import PAUSE_ENV, cleanup_temp_files
+from aimx.storage.dedup import (
+    DEDUP_CAP,
+    DedupIndex,
+    SharedDedup,
+    claim_offset,
+    close_claims,
+    message_id_key,
+    try_claim,
+    try_claim_all,
+)
 from aimx.storage.emailfiles import list_email_ids, resolve_email_path
 from aimx.storage.index import IndexedEmail, count_emails, iter_listing, list_page, summarize
 from aimx.storage.layout import README_MARKER, StorageError, readme_text, write_readme
@@ -432,6 +443,24 @@ def test_mailbox_lock_excludes_another_process(store: MailStore, data: Path) -> 
         pass  # re-entrant within one thread
 
 
+def test_a_lock_file_removed_by_hand_is_made_again_and_still_excludes(store: MailStore,
+                                                                      data: Path) -> None:
+    with store.mailbox_lock("alice"):
+        pass  # this process now keeps the lock file open
+    (data / ".locks" / "alice.lock").unlink()
+    script = textwrap.dedent(f"""
+        from aimx.storage.mailstore import MailStore
+        with MailStore({str(data)!r}).mailbox_lock("alice"):
+            print("held", flush=True)
+    """)
+    with store.mailbox_lock("alice"):
+        assert (data / ".locks" / "alice.lock").exists()
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                 text=True, cwd=ROOT_DIR)
+        assert waits_for_a_lock(child.pid)
+    assert child.communicate(timeout=30)[0] == "held\n"
+
+
 # ---------------------------------------------------------------------------
 # Dedup
 
@@ -478,6 +507,163 @@ def test_dedup_rebuilds_from_disk(data: Path) -> None:
         assert not reader.is_duplicate("bob", "fresh@x")
         reader.record("alice", "new@x", now)
         assert reader.is_duplicate("alice", "new@x")
+
+
+def claims_file_locks(data: Path, mailbox: str = "alice") -> list[int]:
+    """Start offsets of the OFD locks (claims) held on a mailbox's claims file."""
+    claims = data / ".locks" / f"{mailbox}.claims"
+    if not claims.exists():
+        return []
+    st = claims.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as locks:
+        return [int(line.split()[-2]) for line in locks
+                if "OFDLCK" in line and "->" not in line and line.split()[5] == inode]
+
+
+def wait_for_claims(data: Path, count: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = claims_file_locks(data)
+        if len(held) >= count:
+            return held
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {count} claims appeared")
+
+
+DELIVER_SCRIPT = f"""
+import datetime, json, sys
+from aimx.storage.mailstore import MailStore
+data, message_id, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+now = datetime.datetime.now(datetime.UTC)
+fields = {{"message_id": message_id, "subject": "Same", "received_at": now.isoformat(),
+           "mailbox": "alice", "read": False}}
+stored = MailStore(data, stored_log_limit=limit).deliver_inbound(
+    "alice", {OWNER!r}, fields, "x\\n", [], now)
+print(json.dumps(None if stored is None else stored.id), flush=True)
+"""
+
+
+def deliver_in_child(data: Path, message_id: str, *, limit: int = 1 << 20,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", DELIVER_SCRIPT, str(data), message_id,
+                             str(limit)], stdout=subprocess.PIPE, text=True, cwd=ROOT_DIR,
+                            env={**os.environ, **(env or {})})
+
+
+def test_claims_through_two_descriptors_of_one_process_conflict(data: Path) -> None:
+    shared = SharedDedup(data)
+    first, second = shared.open_claims("alice"), shared.open_claims("alice")
+    key, other = message_id_key("a@x"), message_id_key("b@x")
+    try:
+        assert try_claim(first, key)
+        # The lock sits where it was asked for: struct flock is packed right.
+        assert claims_file_locks(data) == [claim_offset(key)]
+        assert not try_claim(second, key)
+        assert try_claim(second, other)
+        assert not try_claim_all(first)  # compaction waits for every claim
+        close_claims(first)
+        assert claims_file_locks(data) == [claim_offset(other)]
+        assert try_claim(second, key)
+    finally:
+        close_claims(second)
+    assert claims_file_locks(data) == []
+
+
+def test_threads_store_one_message_id_once(store: MailStore, data: Path) -> None:
+    now = datetime.datetime.now(UTC)
+    start = threading.Barrier(8)
+
+    def deliver() -> object:
+        start.wait()
+        return store.deliver_inbound("alice", OWNER, fields(message_id="same@x",
+                                                            received_at=now), "x\n", [], now)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: deliver(), range(8)))
+    assert sum(r is not None for r in results) == 1
+    assert len(list_email_ids(data / "inbox" / "alice")) == 1
+
+
+def test_processes_store_one_message_id_once(store: MailStore, data: Path) -> None:
+    with store.mailbox_lock("alice"):  # every child queues on the lock, then they race
+        children = [deliver_in_child(data, "same@x") for _ in range(4)]
+        assert all(waits_for_a_lock(child.pid) for child in children)
+    results = [json.loads(child.communicate(timeout=60)[0]) for child in children]
+    assert sum(r is not None for r in results) == 1
+    assert len(list_email_ids(data / "inbox" / "alice")) == 1
+    # And this process, whose index was built before, learns it from the stored log.
+    now = datetime.datetime.now(UTC)
+    assert store.deliver_inbound("alice", OWNER, fields(message_id="same@x", received_at=now),
+                                 "x\n", [], now) is None
+
+
+def test_a_killed_process_leaves_no_claim_behind(store: MailStore, data: Path) -> None:
+    child = deliver_in_child(data, "dying@x", env={PAUSE_ENV: "120"})
+    try:
+        (held,) = wait_for_claims(data, 1)  # claimed, and now paused before its rename
+        assert held == claim_offset(message_id_key("dying@x"))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert claims_file_locks(data) == []
+    now = datetime.datetime.now(UTC)
+    stored = store.deliver_inbound("alice", OWNER, fields(message_id="dying@x",
+                                                          received_at=now), "x\n", [], now)
+    assert stored is not None
+    assert list_email_ids(data / "inbox" / "alice") == [stored.id]
+
+
+def test_a_compacted_stored_log_is_read_again_by_a_process_holding_the_old_one(
+        store: MailStore, data: Path) -> None:
+    now = datetime.datetime.now(UTC)
+    two_days_ago = now - datetime.timedelta(days=2)
+    for message_id, when in (("old@x", two_days_ago), ("a@x", now)):
+        assert store.deliver_inbound("alice", OWNER, fields(message_id=message_id,
+                                                            received_at=when),
+                                     "x\n", [], when) is not None
+    stored_log = data / ".locks" / "alice.stored"
+    before = stored_log.stat().st_ino
+    # Another process, with a tiny bound, compacts the log before storing b@x.
+    child = deliver_in_child(data, "b@x", limit=1)
+    assert json.loads(child.communicate(timeout=60)[0]) is not None
+    assert stored_log.stat().st_ino != before
+    keys = [line.split()[0] for line in stored_log.read_text().splitlines()]
+    assert keys == [message_id_key("a@x"), message_id_key("b@x")]  # old@x expired
+    # This process still had the replaced log open; it notices and reads the new one.
+    assert store.deliver_inbound("alice", OWNER, fields(message_id="b@x", received_at=now),
+                                 "x\n", [], now) is None
+    assert store.deliver_inbound("alice", OWNER, fields(message_id="a@x", received_at=now),
+                                 "x\n", [], now) is None
+    assert len(list_email_ids(data / "inbox" / "alice")) == 3
+
+
+def test_a_failed_store_leaves_the_message_id_unstored(store: MailStore, data: Path) -> None:
+    now = datetime.datetime.now(UTC)
+    (data / "inbox").mkdir(mode=0o755)
+    (data / "inbox" / "alice").write_text("not a directory")
+    with pytest.raises(OSError):
+        store.deliver_inbound("alice", OWNER, fields(message_id="failed@x", received_at=now),
+                              "x\n", [], now)
+    assert claims_file_locks(data) == []
+    stored_log = data / ".locks" / "alice.stored"
+    assert not stored_log.exists() or stored_log.read_text() == ""
+    (data / "inbox" / "alice").unlink()
+    # Neither this process nor another one counts it as stored.
+    child = deliver_in_child(data, "failed@x")
+    assert json.loads(child.communicate(timeout=60)[0]) is not None
+    assert len(list_email_ids(data / "inbox" / "alice")) == 1
+
+
+def test_marker_dirs_of_earlier_versions_are_removed(store: MailStore, data: Path) -> None:
+    markers = data / ".locks" / "alice.ids"
+    markers.mkdir(parents=True)
+    (markers / ("0" * 40)).write_text(WHEN.isoformat())
+    now = datetime.datetime.now(UTC)
+    store.deliver_inbound("alice", OWNER, fields(message_id="new@x", received_at=now),
+                          "x\n", [], now)
+    assert sorted(p.name for p in (data / ".locks").iterdir()) == [
+        "alice.claims", "alice.lock", "alice.stored"]
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ log = logger("aimx::storage")
 
 FOLDERS = ("inbox", "sent")
 README_NAME = "README.md"
+LOCK_DIR = ".locks"  # root-only: mailbox locks and Message-ID dedup state
 README_MARKER = "<!-- aimx-readme-version: 1 -->"
 README_TEMPLATE = Path(__file__).parents[1] / "data" / "README.md.tmpl"
 
@@ -99,6 +100,21 @@ def ensure_data_dir(data_dir: str | os.PathLike[str]) -> Path:
         data.parent.mkdir(parents=True, exist_ok=True)
         make_dir(data, 0o755)
     return data
+
+
+def open_lock_dir_file(data_dir: Path, name: str, flags: int = os.O_RDWR) -> int:
+    """Open (creating, 0600) ``<data>/.locks/<name>``, making the root-only dir when missing.
+
+    Never follows a symlink and never leaks into a child process.
+    """
+    path = f"{data_dir}/{LOCK_DIR}/{name}"
+    flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        ensure_data_dir(data_dir)
+        make_dir(data_dir / LOCK_DIR, 0o700)
+        return os.open(path, flags, 0o600)
 
 
 def open_mailbox_dir(directory: str | os.PathLike[str]) -> int:

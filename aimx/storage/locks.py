@@ -10,22 +10,39 @@ import contextlib
 import fcntl
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-from aimx.storage.layout import ensure_data_dir, make_dir
+from aimx.storage.layout import LOCK_DIR, open_lock_dir_file
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 class MailboxLocks:
-    """The locks of one data dir's mailboxes; ``hold`` is re-entrant within a thread."""
+    """The locks of one data dir's mailboxes; ``hold`` is re-entrant within a thread.
+
+    Each mailbox's lock file is opened once and its descriptor kept. That is
+    safe although an ``flock`` belongs to the open file description, which all
+    threads share: ``hold`` takes and drops the ``flock`` only while holding
+    the mailbox's thread lock, so threads are kept apart by that lock and
+    processes by the ``flock``.
+    """
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir)
-        self._lock_dir = self.data_dir / ".locks"
+        self._lock_dir = str(self.data_dir / LOCK_DIR)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._depth: dict[str, int] = {}
         self._lock_fds: dict[str, int] = {}
+        self._lock_inodes: dict[str, tuple[int, int]] = {}
+        weakref.finalize(self, _close_all, self._lock_fds)
 
     def thread_lock(self, mailbox: str) -> threading.RLock:
         """The in-process part alone: for short decisions that need no other process out."""
@@ -35,16 +52,25 @@ class MailboxLocks:
                 lock = self._locks[mailbox] = threading.RLock()
             return lock
 
-    def _open_lock_file(self, mailbox: str) -> int:
-        lock_dir = self._lock_dir
-        path = os.path.join(lock_dir, f"{mailbox}.lock")
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            return os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            ensure_data_dir(self.data_dir)
-            make_dir(lock_dir, 0o700)
-            return os.open(path, flags, 0o600)
+    def _lock_file(self, mailbox: str) -> None:
+        """``flock`` the mailbox's lock file through the kept descriptor (call under the
+        thread lock), reopening it if the file on disk is no longer the one held open
+        (removed by hand): a lock on a file no other process can open excludes no one."""
+        name = f"{mailbox}.lock"
+        path = f"{self._lock_dir}/{name}"
+        while True:
+            fd = self._lock_fds.get(mailbox)
+            if fd is None:
+                fd = self._lock_fds[mailbox] = open_lock_dir_file(self.data_dir, name)
+                held = os.fstat(fd)
+                self._lock_inodes[mailbox] = (held.st_dev, held.st_ino)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                on_disk = os.stat(path, follow_symlinks=False)
+                if (on_disk.st_dev, on_disk.st_ino) == self._lock_inodes[mailbox]:
+                    return
+            del self._lock_fds[mailbox]
+            os.close(fd)
 
     @contextlib.contextmanager
     def hold(self, mailbox: str) -> Iterator[None]:
@@ -53,19 +79,11 @@ class MailboxLocks:
         with lock:
             depth = self._depth.get(mailbox, 0)
             if depth == 0:
-                fd = self._open_lock_file(mailbox)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._lock_fds[mailbox] = fd
+                self._lock_file(mailbox)
             self._depth[mailbox] = depth + 1
             try:
                 yield
             finally:
                 self._depth[mailbox] -= 1
                 if self._depth[mailbox] == 0:
-                    fd = self._lock_fds.pop(mailbox)
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+                    fcntl.flock(self._lock_fds[mailbox], fcntl.LOCK_UN)

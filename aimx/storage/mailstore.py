@@ -36,7 +36,15 @@ from aimx.storage.atomic import (
     temp_name,
     write_file,
 )
-from aimx.storage.dedup import DEDUP_WINDOW, DedupIndex, MessageIdClaims
+from aimx.storage.dedup import (
+    STORED_LOG_LIMIT,
+    DedupIndex,
+    SharedDedup,
+    close_claims,
+    message_id_key,
+    try_claim,
+    wait_for_claim,
+)
 from aimx.storage.emailfiles import list_email_ids
 from aimx.storage.index import IndexedEmail, MailboxIndex, count_emails, list_page, note_stored
 from aimx.storage.layout import (
@@ -104,11 +112,12 @@ class MailStore:
     lock first, then the config lock; never across DNS or hooks.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *,
+                 stored_log_limit: int = STORED_LOG_LIMIT) -> None:
         self.data_dir = Path(data_dir)
         self._mailbox_locks = MailboxLocks(self.data_dir)
         self._dedup: dict[str, DedupIndex] = {}
-        self._claims = MessageIdClaims(self.data_dir)
+        self._shared = SharedDedup(self.data_dir, stored_log_limit)
         # Stems chosen by this process's writes in flight, not yet renamed into place
         # (guarded by the mailbox's thread lock). Only a hint that spares a collision:
         # the rename under the mailbox flock is what keeps processes apart.
@@ -127,10 +136,12 @@ class MailStore:
     # -- dedup --------------------------------------------------------------
 
     def _index(self, mailbox: str, now: datetime.datetime | None) -> DedupIndex:
+        """The mailbox's dedup index, caught up with the stored log (call under the lock)."""
         index = self._dedup.get(mailbox)
         if index is None:
             index = DedupIndex.scan(mailbox_dir(self.data_dir, "inbox", mailbox), now)
             self._dedup[mailbox] = index
+        self._shared.catch_up(mailbox, index, now)
         return index
 
     def is_duplicate(
@@ -184,51 +195,45 @@ class MailStore:
         """Store one inbound email unless its ``message_id`` was stored here within 24 h.
 
         Returns ``None`` for such a duplicate. The decision holds across threads
-        and processes (the SMTP workers, ``aimx ingest``): under the mailbox lock
-        the delivery claims the Message-ID's marker (``MessageIdClaims``) and
-        reads whether it was stored; a delivery of a Message-ID that another one
-        is still storing waits for it, then counts as its duplicate (or stores,
-        if the first failed or its process died). The lock itself is held only
+        and processes (the SMTP workers, ``aimx ingest``; see ``aimx.storage.dedup``):
+        under the mailbox lock the delivery catches up on the stored log and
+        claims the Message-ID; a delivery of a Message-ID that another one is
+        still storing waits for it, then counts as its duplicate (or stores, if
+        the first failed or its process died). The lock itself is held only
         for these decisions and the final rename, never across the writes and
         fsyncs, so deliveries to one mailbox overlap their disk waits. The
-        Message-ID is recorded only once file and directory are durable, so a
-        failed store is never mistaken for one that happened.
+        Message-ID is logged as stored only once file and directory are
+        durable, and before the claim is let go, so a failed store is never
+        mistaken for one that happened.
         """
         ids = mailbox_owner_ids(owner)
         warn_unknown_owner(owner, ids)
         message_id = str(fields.get("message_id") or "")
         if not message_id:
             return self._publish_inbound(mailbox, ids, fields, body, attachments, when)
-        lock = self._thread_lock(mailbox)
-        while True:
-            with self.mailbox_lock(mailbox):
-                if self._index(mailbox, None).is_duplicate(message_id):
-                    return None
-                self._claims.prune(mailbox)
-                claim = self._claims.open(mailbox, message_id)
-                if self._claims.try_claim(claim):
-                    stored_at = self._claims.stored_at(claim)
-                    if stored_at is None or not self._recent(stored_at):
-                        break
-                    self._index(mailbox, None).record(message_id, stored_at)
-                    self._claims.release(claim)
-                    return None
-            try:
-                self._claims.wait_for_holder(claim)
-            finally:
-                os.close(claim)
+        key = message_id_key(message_id)
+        claims = self._shared.open_claims(mailbox)
         try:
+            while True:
+                with self.mailbox_lock(mailbox):
+                    index = self._index(mailbox, None)
+                    if index.is_duplicate_key(key):
+                        return None
+                    self._shared.compact_if_due(mailbox, claims)
+                    if try_claim(claims, key):
+                        # A holder logs its store before letting go: read what it added.
+                        self._shared.catch_up(mailbox, index)
+                        if index.is_duplicate_key(key):
+                            return None
+                        break
+                wait_for_claim(claims, key)
             stored = self._publish_inbound(mailbox, ids, fields, body, attachments, when)
-            self._claims.mark_stored(claim, when)
-            with lock:
-                self._index(mailbox, None).record(message_id, when)
+            with self._thread_lock(mailbox):
+                self._shared.note_stored(mailbox, key, when)
+                index.record_key(key, when)
             return stored
         finally:
-            self._claims.release(claim)
-
-    @staticmethod
-    def _recent(stored_at: datetime.datetime) -> bool:
-        return datetime.datetime.now(datetime.UTC) - stored_at < DEDUP_WINDOW
+            close_claims(claims)
 
     def _publish_inbound(
         self,
