@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import smtplib
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -41,15 +39,6 @@ def dns() -> Iterator[DnsServer]:
         "sel._domainkey.other.example": [["TXT", OTHER.txt_record]],
     }) as server:
         yield server
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every hook owner may write (hooks record what they did there)."""
-    path = Path(tempfile.mkdtemp(prefix="aimx-loop-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(predicate, timeout: float = 30.0):  # noqa: ANN001, ANN201

@@ -12,7 +12,6 @@ import email.policy
 import os
 import smtplib
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,12 +66,12 @@ def dns() -> Iterator[DnsServer]:
 
 
 @pytest.fixture(scope="module")
-def shim() -> Path:
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What a hook running as a test user needs to run ``aimx`` with the system python3:
     this checkout's package and its one third-party import (idna)."""
     import idna
 
-    path = Path(tempfile.mkdtemp(prefix="aimx-shim-"))
+    path = tmp_path_factory.mktemp("shim")
     path.chmod(0o755)
     (path / "aimx").symlink_to(REPO_ROOT / "aimx")
     (path / "idna").symlink_to(Path(idna.__file__).parent)
