@@ -21,10 +21,10 @@ import dkim
 import pytest
 
 from aimx.mail import frontmatter
-from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
+from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import call_api_as, ensure_user, run_aimx_as
+from tests.support.users import call_api_as, ensure_user, run_aimx_as, system_python_path
 from tests.test_mcp import fails, ok, with_mcp
 from tests.test_send import (
     DOMAIN,
@@ -67,15 +67,8 @@ def dns() -> Iterator[DnsServer]:
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What a hook running as a test user needs to run ``aimx`` with the system python3:
-    this checkout's package and its one third-party import (idna)."""
-    import idna
-
-    path = tmp_path_factory.mktemp("shim")
-    path.chmod(0o755)
-    (path / "aimx").symlink_to(REPO_ROOT / "aimx")
-    (path / "idna").symlink_to(Path(idna.__file__).parent)
-    return path
+    """What a hook running as a test user needs to run ``aimx`` with the system python3."""
+    return system_python_path(tmp_path_factory.mktemp("shim"))
 
 
 def hook_sender(shim: Path, runtime_dir: Path) -> list[str]:
