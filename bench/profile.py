@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     py_spy = Path(sys.executable).with_name("py-spy")
     key = new_key()
-    with DnsServer(sender_zone(key.txt_record)) as dns:
+    with targets.run_directory(), DnsServer(sender_zone(key.txt_record)) as dns:
         pool = loadgen.signed_pool(key.private_pem, tag=f"p{int(time.time())}", size=args.size,
                                    count=int(args.seconds * 800), rcpt=targets.RCPT)
         target = targets.AimxTarget(dns.address, workers=args.workers)

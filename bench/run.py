@@ -367,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                              "--quick)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
     args = parser.parse_args(argv)
+    with targets.run_directory() as directory:
+        log(f"every target keeps its files under {directory}")
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every part ``args`` asks for, printed as it goes; the tables and verdicts at the end."""
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     mailbox_size = args.mailbox_size or (10_000 if args.quick else 100_000)
     source_messages = args.source_messages or (1000 if args.quick else SOURCE_MESSAGES)

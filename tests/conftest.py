@@ -101,8 +101,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _traversable_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    tmp_path_factory.getbasetemp().chmod(0o711)
+def _traversable_basetemp(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The test users can traverse the run's temp dirs. An xdist worker's base sits in
+    the run's, which the controller re-creates 0700 after ``pytest_configure``."""
+    base = tmp_path_factory.getbasetemp()
+    for path in [base] if _is_controller(request.config) else [base, base.parent]:
+        path.chmod(0o711)
+
+
+@pytest.fixture
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh directory every user may write: hooks and clients running as the test users
+    record there. It lives in the run's temp dir (parents traversable), removed with it."""
+    path = tmp_path_factory.mktemp("shared")
+    path.chmod(0o777)
+    return path
 
 
 @pytest.fixture

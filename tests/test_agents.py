@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from aimx.ops import agents
-from tests.support.users import AIMX, REPO_ROOT, LinuxUser, aimx_as_command
+from tests.support.users import (
+    AIMX,
+    REPO_ROOT,
+    LinuxUser,
+    aimx_as_command,
+    skip_unless_users_reach_checkout,
+)
 
 AIMX_REAL = str(AIMX.resolve())
 REFERENCE_FILES = sorted(f"references/{page}" for page in agents.REFERENCE_PAGES)
@@ -36,6 +42,8 @@ class Runner:
         self.uid, self.gid, self.name = who
 
     def argv(self, args, *, as_root: bool = False) -> list[str]:
+        if not as_root and self.uid != os.geteuid():
+            skip_unless_users_reach_checkout()
         user = None if as_root else LinuxUser(self.name, self.uid, self.gid, str(self.home))
         return aimx_as_command(user, list(args))
 

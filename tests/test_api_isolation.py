@@ -14,7 +14,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,11 +258,9 @@ def test_hook_names_reveal_nothing_about_other_users_hooks(daemon, users):
                       "hook names must be unique across the mailboxes of one owner"]}
 
 
-def test_hooks_get_a_fixed_path_and_nothing_of_the_daemons_environment(dns, users):
+def test_hooks_get_a_fixed_path_and_nothing_of_the_daemons_environment(dns, users, shared_dir):
     alice = users["alice"]
-    out = Path(tempfile.mkdtemp(prefix="aimx-hookenv-"))
-    out.chmod(0o777)
-    record = out / "env"
+    record = shared_dir / "env"
     hook = ('[[mailboxes.alice.hooks]]\nevent = "on_receive"\nfire_on_untrusted = true\n'
             f'cmd = ["/bin/sh", "-c", "env > {record}.tmp && mv {record}.tmp {record}"]\n\n')
     text = config_text(dns, users).replace("# an unrelated table", hook + "# an unrelated table")

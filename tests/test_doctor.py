@@ -26,6 +26,7 @@ from tests.support.api import deliver
 from tests.support.cli import aimx
 from tests.support.daemon import RunningDaemon
 from tests.support.dnsserver import DnsServer
+from tests.support.users import skip_unless_users_reach_checkout
 
 DOMAIN = "agent.example.test"
 IPV4 = "192.0.2.10"
@@ -415,6 +416,7 @@ def _two_user_instance(users: dict) -> RunningDaemon:
 
 
 def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users):
+    skip_unless_users_reach_checkout()
     alice = users["alice"]
     with _two_user_instance(users) as daemon:
         daemon.config_path.chmod(0o644)  # an operator made the config world-readable
@@ -444,6 +446,7 @@ def test_as_a_user_other_mailboxes_are_not_counted_and_the_report_says_why(users
 @pytest.mark.parametrize("private", ["file", "directory"])
 def test_as_a_user_without_the_config_doctor_reports_the_service_and_what_it_skipped(
         users, private):
+    skip_unless_users_reach_checkout()
     alice = users["alice"]
     with _two_user_instance(users) as daemon:
         if private == "directory":  # not even whether the file exists can be seen

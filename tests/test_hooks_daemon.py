@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import smtplib
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,11 +30,9 @@ def _wait_for(predicate, timeout: float = 20.0) -> bool:
     return predicate()
 
 
-def test_pending_hooks_fire_once_after_a_restart(test_users, dns) -> None:
+def test_pending_hooks_fire_once_after_a_restart(test_users, dns, shared_dir) -> None:
     alice = test_users["alice"]
-    out = Path(tempfile.mkdtemp(prefix="aimx-replay-"))
-    out.chmod(0o777)
-    record = out / "fired.log"
+    record = shared_dir / "fired.log"
     config = {
         "domain": DOMAIN,
         "dns_resolvers": [dns.address],
@@ -79,22 +74,19 @@ def test_pending_hooks_fire_once_after_a_restart(test_users, dns) -> None:
         assert _wait_for(lambda: not any(pending_dir.iterdir()))
         time.sleep(1)
         assert record.read_text() == f"{email.stem}\n"
-    for path in out.iterdir():
-        path.unlink()
-    os.rmdir(out)
 
 
-def test_two_hundred_messages_with_a_slow_hook_respect_the_bound(test_users, dns) -> None:
+def test_two_hundred_messages_with_a_slow_hook_respect_the_bound(test_users, dns,
+                                                                 shared_dir) -> None:
     """200 messages at once, a 1 s hook each: every hook runs once, at most 16 at a time,
     and SMTP keeps answering promptly while the hooks queue."""
     import concurrent.futures
     import statistics
 
     alice = test_users["alice"]
-    out = Path(tempfile.mkdtemp(prefix="aimx-flood-"))
-    out.chmod(0o777)
-    script = ('echo "start $(date +%s.%N) $AIMX_MESSAGE_ID" >> ' + str(out / "log")
-              + '; sleep 1; echo "end $(date +%s.%N) $AIMX_MESSAGE_ID" >> ' + str(out / "log"))
+    log = shared_dir / "log"
+    script = ('echo "start $(date +%s.%N) $AIMX_MESSAGE_ID" >> ' + str(log)
+              + '; sleep 1; echo "end $(date +%s.%N) $AIMX_MESSAGE_ID" >> ' + str(log))
     config = {
         "domain": DOMAIN,
         "dns_resolvers": [dns.address],
@@ -126,7 +118,6 @@ def test_two_hundred_messages_with_a_slow_hook_respect_the_bound(test_users, dns
         # bound while every reply comes back quickly.
         assert statistics.median(waits) < 0.5, statistics.median(waits)
         assert max(waits) < 5, max(waits)
-        log = out / "log"
         assert _wait_for(lambda: log.exists() and log.read_text().count("end ") >= 200,
                          timeout=90)
     events = []
@@ -142,6 +133,3 @@ def test_two_hundred_messages_with_a_slow_hook_respect_the_bound(test_users, dns
         peak = max(peak, running)
     assert peak <= 16, peak
     assert peak >= 8  # they did run concurrently, not one by one
-    for path in out.iterdir():
-        path.unlink()
-    os.rmdir(out)

@@ -18,7 +18,6 @@ import os
 import re
 import smtplib
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -89,20 +88,20 @@ def zone_records() -> dict[str, list[list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def world(test_users: dict[str, users.LinuxUser]):
+def world(test_users: dict[str, users.LinuxUser], tmp_path_factory: pytest.TempPathFactory):
     """DNS, instance A (alice) and instance B (bob, with an on_receive hook)."""
+    marks = tmp_path_factory.mktemp("interop-marks")
+    marks.chmod(0o777)
     # Other test runs on this host use the same fixed addresses: one at a time.
     with HostLock("interop-127.0.0.2-5"):
-        yield from _world(test_users)
+        yield from _world(test_users, marks)
 
 
-def _world(test_users: dict[str, users.LinuxUser]):
+def _world(test_users: dict[str, users.LinuxUser], marks: Path):
     for address in (A_ADDR, B_ADDR):
         if not port_25_free(address):
             pytest.skip(f"port 25 on {address} is taken by something else")
     alice, bob = test_users["alice"], test_users["bob"]
-    marks = Path(tempfile.mkdtemp(prefix="aimx-interop-"))
-    marks.chmod(0o777)
     hook = {"event": "on_receive", "cmd": [
         "/bin/sh", "-c", f'cat >/dev/null; echo "$(id -u) $AIMX_MESSAGE_ID" >> {marks}/bob'],
         "name": "interop-marker"}

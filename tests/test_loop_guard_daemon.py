@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import smtplib
-import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -23,10 +20,10 @@ import pytest
 
 from aimx.daemon.hookjournal import hook_state_dir
 from aimx.mail import frontmatter
-from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
+from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
-from tests.support.users import run_aimx_as
+from tests.support.users import run_aimx_as, system_python_path
 from tests.test_mcp import ok, with_mcp
 
 COMPANY = shared_key("company.example")
@@ -41,15 +38,6 @@ def dns() -> Iterator[DnsServer]:
         "sel._domainkey.other.example": [["TXT", OTHER.txt_record]],
     }) as server:
         yield server
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every hook owner may write (hooks record what they did there)."""
-    path = Path(tempfile.mkdtemp(prefix="aimx-loop-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(predicate, timeout: float = 30.0):  # noqa: ANN001, ANN201
@@ -262,14 +250,18 @@ REPLY_HOOK = textwrap.dedent("""\
 CAP = 3
 
 
-def reply_hook(path: Path, daemon: RunningDaemon, address: str) -> list[str]:
+@pytest.fixture(scope="module")
+def python_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the reply hook's system interpreter imports ``aimx`` from."""
+    return system_python_path(tmp_path_factory.mktemp("python-path"))
+
+
+def reply_hook(path: Path, daemon: RunningDaemon, address: str, python_path: Path
+               ) -> list[str]:
     """Write the auto-reply script for ``daemon``'s mailbox; its hook ``cmd``."""
-    site = Path(sys.executable).parent.parent / "lib" / \
-        f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     env = {key: value for key, value in daemon.client_env({}).items()
            if key.startswith("AIMX_")}
-    path.write_text(REPLY_HOOK.format(paths=[str(REPO_ROOT), str(site)], env=env,
-                                      address=address))
+    path.write_text(REPLY_HOOK.format(paths=[str(python_path)], env=env, address=address))
     path.chmod(0o644)
     return ["/usr/bin/python3", str(path)]
 
@@ -283,7 +275,8 @@ def loop_config(dns: DnsServer, domain: str, peer: str, owner: str) -> dict:
 
 @pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK),
                     reason="the reply hook runs under /usr/bin/python3")
-def test_two_instances_that_auto_reply_to_each_other_stop(dns, users, shared_dir) -> None:
+def test_two_instances_that_auto_reply_to_each_other_stop(dns, users, shared_dir,
+                                                          python_path) -> None:
     owners = {"one.test": users["alice"], "two.test": users["bob"]}
     for domain in owners:
         dns.set(domain, [["MX", f"10 mx.{domain}"]])
@@ -298,7 +291,8 @@ def test_two_instances_that_auto_reply_to_each_other_stop(dns, users, shared_dir
         one.extra_env["AIMX_TEST_SMTP_PORT"] = str(two.smtp_port)
         two.extra_env["AIMX_TEST_SMTP_PORT"] = str(one.smtp_port)
         for daemon, domain in ((one, "one.test"), (two, "two.test")):
-            cmd = reply_hook(shared_dir / f"reply-{domain}.py", daemon, f"agent@{domain}")
+            cmd = reply_hook(shared_dir / f"reply-{domain}.py", daemon, f"agent@{domain}",
+                             python_path)
             config = loop_config(dns, domain, "two.test" if domain == "one.test" else "one.test",
                                  owners[domain].name)
             config["mailboxes"]["agent"]["hooks"] = [

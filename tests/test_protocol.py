@@ -8,8 +8,11 @@ nobody listens on, a path that cannot be a socket).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
+from collections.abc import Iterator
 
 import pytest
 from twisted.protocols import amp
@@ -153,14 +156,21 @@ def test_reasons_go_on_the_wire_as_one_line():
 # -- the blocking client ---------------------------------------------------------------
 
 
-def serve_once(reply: bytes | dict) -> tuple[str, threading.Thread, list[dict]]:
-    """A one-shot server on a real Unix socket that records the request and sends ``reply``.
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """A short fresh directory for a Unix socket (paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="aimx-p-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def serve_once(directory: str, reply: bytes | dict) -> tuple[str, threading.Thread, list[dict]]:
+    """A one-shot server on a real Unix socket in ``directory`` that records the request
+    and sends ``reply``.
 
     A dict reply is a box whose ``@TAG@`` values become the request's tag.
     """
-    import tempfile
-
-    path = os.path.join(tempfile.mkdtemp(prefix="aimx-p-"), "s.sock")
+    path = os.path.join(directory, "s.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
@@ -187,10 +197,10 @@ def answer_box(fields: dict[bytes, bytes]) -> dict:
     return {**fields, amp.ANSWER: b"@TAG@"}
 
 
-def test_client_sends_a_proper_amp_request_and_returns_the_answer():
+def test_client_sends_a_proper_amp_request_and_returns_the_answer(socket_dir):
     reply = answer_box({b"tag": b"0.1", b"git_hash": b"abc", b"target": b"x86_64-linux",
                         b"build_date": b"unknown"})
-    path, thread, seen = serve_once(reply)
+    path, thread, seen = serve_once(socket_dir, reply)
     result = Client(path, timeout=10).call(Version)
     thread.join(5)
     assert result == {"tag": "0.1", "git_hash": "abc", "target": "x86_64-linux",
@@ -198,10 +208,10 @@ def test_client_sends_a_proper_amp_request_and_returns_the_answer():
     assert seen[0][b"_command"] == b"VERSION"
 
 
-def test_client_raises_the_daemon_error_with_code_and_reason():
+def test_client_raises_the_daemon_error_with_code_and_reason(socket_dir):
     box = {b"_error": b"@TAG@", b"_error_code": b"NONEMPTY",
            b"_error_description": b"mailbox 'a' has 2 files"}
-    path, thread, seen = serve_once(box)
+    path, thread, seen = serve_once(socket_dir, box)
     with pytest.raises(ApiError) as info:
         Client(path, timeout=10).call(MarkRead, mailbox="a", id="x")
     thread.join(5)
@@ -215,8 +225,8 @@ def test_client_raises_the_daemon_error_with_code_and_reason():
     ({b"_answer": b"other"}, "does not answer"),
     ({b"_answer": b"@TAG@"}, "bad VERSION answer"),
 ])
-def test_client_reports_replies_it_cannot_read(reply, why):
-    path, thread, _ = serve_once(reply)
+def test_client_reports_replies_it_cannot_read(reply, why, socket_dir):
+    path, thread, _ = serve_once(socket_dir, reply)
     with pytest.raises(MalformedReply) as info:
         Client(path, timeout=10).call(Version)
     thread.join(5)

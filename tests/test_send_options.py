@@ -12,7 +12,6 @@ import email.policy
 import os
 import smtplib
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +21,10 @@ import dkim
 import pytest
 
 from aimx.mail import frontmatter
-from tests.support.daemon import REPO_ROOT, RunningDaemon, stored_emails
+from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import LoopbackHosts
-from tests.support.users import call_api_as, ensure_user, run_aimx_as
+from tests.support.users import call_api_as, ensure_user, run_aimx_as, system_python_path
 from tests.test_mcp import fails, ok, with_mcp
 from tests.test_send import (
     DOMAIN,
@@ -67,16 +66,9 @@ def dns() -> Iterator[DnsServer]:
 
 
 @pytest.fixture(scope="module")
-def shim() -> Path:
-    """What a hook running as a test user needs to run ``aimx`` with the system python3:
-    this checkout's package and its one third-party import (idna)."""
-    import idna
-
-    path = Path(tempfile.mkdtemp(prefix="aimx-shim-"))
-    path.chmod(0o755)
-    (path / "aimx").symlink_to(REPO_ROOT / "aimx")
-    (path / "idna").symlink_to(Path(idna.__file__).parent)
-    return path
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a hook running as a test user needs to run ``aimx`` with the system python3."""
+    return system_python_path(tmp_path_factory.mktemp("shim"))
 
 
 def hook_sender(shim: Path, runtime_dir: Path) -> list[str]:

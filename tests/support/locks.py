@@ -3,7 +3,7 @@
 Test workers (pytest-xdist) and other test runs on the same host share the
 Linux users, fixed addresses such as ``127.0.0.2:25`` and the loopback
 blocks of ``LoopbackHosts``. A ``HostLock`` is an ``flock`` on a file in a
-shared directory under the temp dir; the kernel drops it when the holder
+shared directory under ``/tmp``; the kernel drops it when the holder
 exits, so a crashed run leaves nothing locked.
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from pathlib import Path
 
-LOCK_DIR = Path(tempfile.gettempdir()) / "aimx-test-locks"
+# A fixed place, not the temp dir: every run on the host must find the same locks
+# whatever its TMPDIR (the benchmark points TMPDIR at a directory of its own).
+LOCK_DIR = Path("/tmp/aimx-test-locks")
 
 
 class HostLock:

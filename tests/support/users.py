@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import pwd
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -78,6 +80,46 @@ def remove_user(name: str) -> str | None:
     done = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True,
                           check=False)
     return None if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+def checkout_blocker() -> Path | None:
+    """The first directory on the way to this checkout or its ``aimx`` script that other
+    users cannot traverse, or None.
+
+    ``run_aimx_as`` loads the interpreter as root (it may live under a private home),
+    but the command then still reaches into the checkout as the user: its own script
+    path, ``.git`` for the version. A clone inside a ``mktemp -d`` dir (0700) blocks that.
+    """
+    for target in (REPO_ROOT, AIMX.parent):
+        for path in (*reversed(target.parents), target):
+            if not path.stat().st_mode & stat.S_IXOTH:
+                return path
+    return None
+
+
+def skip_unless_users_reach_checkout() -> None:
+    """Skip a test that runs this checkout's ``aimx`` as a test user where they cannot."""
+    blocker = checkout_blocker()
+    if blocker is not None:
+        pytest.skip(f"test users cannot run this checkout's aimx: {blocker} is not "
+                    f"traversable by other users (mode {stat.S_IMODE(blocker.stat().st_mode):o})")
+
+
+def system_python_path(directory: Path) -> Path:
+    """``directory`` filled with a copy of this checkout's ``aimx`` package and the one
+    third-party package ``aimx send`` imports (idna): a PYTHONPATH on which the system
+    ``python3`` runs ``aimx send`` as any user (hooks run as mailbox owners). A copy,
+    not links: the users may not reach the checkout or the venv."""
+    import idna
+
+    for package in (REPO_ROOT / "aimx", Path(idna.__file__).parent):
+        shutil.copytree(package, directory / package.name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for root, _dirs, files in os.walk(directory):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return directory
 
 
 # Runs Python code as another user. The interpreter may live where only root can read,
