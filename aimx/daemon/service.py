@@ -354,9 +354,11 @@ def build_smtp_factory(daemon: Any, tls_context: Any, admission: Any = None) -> 
     """The factory of inbound SMTP sessions: the one the daemon listens with in
     single-process mode and each SMTP worker adopts the shared socket with
     (``admission``: the workers' session limits counted over all of them)."""
+    from aimx.mail.authresults import load_suffix_list
     from aimx.smtp.server import SmtpFactory
     from aimx.storage import index
 
+    load_suffix_list()  # at start-up, not in the first message's reply time
     reactor = daemon.reactor
     # Index rows are written by another pool thread, started through the reactor,
     # not by the storing job: no 250 waits for SQLite's commit.
