@@ -29,7 +29,7 @@ class VersionInfo:
 
 def _git_hash() -> str:
     checkout = Path(__file__).resolve().parent.parent
-    if not (checkout / ".git").exists():
+    if not os.path.exists(checkout / ".git"):  # False, not an error, when unreachable
         return "unknown"
     try:
         out = subprocess.run(

@@ -85,7 +85,7 @@ def aimx_executable() -> str:
     if argv0 and Path(argv0).name == "aimx" and os.path.isfile(argv0):
         return str(Path(argv0).resolve())
     beside = Path(sys.executable).parent / "aimx"
-    if beside.is_file() and os.access(beside, os.X_OK):
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):  # isfile: False if unreachable
         return str(beside.resolve())
     found = shutil.which("aimx")
     if found:
