@@ -261,9 +261,18 @@ def test_verifier_probe_reports_unreachable_caller(verifier):
     assert _get_json(verifier.url + "/probe") == (200, {"reachable": False, "ip": "127.0.0.1"})
 
 
-def test_verifier_honours_proxy_header_from_loopback(verifier, probe_port):
-    with TempListener(probe_port, "0.0.0.0"):
-        status, answer = _get_json(verifier.url + "/probe", {"X-AIMX-Client-IP": "127.0.0.2"})
+def test_verifier_honours_proxy_header_from_loopback(tmp_path):
+    # The verifier probes the address the header names: the probe port is reserved
+    # there (not on 127.0.0.1, where the shared probe port lives), so that no other
+    # listener on the host can hold that number on 127.0.0.2 or on every address.
+    with ReservedPort("127.0.0.2") as reserved:
+        server = Verifier(tmp_path, probe_port=reserved.port)
+        try:
+            with TempListener(reserved.port, "127.0.0.2"):
+                status, answer = _get_json(server.url + "/probe",
+                                           {"X-AIMX-Client-IP": "127.0.0.2"})
+        finally:
+            server.stop()
     assert (status, answer) == (200, {"reachable": True, "ip": "127.0.0.2"})
 
 
