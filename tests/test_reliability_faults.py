@@ -117,6 +117,11 @@ class Load:
         except OSError:
             self._note("refused")
             return
+        if wire.banner.startswith("421"):
+            # Connected while the service began to stop: the 421 is its greeting.
+            self._note("421")
+            wire.close()
+            return
         try:
             wire.cmd("EHLO load.example.org")
             while True:
