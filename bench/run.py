@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,12 @@ def _stored_fields(target: Any, name: str, stored_before: int, messages: int,
     return row
 
 
-def run_inbound(name: str, dns_address: str, size: int, sessions: int,
-                pool: list[bytes], warm: list[bytes], seconds: float, workers: int
-                ) -> dict[str, Any]:
-    """One target, fresh, for one (size, sessions) cell, driven by ``bench.loadgen``."""
+def _measure(name: str, dns_address: str, warm: list[bytes], workers: int,
+             drive: Callable[[Any], tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """One target, fresh and warmed, loaded by ``drive(target)`` under the CPU meter.
+
+    ``drive`` returns the row's own fields and how many messages it sent.
+    """
     target = make_target(name, dns_address, workers)
     target.start()
     try:
@@ -127,49 +130,50 @@ def run_inbound(name: str, dns_address: str, size: int, sessions: int,
         meter = CpuMeter(target)
         meter.start()
         wall_start = time.time()
+        fields, messages = drive(target)
+        meter.stop()
+        row = {**fields, **meter.per_message(messages)}
+        row.update(_stored_fields(target, name, stored_before, messages, wall_start))
+        return row
+    finally:
+        target.stop()
+
+
+def run_inbound(name: str, dns_address: str, size: int, sessions: int,
+                pool: list[bytes], warm: list[bytes], seconds: float, workers: int
+                ) -> dict[str, Any]:
+    """One target, fresh, for one (size, sessions) cell, driven by ``bench.loadgen``."""
+
+    def drive(target: Any) -> tuple[dict[str, Any], int]:
         result = loadgen.run_load(target.host, target.port, pool, sessions=sessions,
                                   seconds=seconds, rcpt=targets.RCPT, size=size)
-        meter.stop()
-        row: dict[str, Any] = {
+        return {
             "generator": "loadgen", "target": name, "size": size, "sessions": sessions,
             "messages": result.messages, "failures": result.failures,
             "first_failure": result.first_failure, "rate": result.rate,
             "p50_ms": result.p50, "p99_ms": result.p99,
             "generator_cpu_share": result.generator_cpu / result.seconds,
-            **meter.per_message(result.messages),
-        }
-        row.update(_stored_fields(target, name, stored_before, result.messages, wall_start))
-        return row
-    finally:
-        target.stop()
+        }, result.messages
+
+    return _measure(name, dns_address, warm, workers, drive)
 
 
 def run_source(name: str, dns_address: str, message: Path, warm: list[bytes], messages: int,
                workers: int) -> dict[str, Any]:
     """One target, fresh, driven by ``smtp-source`` with ``messages`` copies of ``message``."""
-    target = make_target(name, dns_address, workers)
-    target.start()
-    try:
-        loadgen.warm_up(target.host, target.port, warm, targets.RCPT)
-        stored_before = target.stored()
-        meter = CpuMeter(target)
-        meter.start()
-        wall_start = time.time()
+
+    def drive(target: Any) -> tuple[dict[str, Any], int]:
         result = smtpsource.run(target.host, target.port, message, messages=messages,
                                 sessions=SOURCE_SESSIONS, rcpt=targets.RCPT)
-        meter.stop()
-        row: dict[str, Any] = {
+        return {
             "generator": "smtp-source", "target": name, "size": SOURCE_SIZE,
             "sessions": SOURCE_SESSIONS, "messages": messages, "rate": result.rate,
             "returncode": result.returncode,
             "failures": 0 if result.returncode == 0 else 1,
             "first_failure": "" if result.returncode == 0 else result.output[-300:],
-            **meter.per_message(messages),
-        }
-        row.update(_stored_fields(target, name, stored_before, messages, wall_start))
-        return row
-    finally:
-        target.stop()
+        }, messages
+
+    return _measure(name, dns_address, warm, workers, drive)
 
 
 def _log_row(row: dict[str, Any]) -> None:

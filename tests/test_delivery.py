@@ -24,7 +24,7 @@ import pytest
 
 from aimx.smtp import delivery
 from tests.support.dnsserver import DnsServer
-from tests.support.smtpsink import LoopbackHosts
+from tests.support.smtpsink import LoopbackHosts, loopback_hosts_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
 SENDER = "alice@src.test"
@@ -66,11 +66,7 @@ def _driver(spec_json: str) -> None:
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[LoopbackHosts]:
-    try:
-        hosts = LoopbackHosts(3, port=25 if os.geteuid() == 0 else 0)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with hosts:
+    with loopback_hosts_or_skip(3, port=25 if os.geteuid() == 0 else 0) as hosts:
         yield hosts
 
 

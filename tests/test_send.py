@@ -35,7 +35,7 @@ from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer
 from tests.support.opendkim import opendkim_verdict
-from tests.support.smtpsink import LoopbackHosts
+from tests.support.smtpsink import LoopbackHosts, loopback_hosts_or_skip
 from tests.support.users import call_api_as, ensure_user, run_aimx_as
 
 DOMAIN = "aimx.test"
@@ -63,11 +63,7 @@ def users(test_users) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[LoopbackHosts]:
-    try:
-        loopback = LoopbackHosts(2, port=25)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with loopback:
+    with loopback_hosts_or_skip(2, port=25) as loopback:
         yield loopback
 
 

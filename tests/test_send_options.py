@@ -23,7 +23,7 @@ import pytest
 from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dnsserver import DnsServer
-from tests.support.smtpsink import LoopbackHosts
+from tests.support.smtpsink import LoopbackHosts, loopback_hosts_or_skip
 from tests.support.users import call_api_as, ensure_user, run_aimx_as, system_python_path
 from tests.test_mcp import fails, ok, with_mcp
 from tests.test_send import (
@@ -51,11 +51,7 @@ def users(test_users) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[LoopbackHosts]:
-    try:
-        loopback = LoopbackHosts(2, port=25)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with loopback:
+    with loopback_hosts_or_skip(2, port=25) as loopback:
         yield loopback
 
 

@@ -637,12 +637,14 @@ def check_spf(raw: bytes, parsed: _ParsedFrom, *, peer_ip: str | None,
         log.info("spf=%s identity=%s ip=%s reason=unexpected-result", kv(result),
                  kv(identity), ip)
         return "none", domain
-    _remember_spf(resolver, verdict_key, (result, domain), consulted)
+    _remember_spf(verdicts, getattr(resolver, "answers", None), verdict_key, (result, domain),
+                  consulted)
     return result, domain
 
 
-def _remember_spf(resolver: Any, key: tuple[str, ...], verdict: tuple[str, str],
-                  consulted: list[tuple[str, str]]) -> None:
+def _remember_spf(verdicts: dnsresolve.AnswerCache | None,
+                  answers: dnsresolve.AnswerCache | None, key: tuple[str, ...],
+                  verdict: tuple[str, str], consulted: list[tuple[str, str]]) -> None:
     """Keep an SPF verdict for as long as every DNS answer it was computed from is cached.
 
     The evaluation depends only on the IP, the sender, the HELO name and those
@@ -650,8 +652,6 @@ def _remember_spf(resolver: Any, key: tuple[str, ...], verdict: tuple[str, str],
     repeat it. A verdict that read anything the cache does not hold (no TTL, a
     failure) is not kept.
     """
-    verdicts = getattr(resolver, "verdicts", None)
-    answers = getattr(resolver, "answers", None)
     if verdicts is None or answers is None or not consulted:
         return
     expiries = [answers.expires_at(name) for name in set(consulted)]

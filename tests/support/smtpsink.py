@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +364,20 @@ class LoopbackHosts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def loopback_hosts_or_skip(count: int, port: int = 0) -> Iterator[LoopbackHosts]:
+    """``LoopbackHosts`` for a fixture: the test is skipped, not failed, when no
+    block of addresses is free."""
+    import pytest  # here: this module also runs as a script, without pytest
+
+    try:
+        hosts = LoopbackHosts(count, port=port)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    with hosts:
+        yield hosts
 
 
 if __name__ == "__main__":
