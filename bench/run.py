@@ -1,7 +1,8 @@
 """``make bench``: every figure of docs/performance.md, measured in one run.
 
 Usage: ``python -m bench.run [--quick] [--seconds N] [--only inbound,source,send,listing,
-memory,mcp] [--targets aimx,postfix,...] [--workers N] [--mailbox-size N] [--json PATH]``.
+memory,mcp] [--targets aimx,postfix,...] [--workers N] [--mailbox-size N] [--filesystem fresh|tmp]
+[--json PATH]``.
 Needs root for Postfix (installed with apt when missing) and for the mailbox
 owner's files; without root the Postfix rows are skipped with a note. Prints
 absolute numbers and the ratios the targets are stated in; the whole run takes
@@ -369,14 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mailbox-size", type=int, default=None,
                         help="messages in the listing mailbox (default 100,000, 10,000 with "
                              "--quick)")
+    parser.add_argument("--filesystem", choices=("fresh", "tmp"), default="fresh",
+                        help="where the targets keep their files: a new ext4 image made for "
+                             "the run (default; needs root and a loop device, else falls back)"
+                             " or the system temp directory")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
     args = parser.parse_args(argv)
-    with targets.run_directory() as directory:
-        log(f"every target keeps its files under {directory}")
-        return run(args)
+    with targets.run_directory(args.filesystem == "fresh") as (directory, where):
+        log(f"every target keeps its files under {directory}, on {where}")
+        return run(args, where)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, where: str) -> int:
     """Every part ``args`` asks for, printed as it goes; the tables and verdicts at the end."""
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     mailbox_size = args.mailbox_size or (10_000 if args.quick else 100_000)
@@ -388,7 +393,8 @@ def run(args: argparse.Namespace) -> int:
         log("warning: not root; Postfix rows are skipped and file ownership is not exercised")
     started = time.monotonic()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
-                                           "load_before": os.getloadavg()},
+                                           "load_before": os.getloadavg(),
+                                           "filesystem": where},
                                "aimx_config": {k: v for k, v in targets.aimx_config(
                                    "127.0.0.1", args.workers).items() if k == "smtp_workers"}}
     log(f"aimx smtp_workers: {results['aimx_config'].get('smtp_workers', 'one per CPU')}")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import scratchfs
 from tests.support.daemon import REPO_ROOT, RunningDaemon
 from tests.support.ports import ReservedPort
 from tests.support.postfix import terminate, wait_for_banner
@@ -60,30 +61,39 @@ def aimx_config(dns_address: str, workers: int | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def run_directory() -> Iterator[Path]:
-    """One fresh directory that every target of a run keeps its files under, removed after.
+def run_directory(fresh_filesystem: bool = True) -> Iterator[tuple[Path, str]]:
+    """One new directory that every target of a run keeps its files under, removed after.
 
-    On ext4 the system CPU a file creation costs depends on the block group its
-    directory sits in (from tens to hundreds of microseconds), and a new
-    directory goes into its parent's group when it can: with one parent for the
-    whole run, every target's data, queue and Maildirs share a neighbourhood
-    instead of each landing wherever its own ``/tmp`` directory did. Temp dirs
-    made in this process (``tempfile.tempdir``) and in its subprocesses
+    Yields the directory and a line saying which filesystem it is on. With
+    ``fresh_filesystem``, that is a new ext4 image made for the run
+    (``bench.scratchfs``: a file creation then costs the same for every target
+    and every run); otherwise, or when no image can be mounted, the system temp
+    directory. Even there the run keeps one parent: a new directory goes into its
+    parent's ext4 block group when it can, so all targets share a neighbourhood.
+    Temp dirs made in this process (``tempfile.tempdir``) and in its subprocesses
     (``TMPDIR``) go there.
     """
-    parent = Path(tempfile.mkdtemp(prefix="aimx-bench-"))
-    parent.chmod(0o755)  # Postfix's daemons and the mailbox owner work below it
-    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = str(parent)
-    try:
-        yield parent
-    finally:
-        tempfile.tempdir = saved_tempdir
-        if saved_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved_env
-        shutil.rmtree(parent, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        base, where = None, "the system temp directory"
+        if fresh_filesystem:
+            try:
+                base = stack.enter_context(scratchfs.scratch_filesystem())
+                where = "a fresh ext4 filesystem (mkfs.ext4 defaults, on a loop device)"
+            except scratchfs.Unavailable as exc:
+                where += f" (no fresh filesystem: {exc})"
+        parent = Path(tempfile.mkdtemp(prefix="aimx-bench-", dir=base))
+        parent.chmod(0o755)  # Postfix's daemons and the mailbox owner work below it
+        saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+        tempfile.tempdir = os.environ["TMPDIR"] = str(parent)
+        try:
+            yield parent, where
+        finally:
+            tempfile.tempdir = saved_tempdir
+            if saved_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved_env
+            shutil.rmtree(parent, ignore_errors=True)
 
 
 def _md_files(directory: Path) -> list[os.DirEntry[str]]:
