@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
+import re
 import shutil
 import smtplib
 import socket
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from aimx.mail import frontmatter
-from aimx.smtp.server import source_key
+from aimx.smtp.server import end_of_data_mark, source_key
 from tests.support.daemon import RunningDaemon, SmtpWire, stored_emails
 from tests.support.dkimkeys import shared_key
 from tests.support.dnsserver import DnsServer, SilentDns
@@ -326,6 +328,20 @@ def test_nul_in_data_is_refused(plain: RunningDaemon) -> None:
         wire.send(message("nul", msg_id="nul@example.com", body="a\x00b\r\n"))
         assert wire.cmd(".") == "550 5.6.0 Bare LF not allowed"
     assert files_with(plain.data_dir, "alice", "nul@example.com") == []
+
+
+def test_end_of_data_search_finds_what_the_line_pattern_finds() -> None:
+    """The fast search for the end mark (a line of "." and blanks) agrees with the
+    plain multi-line pattern on every buffer, dot-led lines and bare CR/LF included."""
+    reference = re.compile(rb"^\.[ \t]*\r\n", re.MULTILINE)
+    rng = random.Random(25)
+    for _ in range(20_000):
+        buffer = bytearray(rng.choice(b"... \t\r\r\n\nab") for _ in range(rng.randrange(24)))
+        start = rng.randrange(len(buffer) + 1)
+        end = rng.randrange(start, len(buffer) + 1)
+        match = reference.search(buffer, start, end)
+        assert end_of_data_mark(buffer, start, end) == (match.start() if match else -1), (
+            bytes(buffer), start, end)
 
 
 def test_lf_dot_lf_does_not_end_data(plain: RunningDaemon) -> None:

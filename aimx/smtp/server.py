@@ -122,6 +122,21 @@ def _positive_from_env(name: str, default: float) -> float:
     return value if value > 0 else default
 
 
+def end_of_data_mark(buffer: bytes | bytearray, start: int, end: int) -> int:
+    """Where ``_END_OF_DATA.search(buffer, start, end)`` matches, or -1.
+
+    The regex alone tries every byte of the buffer (about 19 µs for 4 KB);
+    lines that begin with a dot are rare, so ``find`` (C speed) jumps from one
+    to the next and only those are matched.
+    """
+    at = start if buffer.startswith(b".", start) else buffer.find(b"\n.", start, end) + 1 or -1
+    while at >= 0:  # the pattern's "^" still checks that a newline (or nothing) is before
+        if _END_OF_DATA.match(buffer, at, end):
+            return at
+        at = buffer.find(b"\n.", at, end) + 1 or -1
+    return -1
+
+
 def idle_timeout_from_env() -> float:
     return _seconds_from_env(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT_SECS)
 
@@ -713,8 +728,8 @@ class SmtpSession(smtp.ESMTP):
         last = buffer.rfind(b"\n")
         if last < 0:
             return False
-        mark = _END_OF_DATA.search(buffer, 0, last + 1)
-        stop = mark.start() if mark is not None else last + 1
+        mark = end_of_data_mark(buffer, 0, last + 1)
+        stop = mark if mark >= 0 else last + 1
         if stop == 0:
             return False  # the mark itself is next: the per-line path ends the message
         block = bytes(buffer[:stop])
@@ -741,8 +756,7 @@ class SmtpSession(smtp.ESMTP):
         if last < 0:
             return False
         stop, position = last + 1, 0
-        while (mark := _END_OF_DATA.search(buffer, position, last + 1)) is not None:
-            start = mark.start()
+        while (start := end_of_data_mark(buffer, position, last + 1)) >= 0:
             if (start == 0 and message.after_crlf) or (start >= 2 and buffer[start - 2] == 13):
                 stop = start  # a real end mark: "." alone after a CRLF-ended line
                 break
