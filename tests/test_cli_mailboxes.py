@@ -173,6 +173,20 @@ def test_daemon_down_root_edits_the_config_directly(stopped, users):
     assert aimx(stopped, "mailboxes", "list", user=alice).returncode == 0
 
 
+def test_daemon_down_fallback_does_without_twisted(stopped):
+    """With the daemon down, root's ``aimx mailboxes list`` and ``aimx hooks list`` do the
+    work themselves without loading Twisted (a tenth of a second instead of a quarter)."""
+    if os.geteuid() != 0:
+        pytest.skip("the daemon-down fallback is root's")
+    probe = ("import sys\n"
+             "from aimx.cli.main import main\n"
+             "codes = [main(['mailboxes', 'list']), main(['hooks', 'list'])]\n"
+             "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))\n")
+    run = subprocess.run([sys.executable, "-c", probe], env=stopped.client_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines()[-1] == "[0, 0] []", run.stdout + run.stderr
+
+
 # -- list and show ------------------------------------------------------------------
 
 

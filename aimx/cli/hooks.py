@@ -25,7 +25,7 @@ from aimx.cli.mailboxes import (
 )
 from aimx.cli.main import CommandError, UsageError, describe
 from aimx.daemon.client import DaemonDown
-from aimx.daemon.protocol import ApiError, HookCreate, HookDelete, HookList
+from aimx.daemon.protocol import ApiError, HookCreate, HookDelete, HookList, error
 
 HOOK_NAME_PATTERN = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
 DEFAULT_TIMEOUT = 60
@@ -93,10 +93,10 @@ def _list(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx.daemon import api
+        from aimx.daemon import admin
 
         config = _offline_config(args, "list")
-        rows = api.hook_rows(config, api.Caller(0, 0, 0))
+        rows = admin.hook_rows(config, admin.Caller(0, 0, 0))
     if args.mailbox:
         rows = [row for row in rows if row["mailbox"] == args.mailbox]
     if not rows:
@@ -175,7 +175,7 @@ def _create(args: argparse.Namespace) -> int:
 def _create_offline(args: argparse.Namespace, fields: dict[str, Any]) -> str:
     """The daemon's HOOK-CREATE checks and rewrite, run as root in this process."""
     from aimx import config as configmod
-    from aimx.daemon import api
+    from aimx.daemon import admin
     from aimx.storage.mailstore import MailStore
 
     config = _offline_config(args, "create")
@@ -185,15 +185,15 @@ def _create_offline(args: argparse.Namespace, fields: dict[str, Any]) -> str:
     try:
         target = config.mailboxes.get(mailbox)
         if target is None:
-            raise api.error("ENOENT", f"mailbox '{mailbox}' does not exist")
+            raise error("ENOENT", f"mailbox '{mailbox}' does not exist")
         if target.is_catchall(config.domain):
-            raise api.error("MAILBOX", f"mailbox '{mailbox}' is the catchall; "
+            raise error("MAILBOX", f"mailbox '{mailbox}' is the catchall; "
                                        "hooks on the catchall are forbidden")
-        api.check_hook_fields(fields["event"], fields["cmd"], "cmd", flag, timeout)
+        admin.check_hook_fields(fields["event"], fields["cmd"], "cmd", flag, timeout)
         hook = configmod.Hook(event=fields["event"], cmd=tuple(fields["cmd"]),
                               name=fields["name"], fire_on_untrusted=flag, timeout_secs=timeout)
         with MailStore(Path(config.data_dir)).mailbox_lock(mailbox):
-            api.create_hook(Path(config.path), mailbox, hook,
+            admin.create_hook(Path(config.path), mailbox, hook,
                             paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise CommandError(str(exc)) from None
@@ -209,10 +209,10 @@ def _delete(args: argparse.Namespace) -> int:
     try:
         rows = call(HookList)["rows"]
     except DaemonDown:
-        from aimx.daemon import api
+        from aimx.daemon import admin
 
         offline_config = _offline_config(args, "delete")
-        rows = api.hook_rows(offline_config, api.Caller(0, 0, 0))
+        rows = admin.hook_rows(offline_config, admin.Caller(0, 0, 0))
     matches = [r for r in rows if r["name"] == name and args.mailbox in (None, r["mailbox"])]
     row = matches[0] if len(matches) == 1 else None  # several: the daemon asks for --mailbox
     if row is not None and not args.yes:
@@ -240,13 +240,13 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, config: Any, name: str) -> None:
-    from aimx.daemon import api
+    from aimx.daemon import admin
     from aimx.storage.mailstore import MailStore
 
     try:
-        mailbox = api.find_hook(config, name, api.Caller(0, 0, 0), args.mailbox)
+        mailbox = admin.find_hook(config, name, admin.Caller(0, 0, 0), args.mailbox)
         with MailStore(Path(config.data_dir)).mailbox_lock(mailbox):
-            api.delete_hook(Path(config.path), name, mailbox,
+            admin.delete_hook(Path(config.path), name, mailbox,
                             paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise CommandError(str(exc)) from None

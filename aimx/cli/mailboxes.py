@@ -20,7 +20,7 @@ from typing import Any
 from aimx import paths, term
 from aimx.cli.main import CommandError, UsageError, describe
 from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
-from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
+from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList, error
 
 DAEMON_DOWN_TEXT = (
     "daemon must be running for non-root mailbox CRUD; start `aimx serve` or run with sudo "
@@ -130,10 +130,10 @@ def visible_mailbox(config: Any, name: str) -> Any:
     Another user's mailbox is refused exactly like a missing one, as the
     daemon does, so the CLI does not tell who has which mailbox.
     """
-    from aimx.daemon import api
+    from aimx.daemon import admin
 
     mailbox = config.mailboxes.get(name)
-    caller = api.Caller(os.geteuid(), os.getegid(), os.getpid())
+    caller = admin.Caller(os.geteuid(), os.getegid(), os.getpid())
     if mailbox is None or not (caller.is_root or caller.owns(mailbox)):
         raise CommandError(f"Mailbox '{name}' does not exist")
     return mailbox
@@ -245,18 +245,18 @@ def _report_created(name: str, reply: dict[str, Any]) -> None:
 def _create_offline(args: argparse.Namespace, config: Any, name: str, owner: str) -> dict:
     """Daemon down, root: the daemon's checks and rewrite, run in this process."""
     from aimx import config as configmod
-    from aimx.daemon import api
+    from aimx.daemon import admin
     from aimx.storage.mailstore import MailStore
 
     config = config or load_config(args)
     try:
         if not configmod.USERNAME_RE.fullmatch(owner):
-            raise api.error("MALFORMED", f"invalid owner value: \"{owner}\" "
+            raise error("MALFORMED", f"invalid owner value: \"{owner}\" "
                                          "(must match [a-z_][a-z0-9_-]*[$]?)")
-        api.check_mailbox_name(name)
+        admin.check_mailbox_name(name)
         data_dir = Path(config.data_dir)
         with MailStore(data_dir).mailbox_lock(name):
-            new = api.create_mailbox(Path(config.path), data_dir, name, owner,
+            new = admin.create_mailbox(Path(config.path), data_dir, name, owner,
                                      paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise api_to_command(exc) from None
@@ -287,15 +287,15 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _delete_offline(args: argparse.Namespace, name: str) -> None:
-    from aimx.daemon import api
+    from aimx.daemon import admin
     from aimx.storage.mailstore import MailStore
 
     config = load_config(args)
     try:
-        api.check_mailbox_name(name)
+        admin.check_mailbox_name(name)
         data_dir = Path(config.data_dir)
         with MailStore(data_dir).mailbox_lock(name):
-            api.delete_mailbox(Path(config.path), data_dir, name, args.force,
+            admin.delete_mailbox(Path(config.path), data_dir, name, args.force,
                                paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise api_to_command(exc) from None
@@ -313,10 +313,10 @@ def _list(args: argparse.Namespace) -> int:
     except DaemonDown:
         if not root:
             raise CommandError(DAEMON_DOWN_TEXT, 2) from None
-        from aimx.daemon import api
+        from aimx.daemon import admin
 
         config = load_config(args)
-        rows = api.mailbox_rows(config, Path(config.data_dir), api.Caller(0, 0, 0))["rows"]
+        rows = admin.mailbox_rows(config, Path(config.data_dir), admin.Caller(0, 0, 0))["rows"]
     if not rows:
         print("No mailboxes.")
         return 0
