@@ -17,13 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aimx.mail import frontmatter
+from aimx.mail.headers import compute_thread_id, rfc3339_utc
 from aimx.mail.message import (
     HTML_TRUNCATED_MARKER,
     MessageParseError,
     ParsedMessage,
-    compute_thread_id,
     parse_message,
-    rfc3339_utc,
 )
 
 MIME_DIR = Path(__file__).parent / "data" / "mime"

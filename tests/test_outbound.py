@@ -29,7 +29,7 @@ from aimx.daemon.outbound import (
 )
 from aimx.mail import frontmatter
 from aimx.mail.compose import MUTUALLY_EXCLUSIVE, compose_message
-from aimx.mail.message import compute_thread_id
+from aimx.mail.headers import compute_thread_id
 from aimx.mail.render import MARKDOWN_CAP
 from aimx.storage.mailstore import MailStore
 from tests.support.dkimkeys import shared_key

@@ -45,6 +45,7 @@ from aimx.mail.compose import (
     normalize_crlf,
     recipient_problem,
 )
+from aimx.mail.headers import rfc3339_utc
 from aimx.mail.render import MARKDOWN_CAP, render_markdown
 from aimx.smtp import emailauth
 
@@ -620,7 +621,7 @@ def sent_copy_fields(prepared: PreparedSend, status: str, details: str | None = 
         "delivery_status": status,
     }
     if status == "delivered":
-        fields["delivered_at"] = message.rfc3339_utc(when)
+        fields["delivered_at"] = rfc3339_utc(when)
     elif details is not None:
         fields["delivery_details"] = details
     if prepared.attachments:

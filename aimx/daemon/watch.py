@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from aimx.logs import logger
-from aimx.mail.message import rfc3339_utc
+from aimx.mail.headers import rfc3339_utc
 
 log = logger("aimx::uds")
 

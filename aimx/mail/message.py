@@ -10,9 +10,10 @@ message the sender retries for days, so this module is deliberately forgiving:
   exception into ``MessageParseError`` so nothing else ever escapes.
 * The stdlib parser runs with a compat32-based policy whose header access returns plain text
   (raw 8-bit bytes read as lossy UTF-8) instead of structured objects; header decoding
-  (RFC 2047 words, RFC 2231 parameters, charsets) is done here, where every failure has a
-  fallback. Unknown or non-text charsets decode as lossy UTF-8; ``us-ascii`` and unlabelled
-  text are read as UTF-8 (a superset) so mislabelled 8-bit mail keeps its characters.
+  (RFC 2047 words, RFC 2231 parameters, charsets) is done here and in
+  :mod:`aimx.mail.headers`, where every failure has a fallback. Unknown or non-text charsets
+  decode as lossy UTF-8; ``us-ascii`` and unlabelled text are read as UTF-8 (a superset) so
+  mislabelled 8-bit mail keeps its characters.
 * Header *fields* use the last occurrence of a repeated header (spec 20 §5). The MIME
   structure (Content-Type, boundary) follows the stdlib parser, which uses the first.
 * A ``Date`` without a zone (or ``-0000``) is taken as UTC; a missing or unparseable one
@@ -27,15 +28,12 @@ needs. Its input is capped at 2 MiB; a truncated conversion ends with
 
 from __future__ import annotations
 
-import base64
 import binascii
-import codecs
 import datetime
 import email.feedparser
 import email.parser
 import email.policy
 import email.utils
-import functools
 import hashlib
 import quopri
 import re
@@ -47,6 +45,26 @@ from typing import Protocol
 import attrs
 
 from aimx.logs import logger
+from aimx.mail.headers import (
+    TEXT_POLICY,
+    address_list,
+    as_text,
+    b64decode_lenient,
+    compute_thread_id,
+    decode_bytes,
+    decode_rfc2047,
+    first_id,
+    joined_addresses,
+    last_headers,
+    lone_thread_root,
+    reference_chain,
+    render_address,
+    rfc3339_utc,
+    sender_date,
+    single_line,
+    strip_brackets,
+    trimmed,
+)
 
 log = logger("aimx::message")
 
@@ -129,320 +147,6 @@ class ParsedMessage:
         }
 
 
-# --------------------------------------------------------------------------- timestamps
-
-
-def rfc3339_utc(when: datetime.datetime) -> str:
-    """The one UTC timestamp form aimx writes: ``2025-01-01T12:00:03.512345Z``.
-
-    Used for ``received_at``, ``read_at`` and ``delivered_at``; microseconds keep repeated
-    marks within one second ordered. A naive datetime is taken as UTC.
-    """
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    when = when.astimezone(datetime.UTC)
-    return (
-        f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
-        f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}.{when.microsecond:06d}Z"
-    )
-
-
-def _sender_date(value: str) -> str | None:
-    """A Date header in the sender's own offset, RFC 3339 without fractions; None if bad."""
-    when: datetime.datetime | None = None
-    try:
-        parts = email.utils.parsedate_tz(value)
-        if parts is not None:
-            offset = parts[9] or 0
-            zone = datetime.timezone(datetime.timedelta(seconds=offset))
-            when = datetime.datetime(*parts[:6], tzinfo=zone)
-    except (ValueError, TypeError, OverflowError, IndexError):
-        when = None
-    if when is None:
-        try:  # some broken senders write ISO 8601 in Date:
-            when = datetime.datetime.fromisoformat(value.strip())
-        except ValueError:
-            return None
-        if when.tzinfo is None:
-            return None
-    offset_delta = when.utcoffset() or datetime.timedelta(0)
-    minutes = int(offset_delta.total_seconds()) // 60
-    if minutes == 0:
-        zone_text = "Z"
-    else:
-        sign = "+" if minutes > 0 else "-"
-        zone_text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
-    return (
-        f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
-        f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}{zone_text}"
-    )
-
-
-# --------------------------------------------------------------------------- charsets
-
-# Labels Python does not know, or where the real-world meaning is a superset.
-_CHARSET_ALIASES = {
-    "us-ascii": "utf-8",
-    "ascii": "utf-8",
-    "unknown-8bit": "utf-8",
-    "x-unknown": "utf-8",
-    "unknown": "utf-8",
-    "default": "utf-8",
-    "iso-8859-1": "windows-1252",
-    "latin1": "windows-1252",
-    "latin-1": "windows-1252",
-    "iso-8859-8-i": "iso-8859-8",
-    "iso-8859-8-e": "iso-8859-8",
-    "iso-8859-6-i": "iso-8859-6",
-    "iso-8859-6-e": "iso-8859-6",
-    "gb2312": "gb18030",
-    "gbk": "gb18030",
-    "x-gbk": "gb18030",
-    "euc-kr": "cp949",
-    "ks_c_5601-1987": "cp949",
-    "shift_jis": "cp932",
-    "shift-jis": "cp932",
-    "x-sjis": "cp932",
-    "windows-874": "cp874",
-    "x-user-defined": "windows-1252",
-}
-
-
-@functools.lru_cache(maxsize=256)
-def _codec_name(charset: str | None) -> str:
-    """A Python text codec for a MIME charset label; UTF-8 when unknown or unusable."""
-    if not charset:
-        return "utf-8"
-    label = charset.strip().strip("\"'").split("*", 1)[0].strip().lower()
-    label = _CHARSET_ALIASES.get(label, label)
-    try:
-        codecs.lookup(label)
-        b"".decode(label)  # rejects bytes-to-bytes codecs such as base64 or zlib
-    except Exception:
-        return "utf-8"
-    return label
-
-
-def _decode_bytes(data: bytes, charset: str | None) -> str:
-    """Decode text bytes lossily; never raises."""
-    try:
-        return data.decode(_codec_name(charset), "replace")
-    except Exception:  # codecs that refuse the "replace" handler (idna, ...)
-        return data.decode("utf-8", "replace")
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _as_text(value: object) -> str:
-    """Header text from the parser: raw 8-bit bytes (surrogate-escaped) read as lossy UTF-8."""
-    text = value if isinstance(value, str) else str(value)
-    if _SURROGATES.search(text):
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        text = _SURROGATES.sub("\ufffd", text)
-    return text
-
-
-class _TextHeaderPolicy(email.policy.Compat32):
-    """compat32 with header access returning plain text instead of ``Header`` objects."""
-
-    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
-        return _as_text(value)
-
-
-_POLICY = _TextHeaderPolicy()
-
-
-# --------------------------------------------------------------------------- headers
-
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_LINE_BREAKS = str.maketrans({"\r": None, "\n": None, "\x00": None})
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*?)\?=")
-
-
-def _unfold(value: str) -> str:
-    return _FOLD.sub("", value)
-
-
-def _single_line(value: str) -> str:
-    """Values end up in single-line TOML strings and hook environments."""
-    return value.translate(_LINE_BREAKS)
-
-
-def _b64decode_lenient(data: bytes | str) -> bytes:
-    """Base64 that tolerates junk characters, missing padding and a dangling character.
-
-    ASCII text is decoded directly (one copy fewer on a 25 MB attachment)."""
-    try:
-        return binascii.a2b_base64(data)
-    except (binascii.Error, ValueError):
-        pass
-    if isinstance(data, str):
-        data = data.encode("ascii", "ignore")
-    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
-    if len(cleaned) % 4 == 1:
-        cleaned = cleaned[:-1]
-    cleaned += b"=" * (-len(cleaned) % 4)
-    try:
-        return base64.b64decode(cleaned)
-    except (binascii.Error, ValueError):
-        return b""
-
-
-def decode_rfc2047(value: str) -> str:
-    """Decode RFC 2047 encoded words; adjacent words of one charset are joined as bytes first,
-    so a multi-byte character split across words survives."""
-    if "=?" not in value:
-        return value
-    # Each chunk is literal text (charset None) or the byte pieces of consecutive words in
-    # one charset, joined once at the end (no quadratic concatenation on huge headers).
-    chunks: list[tuple[str | None, list]] = []
-    position = 0
-    for match in _ENCODED_WORD.finditer(value):
-        between = value[position:match.start()]
-        follows_word = position > 0
-        if between and not (follows_word and between.isspace()):
-            chunks.append((None, [between]))
-        charset, encoding, encoded = match.groups()
-        raw = encoded.encode("ascii", "replace")
-        if encoding in "bB":
-            data = _b64decode_lenient(raw)
-        else:
-            data = binascii.a2b_qp(raw, header=True)
-        charset_key = charset.split("*", 1)[0].lower()
-        if chunks and chunks[-1][0] == charset_key:
-            chunks[-1][1].append(data)
-        else:
-            chunks.append((charset_key, [data]))
-        position = match.end()
-    if position < len(value):
-        chunks.append((None, [value[position:]]))
-    return "".join(
-        "".join(pieces) if charset is None else _decode_bytes(b"".join(pieces), charset)
-        for charset, pieces in chunks
-    )
-
-
-def _last_headers(msg: Message) -> dict[str, str]:
-    """Header name (lower case) → unfolded text of its last occurrence."""
-    headers: dict[str, str] = {}
-    for name, value in msg.raw_items():
-        headers[str(name).strip().lower()] = _unfold(_as_text(value))
-    return headers
-
-
-_ADDRESS_CACHE_MAX_LEN = 1000  # longer header values are parsed each time, never kept
-
-
-def _addresses(value: str | None) -> list[tuple[str, str]]:
-    """(display name, address) pairs with an address, display names decoded."""
-    if not value:
-        return []
-    if len(value) <= _ADDRESS_CACHE_MAX_LEN:
-        return list(_address_pairs(value))
-    return list(_parse_addresses(value))
-
-
-@functools.lru_cache(maxsize=512)
-def _address_pairs(value: str) -> tuple[tuple[str, str], ...]:
-    """``_parse_addresses``, kept per header value: a steady sender's From and To
-    repeat, and the parse (``getaddresses``, RFC 2047) depends on the text alone."""
-    return _parse_addresses(value)
-
-
-def _parse_addresses(value: str) -> tuple[tuple[str, str], ...]:
-    try:
-        pairs = email.utils.getaddresses([value])
-    except Exception:
-        pairs = []
-    found = []
-    for name, address in pairs:
-        address = _single_line(address).strip()
-        if address:
-            found.append((_single_line(decode_rfc2047(name)).strip(), address))
-    if not found and "@" in value:  # a parser refusal, not an empty group like "list:;"
-        bracketed = re.search(r"<([^<>]+)>", value)
-        fallback = bracketed.group(1) if bracketed else value
-        fallback = _single_line(fallback).strip()
-        if fallback:
-            found.append(("", fallback))
-    return tuple(found)
-
-
-def _render_address(name: str, address: str) -> str:
-    return f"{name} <{address}>" if name else address
-
-
-def _joined_addresses(value: str | None) -> str | None:
-    rendered = [_render_address(name, address) for name, address in _addresses(value)]
-    return ", ".join(rendered) or None
-
-
-def _trimmed(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return _single_line(value).strip() or None
-
-
-# --------------------------------------------------------------------------- message ids
-
-
-def _first_id(raw: str | None) -> str:
-    """The first ``<…>`` group of a header value, or the whole trimmed value without ``<``."""
-    if not raw:
-        return ""
-    value = _single_line(_unfold(raw)).strip()
-    start = value.find("<")
-    if start < 0:
-        return value
-    end = value.find(">", start)
-    return value[start:] if end < 0 else value[start:end + 1]
-
-
-def _strip_brackets(value: str) -> str:
-    if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
-        return value[1:-1]
-    return value
-
-
-def compute_thread_id(
-    in_reply_to_raw: str | None, references_raw: str | None, message_id_raw: str | None,
-    *, lone_root: str | Callable[[], str] = "",
-) -> str:
-    """Spec 20 §8 / D3: sha256 of the first id of In-Reply-To, else of References, else the
-    message's own id (one pair of brackets stripped); the first 16 hex digits.
-
-    ``lone_root`` stands in when the message names no id at all, so such messages
-    do not all share the thread of the empty string; a callable is only called then.
-    """
-    root = _first_id(in_reply_to_raw) or _first_id(references_raw) or _first_id(message_id_raw)
-    root = _strip_brackets(root) or (lone_root() if callable(lone_root) else lone_root)
-    try:
-        data = root.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        data = root.encode("utf-8", "replace")
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _lone_root(raw: bytes, received: datetime.datetime) -> str:
-    """The thread root of a message without Message-ID, In-Reply-To and References: its
-    own bytes and the moment it arrived, so even two identical ones get threads of their
-    own (the same message delivered to several recipients at once keeps one)."""
-    return f"{hashlib.sha256(raw).hexdigest()}@{received.isoformat()}"
-
-
-def _reference_chain(raw: str | None) -> str | None:
-    """Every id of References in order, each bracketed, space-separated."""
-    if not raw:
-        return None
-    value = _single_line(_unfold(raw))
-    ids = [group[1:-1].strip() for group in re.findall(r"<[^<>]*>", value)]
-    if not ids and "<" not in value:
-        ids = value.split()
-    ids = [item for item in ids if item]
-    return " ".join(f"<{item}>" for item in ids) or None
-
-
 # --------------------------------------------------------------------------- MIME tree
 
 _PRIMARY, _OTHER_ALTERNATIVE = "primary", "other-alternative"
@@ -461,8 +165,8 @@ def _param(part: Message, name: str, header: str) -> str | None:
             data = text.encode("latin-1", "surrogateescape")
         except UnicodeEncodeError:
             data = None
-        value = _decode_bytes(data, charset or "utf-8") if data is not None else text
-    return decode_rfc2047(_as_text(value))
+        value = decode_bytes(data, charset or "utf-8") if data is not None else text
+    return decode_rfc2047(as_text(value))
 
 
 def _filename(part: Message) -> str:
@@ -508,7 +212,7 @@ def _decoded_payload(part: Message) -> bytes:
         except Exception:
             payload = None
         if isinstance(payload, str):
-            return _b64decode_lenient(payload)
+            return b64decode_lenient(payload)
     try:
         data = part.get_payload(decode=True)
     except Exception:
@@ -526,7 +230,7 @@ def _part_text(part: Message) -> str:
         charset = part.get_content_charset()
     except Exception:
         charset = None
-    return _decode_bytes(_decoded_payload(part), charset)
+    return decode_bytes(_decoded_payload(part), charset)
 
 
 def _serialized(part: Message, linesep: str) -> bytes:
@@ -534,7 +238,7 @@ def _serialized(part: Message, linesep: str) -> bytes:
     payload = part.get_payload()
     inner = payload[0] if isinstance(payload, list) and len(payload) == 1 else None
     target = inner if isinstance(inner, Message) else part
-    policy = _POLICY.clone(linesep=linesep, max_line_length=None)  # never refold headers
+    policy = TEXT_POLICY.clone(linesep=linesep, max_line_length=None)  # never refold headers
     try:
         if target is part:  # several blocks (delivery-status): the blocks, not our own headers
             return linesep.encode().join(
@@ -694,7 +398,7 @@ def _html_body(parts: list[Message]) -> str:
             charset = part.get_content_charset()
         except Exception:
             charset = None
-        texts.append(_normalise_newlines(html_to_text(_decode_bytes(data, charset))))
+        texts.append(_normalise_newlines(html_to_text(decode_bytes(data, charset))))
     body = _join_texts(texts) if texts else ""
     if truncated:
         body = body.rstrip("\n") + HTML_TRUNCATED_MARKER
@@ -727,7 +431,7 @@ def _raw_body_text(msg: Message) -> str:
     except Exception:
         return ""
     if isinstance(payload, str):
-        return _normalise_newlines(_as_text(payload))
+        return _normalise_newlines(as_text(payload))
     return ""
 
 
@@ -771,7 +475,7 @@ def _single_part_parse(raw: bytes) -> Message | None:
     blank = _BLANK_LINE.search(raw)
     if blank is None:
         return None
-    parser = email.feedparser.BytesFeedParser(policy=_POLICY)
+    parser = email.feedparser.BytesFeedParser(policy=TEXT_POLICY)
     parser.feed(raw[:blank.end()])
     msg = parser.close()
     if msg.defects or msg.get_payload() or msg.get_content_maintype() in ("multipart",
@@ -787,7 +491,7 @@ def _feed_parse(raw: bytes) -> Message:
     single = _single_part_parse(raw)
     if single is not None:
         return single
-    parser = email.feedparser.BytesFeedParser(policy=_POLICY)
+    parser = email.feedparser.BytesFeedParser(policy=TEXT_POLICY)
     view = memoryview(raw)
     for start in range(0, len(view), _FEED_CHUNK):
         parser.feed(bytes(view[start:start + _FEED_CHUNK]))
@@ -801,46 +505,47 @@ def _parse(raw: bytes, now: datetime.datetime) -> ParsedMessage:
         body, attachments = _body_and_attachments(msg, linesep)
     except Exception as exc:  # RecursionError on absurd nesting, parser bugs
         msg, body, attachments = _unstructured(raw, exc)
-    return _parsed_message(msg, body, attachments, now, lambda: _lone_root(raw, now), len(raw))
+    return _parsed_message(msg, body, attachments, now, lambda: lone_thread_root(raw, now),
+                           len(raw))
 
 
 def _unstructured(raw: bytes, exc: Exception) -> tuple[Message, str, list[Attachment]]:
     log.warning("MIME structure unusable, keeping the raw body as text: %r", exc)
-    msg = email.parser.BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
+    msg = email.parser.BytesParser(policy=TEXT_POLICY).parsebytes(raw, headersonly=True)
     return msg, _raw_body_text(msg), []
 
 
 def _parsed_message(msg: Message, body: str, attachments: list[Attachment],
                     now: datetime.datetime, lone_root: str | Callable[[], str],
                     size: int) -> ParsedMessage:
-    headers = _last_headers(msg)
-    from_pairs = _addresses(headers.get("from"))
-    to_pairs = _addresses(headers.get("to"))
-    subject = _single_line(decode_rfc2047(headers.get("subject", ""))).strip()
-    date = _sender_date(headers["date"]) if "date" in headers else None
+    headers = last_headers(msg)
+    from_pairs = address_list(headers.get("from"))
+    to_pairs = address_list(headers.get("to"))
+    subject = single_line(decode_rfc2047(headers.get("subject", ""))).strip()
+    date = sender_date(headers["date"]) if "date" in headers else None
     message_id_raw = headers.get("message-id")
     in_reply_to_raw = headers.get("in-reply-to")
     references_raw = headers.get("references")
 
     return ParsedMessage(
-        message_id=_strip_brackets(_first_id(message_id_raw)),
-        from_=_render_address(*from_pairs[0]) if from_pairs else "",
-        to=_render_address(*to_pairs[0]) if to_pairs else "",
-        cc=_joined_addresses(headers.get("cc")),
-        reply_to=_joined_addresses(headers.get("reply-to")),
+        message_id=strip_brackets(first_id(message_id_raw)),
+        from_=render_address(*from_pairs[0]) if from_pairs else "",
+        to=render_address(*to_pairs[0]) if to_pairs else "",
+        cc=joined_addresses(headers.get("cc")),
+        reply_to=joined_addresses(headers.get("reply-to")),
         subject=subject or NO_SUBJECT,
         date=date or rfc3339_utc(now),
-        in_reply_to=_strip_brackets(_first_id(in_reply_to_raw)) or None,
-        references=_reference_chain(references_raw),
-        list_id=_trimmed(headers.get("list-id")),
-        auto_submitted=_trimmed(headers.get("auto-submitted")),
+        in_reply_to=strip_brackets(first_id(in_reply_to_raw)) or None,
+        references=reference_chain(references_raw),
+        list_id=trimmed(headers.get("list-id")),
+        auto_submitted=trimmed(headers.get("auto-submitted")),
         thread_id=compute_thread_id(in_reply_to_raw, references_raw, message_id_raw,
                                     lone_root=lone_root),
         body=body,
         attachments=tuple(attachments),
         from_addresses=tuple(address for _name, address in from_pairs),
         size_bytes=size,
-        precedence=_trimmed(headers.get("precedence")),
+        precedence=trimmed(headers.get("precedence")),
     )
 
 
@@ -910,7 +615,7 @@ def _payload_bytes(text: str, skeleton: _Skeleton, source: SpooledBytes) -> Iter
 
 
 class _Base64ToFile:
-    """Streaming base64 decoding with ``_b64decode_lenient``'s result, for input of the
+    """Streaming base64 decoding with ``b64decode_lenient``'s result, for input of the
     ordinary shape: junk ignored, padding only at the very end. Anything else makes
     ``finish`` return False and the caller decodes the whole payload the old way."""
 

@@ -22,13 +22,8 @@ from aimx.config import Config
 from aimx.logs import kv, logger
 from aimx.mail import loopguard, trust
 from aimx.mail.authresults import AuthResults
-from aimx.mail.message import (
-    MessageParseError,
-    ParsedMessage,
-    parse_message,
-    parse_spooled,
-    rfc3339_utc,
-)
+from aimx.mail.headers import rfc3339_utc
+from aimx.mail.message import MessageParseError, ParsedMessage, parse_message, parse_spooled
 from aimx.smtp import dnsresolve, emailauth
 from aimx.storage.layout import StorageError
 from aimx.storage.mailstore import MailStore

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aimx.mail import frontmatter
-from aimx.mail.message import rfc3339_utc
+from aimx.mail.headers import rfc3339_utc
 from aimx.storage import safefs
 from aimx.storage.atomic import publish_file
 from aimx.storage.emailfiles import EMAIL_FILE_LIMIT, locate, mailbox_or_none, open_email
