@@ -31,7 +31,7 @@ from aimx.daemon.protocol import ApiError, Send, Version
 from aimx.mail import frontmatter
 from tests.support.daemon import RunningDaemon, stored_emails
 from tests.support.dkimkeys import shared_key
-from tests.support.dnsserver import DnsServer, SilentDns
+from tests.support.dnsserver import DnsServer, SilentDns, ThreadedDnsEndpoint
 from tests.support.ports import udp_and_tcp
 from tests.support.smtpabuse import AbuseReport, Target, Wire, message
 
@@ -396,25 +396,21 @@ def ApiClientVersion(daemon: RunningDaemon) -> bool:  # noqa: N802 (reads as a c
     return "tag" in Client(daemon.socket_path, timeout=5).call(Version)
 
 
-class GarbageDns:
+class GarbageDns(ThreadedDnsEndpoint):
     """A UDP+TCP DNS endpoint answering every query with junk of several kinds."""
 
     def __init__(self) -> None:
-        self.udp, self.tcp = udp_and_tcp()
-        self.port = self.udp.getsockname()[1]
         self.answered = 0
-        self._stop = threading.Event()
         self._rng = random.Random(5)
-        self._threads = [threading.Thread(target=self._udp_loop, daemon=True),
-                         threading.Thread(target=self._tcp_loop, daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        udp, tcp = udp_and_tcp()
+        self.port = udp.getsockname()[1]
+        super().__init__(udp, tcp)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def junk(self, query: bytes) -> bytes:
+    def answer(self, query: bytes) -> bytes:
         kind = self.answered % 5
         self.answered += 1
         if kind == 0:
@@ -426,51 +422,6 @@ class GarbageDns:
         if kind == 3:
             return b"\xff\xff" + query[2:]  # wrong id
         return query[:2] + b"\x81\x80" + query[4:12] + self._rng.randbytes(200)
-
-    def _udp_loop(self) -> None:
-        self.udp.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                query, client = self.udp.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                self.udp.sendto(self.junk(query), client)
-            except OSError:
-                continue
-
-    def _tcp_loop(self) -> None:
-        self.tcp.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.tcp.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    data = conn.recv(4096)
-                    reply = self.junk(data[2:])
-                    conn.sendall(len(reply).to_bytes(2, "big") + reply)
-                except OSError:
-                    continue
-
-    def close(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(2)
-        self.udp.close()
-        self.tcp.close()
-
-    def __enter__(self) -> GarbageDns:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def test_dns_answering_garbage_is_survived_with_bounded_delays(owner: str) -> None:

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from tests.support.ports import udp_and_tcp
@@ -193,6 +194,87 @@ class SilentDns:
         self.tcp.close()
 
     def __enter__(self) -> SilentDns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a stream socket; ``OSError`` if it ends first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("short read")
+        data += chunk
+    return data
+
+
+class ThreadedDnsEndpoint:
+    """A hand-made DNS endpoint: one thread serves its UDP socket, one its TCP socket.
+
+    Subclasses say what a query gets (``answer``) and, when TCP needs more than
+    one length-prefixed query and answer, how a connection is served
+    (``serve_stream``). For the endpoints twisted.names cannot play: a relay on
+    a fixed address, a server that answers with junk.
+    """
+
+    def __init__(self, udp: socket.socket, tcp: socket.socket) -> None:
+        self.udp, self.tcp = udp, tcp
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._udp_loop, daemon=True),
+                         threading.Thread(target=self._tcp_loop, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def answer(self, query: bytes) -> bytes:
+        raise NotImplementedError
+
+    def serve_stream(self, conn: socket.socket) -> None:
+        """One TCP connection: a length-prefixed query, its length-prefixed answer."""
+        query = recv_exactly(conn, int.from_bytes(recv_exactly(conn, 2), "big"))
+        reply = self.answer(query)
+        conn.sendall(len(reply).to_bytes(2, "big") + reply)
+
+    def _udp_loop(self) -> None:
+        self.udp.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                query, client = self.udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                self.udp.sendto(self.answer(query), client)
+            except OSError:
+                continue
+
+    def _tcp_loop(self) -> None:
+        self.tcp.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(3)
+                try:
+                    self.serve_stream(conn)
+                except OSError:
+                    continue
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+    def __enter__(self) -> ThreadedDnsEndpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,11 +24,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from tests.support.dnsserver import ThreadedDnsEndpoint, recv_exactly
 from tests.support.ports import ReservedPort
 from tests.support.procs import child_pids
 
@@ -354,83 +354,32 @@ class SmtpSinkProgram:
         self._port.close()
 
 
-class DnsRelay:
+class DnsRelay(ThreadedDnsEndpoint):
     """Forward DNS from ``address:53`` (UDP and TCP) to a test server on 127.0.0.1."""
 
     def __init__(self, address: str, upstream_port: int) -> None:
         self.address = address
         self.upstream = ("127.0.0.1", upstream_port)
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((address, 53))
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((address, 53))
-        self.tcp.listen(8)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
-                         threading.Thread(target=self._serve_tcp, daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((address, 53))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((address, 53))
+        tcp.listen(8)
+        super().__init__(udp, tcp)
 
-    def _serve_udp(self) -> None:
-        self.udp.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                query, client = self.udp.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
-                up.settimeout(3)
-                try:
-                    up.sendto(query, self.upstream)
-                    answer, _ = up.recvfrom(65535)
-                    self.udp.sendto(answer, client)
-                except OSError:
-                    continue
+    def answer(self, query: bytes) -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(3)
+            up.sendto(query, self.upstream)
+            return up.recvfrom(65535)[0]
 
-    def _serve_tcp(self) -> None:
-        self.tcp.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.tcp.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn, socket.create_connection(self.upstream, timeout=3) as up:
-                conn.settimeout(3)
-                try:
-                    head = _recv_all(conn, 2)
-                    up.sendall(head + _recv_all(conn, int.from_bytes(head, "big")))
-                    head = _recv_all(up, 2)
-                    conn.sendall(head + _recv_all(up, int.from_bytes(head, "big")))
-                except OSError:
-                    continue
-
-    def close(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(2)
-        self.udp.close()
-        self.tcp.close()
-
-    def __enter__(self) -> DnsRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _recv_all(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise OSError("short read")
-        data += chunk
-    return data
+    def serve_stream(self, conn: socket.socket) -> None:
+        with socket.create_connection(self.upstream, timeout=3) as up:
+            head = recv_exactly(conn, 2)
+            up.sendall(head + recv_exactly(conn, int.from_bytes(head, "big")))
+            head = recv_exactly(up, 2)
+            conn.sendall(head + recv_exactly(up, int.from_bytes(head, "big")))
 
 
 def opendkim_verify(message: bytes, *, nameserver: str) -> tuple[int, str]:
