@@ -714,7 +714,7 @@ def _check_owner(mailbox: Mailbox, domain: str, warnings: list[str]) -> None:
         if not is_valid_username(owner):
             raise ConfigError(
                 f"mailbox '{name}' has invalid owner '{owner}': must be 'root', "
-                "'aimx-catchall', or a valid Linux username matching [a-z_][a-z0-9_-]*[$]?"
+                f"'aimx-catchall', or a valid Linux username matching {USERNAME_RE.pattern}"
             )
         if owner_ids(owner) is None:
             warnings.append(
@@ -752,7 +752,7 @@ def _check_hook_fields(hook: Hook, mailbox: str) -> None:
     if hook.name is not None and not HOOK_NAME_RE.fullmatch(hook.name):
         raise ConfigError(
             f"invalid hook name '{hook.name}' on mailbox '{mailbox}': "
-            "must match [a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
+            f"must match {HOOK_NAME_RE.pattern}"
         )
     if not hook.cmd:
         raise ConfigError(

@@ -153,6 +153,9 @@ def test_daemon_down_root_edits_the_config_directly(stopped, users):
     inbox = os.stat(stopped.data_dir / "inbox" / "helper")
     assert (inbox.st_uid, stat.S_IMODE(inbox.st_mode)) == (alice.uid, 0o700)
     # The same validation as the daemon's.
+    run = aimx(stopped, "mailboxes", "create", "ops", "--owner", "Bad Owner")
+    assert (run.returncode, run.stderr) == (1, 'Error: [MALFORMED] invalid owner value: '
+                                               '"Bad Owner" (must match [a-z_][a-z0-9_-]*[$]?)\n')
     run = aimx(stopped, "mailboxes", "create", "ops", "--owner", "root")
     assert run.returncode == 1
     assert run.stderr == ("Error: [VALIDATION] mailbox 'ops' cannot be owned by root; use a "

@@ -188,13 +188,13 @@ def _create_offline(args: argparse.Namespace, fields: dict[str, Any]) -> str:
             raise error("ENOENT", f"mailbox '{mailbox}' does not exist")
         if target.is_catchall(config.domain):
             raise error("MAILBOX", f"mailbox '{mailbox}' is the catchall; "
-                                       "hooks on the catchall are forbidden")
+                                   "hooks on the catchall are forbidden")
         admin.check_hook_fields(fields["event"], fields["cmd"], "cmd", flag, timeout)
         hook = configmod.Hook(event=fields["event"], cmd=tuple(fields["cmd"]),
                               name=fields["name"], fire_on_untrusted=flag, timeout_secs=timeout)
         with MailStore(Path(config.data_dir)).mailbox_lock(mailbox):
             admin.create_hook(Path(config.path), mailbox, hook,
-                            paths.data_dir_override(args.data_dir))
+                              paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise CommandError(str(exc)) from None
     return hook.effective_name
@@ -247,6 +247,6 @@ def _delete_offline(args: argparse.Namespace, config: Any, name: str) -> None:
         mailbox = admin.find_hook(config, name, admin.Caller(0, 0, 0), args.mailbox)
         with MailStore(Path(config.data_dir)).mailbox_lock(mailbox):
             admin.delete_hook(Path(config.path), name, mailbox,
-                            paths.data_dir_override(args.data_dir))
+                              paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise CommandError(str(exc)) from None

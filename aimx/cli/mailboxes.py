@@ -20,7 +20,7 @@ from typing import Any
 from aimx import paths, term
 from aimx.cli.main import CommandError, UsageError, describe
 from aimx.daemon.client import Client, ConnectFailed, DaemonDown, MalformedReply
-from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList, error
+from aimx.daemon.protocol import ApiError, MailboxCreate, MailboxDelete, MailboxList
 
 DAEMON_DOWN_TEXT = (
     "daemon must be running for non-root mailbox CRUD; start `aimx serve` or run with sudo "
@@ -244,20 +244,17 @@ def _report_created(name: str, reply: dict[str, Any]) -> None:
 
 def _create_offline(args: argparse.Namespace, config: Any, name: str, owner: str) -> dict:
     """Daemon down, root: the daemon's checks and rewrite, run in this process."""
-    from aimx import config as configmod
     from aimx.daemon import admin
     from aimx.storage.mailstore import MailStore
 
     config = config or load_config(args)
     try:
-        if not configmod.USERNAME_RE.fullmatch(owner):
-            raise error("MALFORMED", f"invalid owner value: \"{owner}\" "
-                                         "(must match [a-z_][a-z0-9_-]*[$]?)")
+        admin.check_owner_value(owner)
         admin.check_mailbox_name(name)
         data_dir = Path(config.data_dir)
         with MailStore(data_dir).mailbox_lock(name):
             new = admin.create_mailbox(Path(config.path), data_dir, name, owner,
-                                     paths.data_dir_override(args.data_dir))
+                                       paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise api_to_command(exc) from None
     return {"address": new.mailboxes[name].address, "owner": owner}
@@ -296,7 +293,7 @@ def _delete_offline(args: argparse.Namespace, name: str) -> None:
         data_dir = Path(config.data_dir)
         with MailStore(data_dir).mailbox_lock(name):
             admin.delete_mailbox(Path(config.path), data_dir, name, args.force,
-                               paths.data_dir_override(args.data_dir))
+                                 paths.data_dir_override(args.data_dir))
     except ApiError as exc:
         raise api_to_command(exc) from None
 

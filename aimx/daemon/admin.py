@@ -110,6 +110,13 @@ def hook_not_found(name: str) -> ApiError:
 # -- pure request checks -----------------------------------------------------
 
 
+def check_owner_value(owner: str) -> None:
+    """An owner a request names must at least look like a Linux user name."""
+    if not configmod.is_valid_username(owner):
+        raise error("MALFORMED", f"invalid owner value: {quoted(owner)} "
+                                 f"(must match {configmod.USERNAME_RE.pattern})")
+
+
 def check_mailbox_name(name: str) -> None:
     problem = configmod.validate_mailbox_name(name)
     if problem:

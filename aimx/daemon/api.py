@@ -32,6 +32,7 @@ from aimx.daemon.admin import (
     Caller,
     check_hook_fields,
     check_mailbox_name,
+    check_owner_value,
     create_hook,
     create_mailbox,
     delete_hook,
@@ -81,8 +82,6 @@ hook_log = logger("aimx::hook")
 TIMEOUT_ENV = "AIMX_API_TIMEOUT"
 _GENERIC_REASON = "internal error; see the daemon log"
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one uid's refused connections
-_USERNAME_HINT = "[a-z_][a-z0-9_-]*[$]?"
-_HOOK_NAME_HINT = "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}"
 _LEGACY_HOOK_KEYS = {
     "template": "hook sets `template`; template hooks were removed. "
                 "See book/hooks.md for the supported raw-cmd schema",
@@ -474,9 +473,8 @@ class ApiProtocol(amp.AMP):
         return self._mark("MARK-UNREAD", box, mailbox, id, False)
 
     def do_mailbox_create(self, box, name: str, owner: str | None):
-        if owner is not None and not configmod.is_valid_username(owner):
-            raise error("MALFORMED", f"invalid owner value: {quoted(owner)} "
-                                     f"(must match {_USERNAME_HINT})")
+        if owner is not None:
+            check_owner_value(owner)
         check_mailbox_name(name)
         caller = self.caller
         if caller.is_root:
@@ -541,7 +539,8 @@ class ApiProtocol(amp.AMP):
             raise error("VALIDATION",
                         f"invalid event '{event}': expected 'on_receive' or 'after_send'")
         if name is not None and not configmod.HOOK_NAME_RE.fullmatch(name):
-            raise error("VALIDATION", f"invalid hook name '{name}': must match {_HOOK_NAME_HINT}")
+            raise error("VALIDATION", f"invalid hook name '{name}': "
+                                      f"must match {configmod.HOOK_NAME_RE.pattern}")
         extras = undeclared_keys(HookCreate, box)
         for key in extras:
             if key in _LEGACY_HOOK_KEYS:
