@@ -15,6 +15,13 @@ import os
 from pathlib import Path
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(directory: os.PathLike[str] | str) -> None:
     """Make a rename or create inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -42,9 +49,7 @@ def write_atomic(path: os.PathLike[str] | str, data: bytes, mode: int, *,
             if owner is not None and tuple(owner) != (os.fstat(fd).st_uid, os.fstat(fd).st_gid):
                 os.fchown(fd, *owner)
             os.fchmod(fd, mode)  # after chown (which clears set-id bits); umask-proof
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -43,26 +43,21 @@ class _Rfc3339Formatter(logging.Formatter):
         return line
 
 
-class _TargetLogger(logging.Logger):
-    """A logger whose records never say where in the code they were made.
-
-    The line shape has no file, line or function, and finding them walks the
-    caller's frames for every record: a visible cost at several lines per message.
-    """
-
-    def findCaller(self, stack_info: bool = False,  # noqa: N802 (logging's name)
-                   stacklevel: int = 1) -> tuple[str, int, str, str | None]:
-        return "(unknown file)", 0, "(unknown function)", None
+def _no_caller(stack_info: bool = False,
+               stacklevel: int = 1) -> tuple[str, int, str, str | None]:
+    return "(unknown file)", 0, "(unknown function)", None
 
 
 def logger(target: str) -> logging.Logger:
-    """The logger for a target such as ``aimx::smtp``."""
-    previous = logging.getLoggerClass()
-    logging.setLoggerClass(_TargetLogger)
-    try:
-        return logging.getLogger(target)
-    finally:
-        logging.setLoggerClass(previous)
+    """The logger for a target such as ``aimx::smtp``.
+
+    Its records never say where in the code they were made: the line shape has
+    no file, line or function, and finding them walks the caller's frames for
+    every record, a visible cost at several lines per message.
+    """
+    target_logger = logging.getLogger(target)
+    target_logger.findCaller = _no_caller  # type: ignore[method-assign]
+    return target_logger
 
 
 def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> None:

@@ -31,6 +31,7 @@ import struct
 import time
 from pathlib import Path
 
+from aimx.fsutil import write_all
 from aimx.logs import kv, logger
 from aimx.storage.emailfiles import email_entries_at, mailbox_or_none, read_entry_fields
 from aimx.storage.layout import LOCK_DIR, open_lock_dir_file
@@ -208,12 +209,6 @@ def _parse_log(data: bytes) -> list[tuple[str, int]]:
     return entries
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class StoredLog:
     """One mailbox's stored log as this process reads and appends it.
 
@@ -294,7 +289,7 @@ class StoredLog:
         temp = f"{self.name}.new"
         fd = open_lock_dir_file(self.data_dir, temp, os.O_RDWR | os.O_APPEND | os.O_TRUNC)
         try:
-            _write_all(fd, kept)
+            write_all(fd, kept)
             os.rename(self.data_dir / LOCK_DIR / temp, self.path)
         except BaseException:
             os.close(fd)

@@ -30,6 +30,8 @@ import shutil
 import stat
 from collections.abc import Callable, Collection, Iterator
 
+from aimx.fsutil import write_all
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted under a file's name must not hang the opener;
 # O_NOCTTY: nor may a terminal become our controlling one.
@@ -175,9 +177,7 @@ def create_file_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
         if copy_to is not None:  # a spooled file (``spool.SpoolFile``): copied in the kernel
             copy_to(fd)
         else:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         os.fsync(fd)
         return os.fstat(fd)
     except BaseException:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from aimx.fsutil import write_all
 from aimx.storage import safefs
 
 SPOOL_DIR = ".spool"
@@ -108,9 +109,7 @@ class SpoolFile:
                 sent = 0
             if sent == 0:  # not supported here: plain reads and writes
                 for piece in self.chunks(offset):
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, piece)
                 return
             offset += sent
 
